@@ -1,0 +1,209 @@
+"""vLLM backend: offline batched generation with ``vllm.LLM.chat``.
+
+One engine per Ray actor: ``__init__`` builds ``vllm.LLM`` (minutes for a real model), ``generate`` hands the
+whole batch to one ``LLM.chat`` call, which schedules it with continuous batching.
+
+Importing this module is cheap: vLLM (and torch) are imported inside ``__init__`` / ``to_sampling_params``.
+
+Notes on running inside a Ray actor (Ray Data ``map_batches`` with a callable class):
+- vLLM notices it is in a Ray actor and switches its process start method to ``spawn`` by itself (the CPU
+  platform always uses ``spawn``). A spawned child re-imports the parent's ``__main__``; in a Ray worker that
+  is Ray's ``default_worker.py``, which has a ``__main__`` guard, so nothing special is needed there. A plain
+  script that builds this backend at import time does need ``if __name__ == "__main__":``.
+- ``VLLM_ENABLE_V1_MULTIPROCESSING`` is left at vLLM's default (engine core in a child process): it works in a
+  Ray actor, and the CPU platform needs the multiprocessing executor anyway to pin its OpenMP threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm import SamplingParams
+
+    from m3t_gen.config import ModelSpec
+
+# Keys of vllm.LLM that this backend sets itself (from ModelSpec or from an explicit option); engine_args may
+# not repeat them, so that every setting has one place in the config.
+_SET_BY_BACKEND = frozenset(
+    {"model", "trust_remote_code", "revision", "dtype", "structured_outputs_config", "limit_mm_per_prompt"}
+)
+# Structured-output backends for which vLLM accepts disable_any_whitespace.
+_WHITESPACE_BACKENDS = ("xgrammar", "guidance")
+
+
+class VLLMOptions(BaseModel):
+    """Settings of the vLLM engine (``model.options`` in a pipeline file when ``model.backend: vllm``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=1, description="context length; default: the model's own")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of GPU memory for weights + KV cache; on CPU the share of RAM (~0.2)"
+    )
+    enforce_eager: bool = Field(False, description="skip CUDA graphs / torch.compile (faster start, slower run)")
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences scheduled at once; default: vLLM's")
+    limit_images_per_prompt: int = Field(1, ge=0, description="images per request (ignored by text-only models)")
+    structured_outputs_backend: Literal["auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"] = (
+        "xgrammar"
+    )
+    seed: int = Field(0, description="engine seed; every request also carries its own seed")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="passed verbatim to vllm.LLM(...) for any other engine argument"
+    )
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_duplicates(cls, v: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted((set(v) & set(cls.model_fields)) | (set(v) & _SET_BY_BACKEND))
+        if clash:
+            raise ValueError(
+                f"engine_args may not set {', '.join(clash)}: use the model's own keys / the explicit options"
+            )
+        return v
+
+
+# --------------------------------------------------------------------------------------- pure conversions
+
+
+def _to_vllm_part(part: Any) -> Any:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        raise TypeError(f"content part must be a dict or str, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text":
+        return {"type": "text", "text": part["text"]}
+    if kind == "image":
+        from PIL import Image
+
+        image = part.get("image")
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image part must carry a PIL.Image under 'image', got {type(image).__name__}")
+        # vLLM's own content part for an in-memory image (renderers/chat_utils.py: "image_pil").
+        return {"type": "image_pil", "image_pil": image}
+    if kind in ("image_pil", "image_url"):  # already in a form vLLM accepts
+        return dict(part)
+    raise ValueError(f"unsupported content part type {kind!r} (expected 'text' or 'image')")
+
+
+def to_vllm_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Convert OpenAI-style messages with ``{"type": "image", "image": PIL.Image}`` parts to what
+    ``vllm.LLM.chat`` accepts: image parts become ``{"type": "image_pil", "image_pil": PIL.Image}``; text parts
+    and string content pass through. Returns new dicts; the input is not modified."""
+    out: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise ValueError(f"message {i} must be a dict with a 'role'")
+        new = dict(msg)
+        content = msg.get("content")
+        if isinstance(content, list):
+            new["content"] = [_to_vllm_part(p) for p in content]
+        elif content is not None and not isinstance(content, str):
+            raise TypeError(f"message {i}: content must be a string or a list of parts")
+        out.append(new)
+    return out
+
+
+def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
+    """The ``SamplingParams`` arguments for one request (the JSON schema under ``"json_schema"``)."""
+    return {
+        "n": 1,
+        "seed": request.seed,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.max_tokens,
+        "json_schema": request.json_schema,
+    }
+
+
+def to_sampling_params(request: GenerationRequest) -> "SamplingParams":
+    """One ``vllm.SamplingParams`` per request: its seed, sampling settings and, when the request has a JSON
+    schema, a structured-output constraint (the engine's structured_outputs_config picks the grammar backend)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kw = sampling_kwargs(request)
+    schema = kw.pop("json_schema")
+    structured = StructuredOutputsParams(json=schema) if schema is not None else None
+    return SamplingParams(**kw, structured_outputs=structured)
+
+
+# --------------------------------------------------------------------------------------------- backend
+
+
+@register
+class VLLMBackend(Backend):
+    name = "vllm"
+    Options = VLLMOptions
+    supports_images = True
+
+    def __init__(self, spec: "ModelSpec") -> None:
+        super().__init__(spec)
+        from vllm import LLM, EngineArgs
+
+        from m3t_gen.models import resolve
+
+        opts: VLLMOptions = self.options
+        known = {f.name for f in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(opts.engine_args) - known)
+        if unknown:
+            raise ValueError(f"vllm options.engine_args: unknown engine argument(s): {', '.join(unknown)}")
+
+        structured: dict[str, Any] = {"backend": opts.structured_outputs_backend}
+        if opts.structured_outputs_backend in _WHITESPACE_BACKENDS:
+            # Compact JSON: with free whitespace a weak model can emit newlines until max_tokens runs out.
+            structured["disable_any_whitespace"] = True
+
+        kwargs: dict[str, Any] = dict(
+            model=resolve(spec.model),
+            trust_remote_code=spec.trust_remote_code,
+            revision=spec.revision,
+            dtype=spec.dtype,
+            seed=opts.seed,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            pipeline_parallel_size=opts.pipeline_parallel_size,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            enforce_eager=opts.enforce_eager,
+            structured_outputs_config=structured,
+            limit_mm_per_prompt={"image": opts.limit_images_per_prompt},
+        )
+        if opts.max_model_len is not None:
+            kwargs["max_model_len"] = opts.max_model_len
+        if opts.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = opts.max_num_seqs
+        kwargs.update(opts.engine_args)
+        self.llm = LLM(**kwargs)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
+        conversations = [to_vllm_messages(r.messages) for r in requests]
+        params = [to_sampling_params(r) for r in requests]
+        outputs = self.llm.chat(conversations, params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            comp = out.outputs[0]
+            results.append(
+                GenerationResult(
+                    text=comp.text,
+                    output_tokens=len(comp.token_ids),
+                    finish_reason=comp.finish_reason,
+                    extra={"prompt_tokens": len(out.prompt_token_ids or [])},
+                )
+            )
+        return results
+
+    def close(self) -> None:
+        """Stop the engine's worker processes now instead of at interpreter exit."""
+        llm = self.__dict__.pop("llm", None)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()

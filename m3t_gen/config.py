@@ -1,0 +1,261 @@
+"""pipeline.yaml: one tree of pydantic models. Unknown keys are errors; every error names its YAML path.
+
+Engine-specific settings live in each backend's own ``Options`` model (m3t_gen/backends/*), checked here
+through the registry so that a bad option fails at ``validate`` time, not after a model has loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from m3t_gen.models import check_reference
+
+TurnType = Literal["classification", "retrieval", "vqa_holistic", "vqa_localized", "vqa_creative"]
+# The MuCo mix: 7 pairs in one call.
+DEFAULT_MIX: dict[str, int] = {
+    "classification": 1,
+    "retrieval": 1,
+    "vqa_holistic": 2,
+    "vqa_localized": 2,
+    "vqa_creative": 1,
+}
+
+
+class ConfigError(Exception):
+    """A bad pipeline config: one line, naming the YAML path and what was expected."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSpec(Strict):
+    backend: str = Field(description="registry name of the backend: transformers | vllm")
+    model: str = Field(description="tiny:<kind>, a local HF checkpoint directory, or a hub id org/name")
+    revision: str | None = None
+    trust_remote_code: bool = False  # remote model code runs only when the config says so
+    dtype: str = "auto"
+    options: dict[str, Any] = Field(default_factory=dict, description="the backend's own settings")
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, v: str) -> str:
+        err = check_reference(v)
+        if err:
+            raise ValueError(err)
+        return v
+
+    @model_validator(mode="after")
+    def _backend_and_options(self) -> "ModelSpec":
+        from m3t_gen.backends.base import get_backend
+
+        try:
+            backend = get_backend(self.backend)
+        except KeyError as e:
+            raise ValueError(str(e.args[0])) from None
+        try:
+            backend.Options.model_validate(self.options)
+        except ValidationError as e:
+            first = e.errors()[0]
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            raise ValueError(f"options.{_loc(first['loc'])}: {msg} (backend {self.backend!r})") from None
+        return self
+
+
+class Sampling(Strict):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(512, ge=1)
+
+
+class Resources(Strict):
+    """Maps onto Ray Data map_batches: actors in the pool, rows per call, GPUs/CPUs per actor."""
+
+    batch_size: int = Field(8, ge=1)
+    concurrency: int = Field(1, ge=1)
+    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, gt=0)
+
+
+class InputSpec(Strict):
+    format: Literal["webdataset"] = "webdataset"
+    paths: list[str] = Field(min_length=1, description="files or glob patterns, relative to the pipeline file")
+
+
+class ReadSpec(Strict):
+    min_side: int = Field(512, ge=1, description="keep images whose longer side is at least this (M3T: 512)")
+    max_pixels: int = Field(89_478_485, ge=1, description="larger images are rejected (decompression bombs)")
+    max_side: int | None = Field(None, ge=16, description="downscale so the longer side is at most this")
+    max_text_chars: int = Field(2000, ge=1, description="alt-text longer than this is truncated and flagged")
+    jpeg_quality: int = Field(92, ge=1, le=100)
+
+
+class GenerationStage(Strict):
+    model: ModelSpec
+    template: str
+    sampling: Sampling = Field(default_factory=Sampling)
+    resources: Resources = Field(default_factory=Resources)
+    max_attempts: int = Field(3, ge=1, description="tries with a new seed before a sample is rejected")
+
+
+class CaptionStage(GenerationStage):
+    template: str = "caption_dense.j2"
+    min_chars: int = Field(1, ge=0, description="shorter captions count as empty and are retried")
+
+
+class DialogueStage(GenerationStage):
+    template: str = "m3t_dialogue.j2"
+    schema_: str = Field("m3t_dialogue.schema.json", alias="schema")
+    mix: dict[TurnType, int] = Field(default_factory=lambda: dict(DEFAULT_MIX))
+    max_text_chars: int = Field(300, ge=8, le=4000, description="bound on every generated string")
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, v: dict[str, int]) -> dict[str, int]:
+        if any(n < 0 for n in v.values()):
+            raise ValueError("turn counts must be >= 0")
+        if sum(v.values()) < 1:
+            raise ValueError("the mix must ask for at least one turn")
+        return v
+
+
+class RewardStage(Strict):
+    model: str = Field(description="CLIP or SigLIP checkpoint (HF format): tiny:clip, a directory, or org/name")
+    dtype: str = "auto"
+    resources: Resources = Field(default_factory=lambda: Resources(batch_size=32))
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, v: str) -> str:
+        err = check_reference(v)
+        if err:
+            raise ValueError(err)
+        return v
+
+
+class FilterSpec(Strict):
+    """Thresholds applied after scoring; scores are kept, so thresholds can change without re-scoring."""
+
+    min_turn_score: float | None = Field(None, ge=-1, le=1, description="drop turns whose CLIP cosine is lower")
+    min_turns: int = Field(1, ge=1, description="reject a dialogue left with fewer turns")
+    min_mean_score: float | None = Field(None, ge=-1, le=1)
+
+
+class OutputSpec(Strict):
+    dir: str = "out"
+    samples_per_tar: int = Field(1000, ge=1)
+
+
+class RaySpec(Strict):
+    address: str | None = Field(None, description="join this cluster; RAY_ADDRESS also works; none: local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray only")
+    progress: bool = True
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    recipe: Literal["m3t"] = "m3t"
+    seed: int = 0
+    limit: int | None = Field(None, ge=1, description="small-shard test mode: read at most N samples per shard")
+    input: InputSpec
+    read: ReadSpec = Field(default_factory=ReadSpec)
+    caption: CaptionStage
+    dialogue: DialogueStage
+    reward: RewardStage
+    filter: FilterSpec = Field(default_factory=FilterSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    # Where the YAML file was: relative paths in it resolve against this directory.
+    base_dir: str = Field(".", exclude=True)
+
+    def resolve_path(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; values parse as YAML (``3`` is an int, ``null`` is None)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key segment")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = [p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    got = first.get("input")
+    if first["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
+        msg += f" (got {got!r})"
+    more = len(err.errors()) - 1
+    tail = f" (+{more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {_loc(tuple(loc))}: {msg}{tail}".replace("\n", " ")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: (top level): expected a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    data["base_dir"] = str(path.resolve().parent)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None

@@ -1,0 +1,70 @@
+"""Generate, validate, retry with a new seed, and finally reject with the reason: shared by every LLM stage."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Callable
+
+from PIL import Image
+
+from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult
+from m3t_gen.config import Sampling
+from m3t_gen.rows import reject
+from m3t_gen.seeds import derive_seed
+
+# parse(row, result) -> (value, None) when usable, (None, reason) when not.
+Parser = Callable[[dict[str, Any], GenerationResult], tuple[Any, str | None]]
+Builder = Callable[[dict[str, Any]], list[dict[str, Any]]]
+
+
+def open_image(row: dict[str, Any]) -> Image.Image:
+    img = Image.open(io.BytesIO(row["image"]))
+    img.load()
+    return img.convert("RGB")
+
+
+def generate_validated(
+    backend: Backend,
+    rows: list[dict[str, Any]],
+    *,
+    stage: str,
+    run_seed: int,
+    sampling: Sampling,
+    max_attempts: int,
+    build_messages: Builder,
+    parse: Parser,
+    json_schema: dict[str, Any] | None = None,
+) -> list[tuple[dict[str, Any], Any, int]]:
+    """Returns (row, value, attempts) for rows that succeeded; the others are marked rejected in place."""
+    done: list[tuple[dict[str, Any], Any, int]] = []
+    messages = {id(r): build_messages(r) for r in rows}
+    pending = list(rows)
+    last_error: dict[int, str] = {}
+    for attempt in range(max_attempts):
+        if not pending:
+            break
+        requests = [
+            GenerationRequest(
+                messages=messages[id(r)],
+                seed=derive_seed(run_seed, stage, r["key"], attempt),
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                json_schema=json_schema,
+            )
+            for r in pending
+        ]
+        results = backend.generate(requests)
+        still: list[dict[str, Any]] = []
+        for row, result in zip(pending, results, strict=True):
+            value, error = parse(row, result)
+            if error is None:
+                done.append((row, value, attempt + 1))
+            else:
+                last_error[id(row)] = error
+                still.append(row)
+        pending = still
+    for row in pending:
+        reason, _, detail = last_error[id(row)].partition(": ")
+        reject(row, stage, reason, attempts=max_attempts, detail=detail or None)
+    return done

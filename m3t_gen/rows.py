@@ -1,0 +1,70 @@
+"""A sample is a plain dict; between stages it travels as a row of one fixed Arrow schema.
+
+Every row read stays in the stream to the end: a stage works on rows whose status is ``ok`` and passes
+the others through, so the writer sees each row once and rows read = kept + rejected holds by construction.
+After the last row of an input shard the reader emits one ``marker`` row carrying the shard's row count,
+which tells the writer when the shard is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+OK, REJECTED, MARKER = "ok", "rejected", "marker"
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),            # unique and stable: {shard_id}_{index in shard}
+        ("shard", pa.string()),          # input shard id (work unit for resume and stats)
+        ("source_key", pa.string()),     # the key as found in the input
+        ("url", pa.string()),
+        ("text", pa.string()),           # web alt-text; data only, never a template
+        ("image", pa.binary()),          # JPEG (or the original bytes when nothing needed changing)
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("image_sha256", pa.string()),
+        ("reencoded", pa.bool_()),
+        ("flags", pa.string()),          # JSON list of repairs made (e.g. text_truncated)
+        ("status", pa.string()),         # ok | rejected | marker
+        ("reject_stage", pa.string()),
+        ("reject_reason", pa.string()),
+        ("reject_detail", pa.string()),  # JSON: the values behind the decision
+        ("caption", pa.string()),
+        ("caption_attempts", pa.int32()),
+        ("turns", pa.string()),          # JSON list of {type, query, target[, score, kept, reason]}
+        ("dialogue_attempts", pa.int32()),
+        ("scores", pa.string()),         # JSON {caption, turns: [...]}
+        ("timings", pa.string()),        # JSON {stage: seconds attributed to this row}
+        ("shard_rows", pa.int64()),      # marker rows only: rows the shard produced
+    ]
+)
+COLUMNS = ROW_SCHEMA.names
+
+
+def new_row(**fields: Any) -> dict[str, Any]:
+    row = dict.fromkeys(COLUMNS)
+    row.update(status=OK, flags="[]", timings="{}")
+    row.update(fields)
+    return row
+
+
+def reject(row: dict[str, Any], stage: str, reason: str, **detail: Any) -> None:
+    row["status"] = REJECTED
+    row["reject_stage"] = stage
+    row["reject_reason"] = reason
+    row["reject_detail"] = json.dumps(detail, default=str) if detail else None
+    # The image bytes of a rejected row are not needed downstream; keep the stream light.
+    row["image"] = None
+
+
+def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def add_timing(row: dict[str, Any], stage: str, seconds: float) -> None:
+    timings = json.loads(row["timings"] or "{}")
+    timings[stage] = timings.get(stage, 0.0) + seconds
+    row["timings"] = json.dumps(timings)

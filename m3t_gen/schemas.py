@@ -1,0 +1,64 @@
+"""Output JSON schemas: loaded from schemas/, narrowed for constrained decoding, and always re-validated."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from m3t_gen.resources import find_file
+
+
+def load_schema(name: str, base_dir: str | Path | None = None) -> dict[str, Any]:
+    path = find_file(name, "schemas", base_dir)
+    try:
+        schema = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"schema {name}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+@lru_cache(maxsize=64)
+def _validator(schema_json: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(json.loads(schema_json))
+
+
+def validation_error(instance: Any, schema: dict[str, Any]) -> str | None:
+    """First validation error as a short message, or None when valid."""
+    err = next(iter(_validator(json.dumps(schema, sort_keys=True)).iter_errors(instance)), None)
+    if err is None:
+        return None
+    where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+    return f"{where}: {err.message[:200]}"
+
+
+def bounded_text(max_chars: int) -> dict[str, Any]:
+    # A character class, not maxLength: xgrammar's maxLength lets raw control bytes through, and a
+    # sampled model that never picks the closing quote must still end the string.
+    return {"type": "string", "pattern": '^[^"\\\\\\x00-\\x1f]{1,%d}$' % max_chars}
+
+
+def dialogue_decoding_schema(mix: dict[str, int], max_chars: int) -> dict[str, Any]:
+    """The dialogue schema narrowed to an exact, ordered turn mix, for constrained decoding."""
+    items = []
+    for turn_type, count in mix.items():
+        props: dict[str, Any] = {"type": {"const": turn_type}, "query": bounded_text(max_chars)}
+        required = ["type", "query"]
+        if turn_type != "retrieval":  # a retrieval turn's target is the dense caption itself
+            props["target"] = bounded_text(max_chars)
+            required.append("target")
+        item = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+        items.extend([item] * count)
+    return {
+        "type": "object",
+        "properties": {
+            "turns": {"type": "array", "prefixItems": items, "items": False,
+                      "minItems": len(items), "maxItems": len(items)},
+        },
+        "required": ["turns"],
+        "additionalProperties": False,
+    }

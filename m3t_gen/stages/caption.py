@@ -1,0 +1,49 @@
+"""caption: an MLLM writes an objective dense caption of each image (M3T step 1). GPU actor pool."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from m3t_gen.backends.base import GenerationResult, get_backend
+from m3t_gen.config import PipelineConfig, Resources
+from m3t_gen.generation import generate_validated, open_image
+from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.templates import load_template
+
+
+def template_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """The fields the caption template may use (checked by ``m3t-gen validate``)."""
+    return {"sample": {"key": row["key"], "width": row["width"], "height": row["height"], "text": row["text"] or ""}}
+
+
+class CaptionStage(Stage):
+    name = "caption"
+
+    @classmethod
+    def resources(cls, config: PipelineConfig) -> Resources:
+        return config.caption.resources
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        self.cfg = ctx.config.caption
+        self.template = load_template(self.cfg.template, ctx.config.base_dir)
+        self.backend = get_backend(self.cfg.model.backend)(self.cfg.model)
+
+    def _messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        prompt = self.template.render(**template_fields(row))
+        return [{"role": "user", "content": [{"type": "image", "image": open_image(row)},
+                                             {"type": "text", "text": prompt}]}]
+
+    def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[str | None, str | None]:
+        text = " ".join(result.text.split())
+        if len(text) < max(self.cfg.min_chars, 1):
+            return None, f"empty_caption: {len(text)} chars"
+        return text, None
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        for row, caption, attempts in generate_validated(
+            self.backend, rows, stage=self.name, run_seed=self.ctx.config.seed, sampling=self.cfg.sampling,
+            max_attempts=self.cfg.max_attempts, build_messages=self._messages, parse=self._parse,
+        ):
+            row["caption"] = caption
+            row["caption_attempts"] = attempts

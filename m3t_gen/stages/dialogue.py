@@ -1,0 +1,83 @@
+"""dialogue: a text LLM reads the dense caption and writes all typed query->target turns in ONE call
+(M3T step 2), constrained to the JSON schema where the backend supports it and validated always."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from m3t_gen.backends.base import GenerationResult, get_backend
+from m3t_gen.config import PipelineConfig, Resources
+from m3t_gen.generation import generate_validated
+from m3t_gen.schemas import dialogue_decoding_schema, load_schema, validation_error
+from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.templates import load_template
+
+TURN_INSTRUCTIONS = {
+    "classification": "a question asking what the image mainly shows; the target is a label of one to three words",
+    "retrieval": "a search query someone would type to find exactly this image; no target (it is the description)",
+    "vqa_holistic": "a question about the scene as a whole; the target is its short answer",
+    "vqa_localized": "a question about one specific object, region or detail; the target is its short answer",
+    "vqa_creative": "an imaginative question still grounded in what is visible; the target is its answer",
+}
+
+
+def turn_plan(mix: dict[str, int]) -> list[dict[str, str]]:
+    return [{"type": t, "instruction": TURN_INSTRUCTIONS[t]} for t, n in mix.items() for _ in range(n)]
+
+
+def template_fields(row: dict[str, Any], mix: dict[str, int]) -> dict[str, Any]:
+    """The fields the dialogue template may use (checked by ``m3t-gen validate``)."""
+    return {
+        "caption": row["caption"],
+        "turns": turn_plan(mix),
+        "sample": {"key": row["key"], "width": row["width"], "height": row["height"], "text": row["text"] or ""},
+    }
+
+
+class DialogueStage(Stage):
+    name = "dialogue"
+
+    @classmethod
+    def resources(cls, config: PipelineConfig) -> Resources:
+        return config.dialogue.resources
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        self.cfg = ctx.config.dialogue
+        self.template = load_template(self.cfg.template, ctx.config.base_dir)
+        self.schema = load_schema(self.cfg.schema_, ctx.config.base_dir)
+        self.decoding_schema = dialogue_decoding_schema(self.cfg.mix, self.cfg.max_text_chars)
+        self.expected_types = [t["type"] for t in turn_plan(self.cfg.mix)]
+        self.backend = get_backend(self.cfg.model.backend)(self.cfg.model)
+
+    def _messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        prompt = self.template.render(**template_fields(row, self.cfg.mix))
+        return [{"role": "user", "content": prompt}]
+
+    def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[list | None, str | None]:
+        try:
+            data = json.loads(result.text)
+        except json.JSONDecodeError as e:
+            return None, f"invalid_json: {e.msg} at char {e.pos} (finish_reason={result.finish_reason})"
+        for schema in (self.schema, self.decoding_schema):
+            error = validation_error(data, schema)
+            if error:
+                return None, f"schema_mismatch: {error}"
+        turns = data["turns"]
+        types = [t["type"] for t in turns]
+        if types != self.expected_types:
+            return None, f"wrong_turn_mix: got {types}"
+        for turn in turns:
+            if turn["type"] == "retrieval":
+                turn["target"] = row["caption"]  # M3T: the retrieval target IS the dense caption
+        return turns, None
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        for row, turns, attempts in generate_validated(
+            self.backend, rows, stage=self.name, run_seed=self.ctx.config.seed, sampling=self.cfg.sampling,
+            max_attempts=self.cfg.max_attempts, build_messages=self._messages, parse=self._parse,
+            json_schema=self.decoding_schema,
+        ):
+            row["turns"] = json.dumps(turns)
+            row["dialogue_attempts"] = attempts

@@ -1,0 +1,71 @@
+"""Jinja prompt templates: sandboxed, strict, hashed, and checked against a stage's fields before any model loads.
+
+Web text (alt-text, captions) reaches a template only as variable *values*; Jinja never evaluates
+``{{ ... }}`` found inside a value, and the sandbox stops a template from reaching Python internals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from m3t_gen.resources import find_file
+
+
+class TemplateError(Exception):
+    pass
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    path: str
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:12]
+
+    def render(self, **fields: Any) -> str:
+        try:
+            return _environment().from_string(self.source).render(**fields).strip()
+        except jinja2.UndefinedError as e:
+            raise TemplateError(f"template {self.name}: {e.message}") from None
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"template {self.name}: {e}") from None
+
+
+def load_template(name: str, base_dir: str | Path | None = None) -> PromptTemplate:
+    path = find_file(name, "prompts", base_dir)
+    source = path.read_text()
+    try:
+        _environment().parse(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateError(f"template {name}: line {e.lineno}: {e.message}") from None
+    return PromptTemplate(name=name, path=str(path), source=source)
+
+
+def check_template(template: PromptTemplate, example_fields: dict[str, Any]) -> None:
+    """Render against example values of exactly the fields the stage provides; StrictUndefined catches typos."""
+    out = template.render(**example_fields)
+    if not out.strip():
+        raise TemplateError(f"template {template.name}: renders to an empty prompt")

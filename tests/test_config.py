@@ -1,0 +1,114 @@
+"""Bad configs give one line naming the YAML path and what was expected, exit code 2, no traceback."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from m3t_gen.cli import main
+from m3t_gen.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = yaml.safe_load((ROOT / "pipelines" / "smoke.yaml").read_text())
+
+
+def _write(tmp_path: Path, data) -> Path:
+    # Keep the relative input path of the smoke recipe valid from tmp_path.
+    path = tmp_path / "pipeline.yaml"
+    if isinstance(data, dict) and "input" in data:
+        data["input"]["paths"] = [str(ROOT / "data" / "smoke" / "*.tar")]
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def _mutate(path: str, value, delete: bool = False) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(SMOKE))
+    node = data
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    if delete:
+        del node[parts[-1]]
+    else:
+        node[parts[-1]] = value
+    return data
+
+
+BAD = [
+    # (name, config data, expected fragment of the one-line error)
+    ("unknown top-level key", _mutate("captoin", {}), "captoin: unknown key"),
+    ("unknown nested key", _mutate("caption.sampling.temprature", 0.5), "caption.sampling.temprature: unknown key"),
+    ("wrong type", _mutate("caption.sampling.temperature", "hot"), "caption.sampling.temperature: Input should be a valid number"),
+    ("out of range", _mutate("caption.sampling.temperature", -1), "caption.sampling.temperature: Input should be greater than or equal to 0"),
+    ("missing section", _mutate("input", None, delete=True), "input: required key is missing"),
+    ("unknown backend", _mutate("caption.model.backend", "tgi"), "caption.model: unknown backend 'tgi'"),
+    ("malformed model reference", _mutate("caption.model.model", "not a model!"), "caption.model.model: 'not a model!' is neither"),
+    ("unknown tiny model", _mutate("reward.model", "tiny:giant"), "reward.model: unknown tiny model 'giant'"),
+    ("unknown backend option", _mutate("dialogue.model.options.gpu_mem", 0.3), "dialogue.model: options.gpu_mem: unknown key"),
+    ("negative turn count", _mutate("dialogue.mix.vqa_creative", -1), "dialogue.mix: turn counts must be >= 0"),
+    ("unknown turn type", _mutate("dialogue.mix.chitchat", 1), "dialogue.mix.chitchat"),
+    ("zero batch size", _mutate("reward.resources.batch_size", 0), "reward.resources.batch_size: Input should be greater than or equal to 1"),
+    ("threshold out of range", _mutate("filter.min_turn_score", 2), "filter.min_turn_score: Input should be less than or equal to 1"),
+    ("bad run name", _mutate("name", "my run"), "name: String should match pattern"),
+    ("invalid yaml", "name: smoke\ncaption: [unclosed\n", "invalid YAML at line"),
+    ("top level not a mapping", "- a\n- b\n", "(top level): expected a mapping"),
+    ("missing template", _mutate("caption.template", "nope.j2"), "caption.template: 'nope.j2' is neither a file nor a bundled prompt"),
+]
+
+
+@pytest.mark.parametrize("name,data,fragment", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_one_line_exit_2(tmp_path, name, data, fragment):
+    path = _write(tmp_path, data)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    assert fragment in err, err
+
+
+def test_template_using_a_field_the_stage_does_not_have(tmp_path):
+    (tmp_path / "bad.j2").write_text("Describe {{ sample.colour }} please")
+    data = _mutate("caption.template", "bad.j2")
+    path = _write(tmp_path, data)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "caption.template" in result.stderr and "colour" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_set_override(tmp_path):
+    path = _write(tmp_path, _mutate("seed", 0))
+    result = CliRunner().invoke(main, ["validate", str(path), "--set", "seed.x=1"])
+    assert result.exit_code == 2
+    assert "--set 'seed.x=1': seed is not a mapping" in result.stderr
+
+
+def test_run_with_input_matching_nothing(tmp_path):
+    path = _write(tmp_path, _mutate("seed", 0))
+    result = CliRunner().invoke(main, ["run", str(path), "--input", str(tmp_path / "none-*.tar"),
+                                       "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "input.paths" in result.stderr and "matches no file" in result.stderr
+
+
+def test_overrides_apply_and_parse_yaml_values(tmp_path):
+    path = _write(tmp_path, _mutate("seed", 0))
+    cfg = load_config(path, ["caption.sampling.temperature=0.25", "limit=3", "filter.min_turn_score=null"])
+    assert cfg.caption.sampling.temperature == 0.25
+    assert cfg.limit == 3
+    assert cfg.filter.min_turn_score is None
+
+
+def test_recipes_validate_without_loading_models():
+    for name in ("smoke.yaml", "m3t.yaml"):
+        result = CliRunner().invoke(main, ["validate", str(ROOT / "pipelines" / name)])
+        assert result.exit_code == 0, result.output
+        assert "is valid" in result.output
+
+
+def test_error_is_a_config_error_not_a_crash(tmp_path):
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "missing.yaml")

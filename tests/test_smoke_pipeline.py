@@ -1,0 +1,106 @@
+"""The small-shard pipeline end to end: Ray Data, tiny VLM captioner (transformers), tiny LM writer (the real
+vLLM engine, CPU build), tiny CLIP reward; then the output read back by the tools trainers use."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import jsonschema
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "out"
+    cmd = [sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"), "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out, proc
+
+
+def test_summary_and_manifest(smoke_run):
+    out, proc = smoke_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    totals = manifest["totals"]
+    assert totals["read"] == 19
+    assert totals["read"] == totals["kept"] + totals["rejected"]
+    assert totals["kept"] > 0
+    # The bundled shard holds one truncated JPEG and one thumbnail below min_side.
+    assert totals["reasons"]["read:decode_error"] == 1
+    assert totals["reasons"]["read:too_small"] == 1
+    assert [s["stage"] for s in manifest["stages"]] == ["read", "caption", "dialogue", "reward", "filter"]
+    assert "total: read 19 = kept" in proc.stdout
+
+
+def test_conservation_per_input_shard(smoke_run):
+    out, _ = smoke_run
+    stats = [json.loads(p.read_text()) for p in sorted((out / "stats").glob("*.json"))]
+    assert len(stats) == 2
+    for s in stats:
+        rejects = pq.read_table(out / "rejects" / f"{s['shard']}.parquet")
+        index = pq.read_table(out / "index" / f"{s['shard']}.parquet")
+        assert s["read"] == s["kept"] + s["rejected"] == index.num_rows + rejects.num_rows
+        assert all(r for r in rejects.column("reason").to_pylist())
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_tars_read_back_with_webdataset_and_validate(smoke_run):
+    out, _ = smoke_run
+    schema = json.loads((ROOT / "schemas" / "m3t_sample.schema.json").read_text())
+    tars = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(samples) == manifest["totals"]["kept"]
+    keys = [s["__key__"] for s in samples]
+    assert len(set(keys)) == len(keys)
+    mix = manifest["config"]["dialogue"]["mix"]
+    for s in samples:
+        meta = s["json"]
+        jsonschema.validate(meta, schema)
+        assert s["jpg"].size == (meta["image"]["width"], meta["image"]["height"])
+        assert meta["lineage"]["models"]["dialogue"] == "tiny:lm"
+        all_turns = meta["turns"] + meta.get("dropped_turns", [])
+        assert Counter(t["type"] for t in all_turns) == Counter({k: v for k, v in mix.items() if v})
+        assert len(meta["turns"]) >= manifest["config"]["filter"]["min_turns"]
+        retrieval = [t for t in all_turns if t["type"] == "retrieval"]
+        assert all(t["target"] == meta["caption"] for t in retrieval)
+
+
+def test_tars_load_with_hf_datasets(smoke_run):
+    from datasets import load_dataset
+
+    out, _ = smoke_run
+    tars = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    ds = load_dataset("webdataset", data_files={"train": tars}, split="train")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert ds.num_rows == manifest["totals"]["kept"]
+    row = ds[0]
+    assert row["jpg"].size[0] > 0 and "turns" in row["json"]
+
+
+def test_rerun_resumes_and_skips_done_shards(smoke_run):
+    out, _ = smoke_run
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")}
+    cmd = [sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"), "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 already done, 0 to run" in proc.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")}
+    assert before == after
+
+
+def test_resume_with_a_changed_config_is_refused(smoke_run):
+    out, _ = smoke_run
+    cmd = [sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"), "--output", str(out),
+           "--set", "filter.min_turns=6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "different config" in proc.stderr
