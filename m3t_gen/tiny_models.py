@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ VOCAB_SIZE = 2000  # BPE vocabulary, special tokens included (the VLM adds <imag
 # Bump when the builder changes what it writes; recorded in the stamp file.
 BUILD_VERSION = 1
 STAMP_FILE = "m3t_tiny_model.json"
+# Builds seed torch's global RNG, which threads share: one build at a time per process.
+_BUILD_LOCK = threading.Lock()
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -89,43 +92,47 @@ _PARAGRAPHS = [
 
 _JSON_KEYS = ["type", "question", "answer", "caption", "turns", "label", "score", "text", "reason", "index"]
 _TURN_TYPES = ["classification", "retrieval", "vqa_holistic", "vqa_localized", "vqa_creative"]
-_DOC_MODULES = [
-    "builtins", "json", "re", "string", "textwrap", "collections", "itertools", "functools", "os", "posixpath",
-    "pathlib", "random", "math", "statistics", "datetime", "calendar", "difflib", "argparse", "logging",
-    "unittest", "typing", "dataclasses", "inspect", "subprocess", "shutil", "tempfile", "csv", "urllib.parse",
-    "html", "zipfile", "tarfile", "decimal", "fractions", "heapq", "bisect", "enum", "contextlib", "threading",
-    "queue", "pickle", "copy", "pprint", "codecs", "io", "email.message", "http.client", "gettext", "locale",
+# Pure-Python standard-library sources whose docstrings are read (by parsing the files, never importing them,
+# so the text does not depend on what is imported or monkeypatched in the process). Missing files are skipped.
+_DOC_SOURCES = [
+    "argparse.py", "textwrap.py", "string.py", "difflib.py", "calendar.py", "json/__init__.py",
+    "json/encoder.py", "json/decoder.py", "functools.py", "collections/__init__.py", "os.py", "posixpath.py",
+    "pathlib.py", "pathlib/_local.py", "random.py", "statistics.py", "datetime.py", "_pydatetime.py",
+    "_pydecimal.py", "fractions.py", "heapq.py", "bisect.py", "enum.py", "contextlib.py", "threading.py",
+    "queue.py", "copy.py", "pprint.py", "codecs.py", "shutil.py", "tempfile.py", "csv.py", "urllib/parse.py",
+    "html/__init__.py", "zipfile.py", "zipfile/__init__.py", "tarfile.py", "email/message.py", "http/client.py",
+    "gettext.py", "locale.py", "logging/__init__.py", "unittest/case.py", "typing.py", "dataclasses.py",
+    "inspect.py", "subprocess.py", "ipaddress.py", "smtplib.py", "configparser.py", "optparse.py",
 ]
 
 
 # --------------------------------------------------------------------------------------------------- tokenizer
 
 
-def _docstrings(max_chars: int = 1_500_000) -> list[str]:
-    """Docstrings of a fixed list of standard-library modules and their members, in a fixed order."""
-    import importlib
+def _docstrings(max_chars: int = 600_000) -> list[str]:
+    """Docstrings of a fixed list of standard-library source files, in file order."""
+    import ast
     import inspect
 
+    stdlib = Path(os.__file__).parent
     out: list[str] = []
+    seen: set[str] = set()
     total = 0
-    for mod_name in _DOC_MODULES:
+    for rel in _DOC_SOURCES:
         try:
-            mod = importlib.import_module(mod_name)
-        except Exception:  # pragma: no cover - a stripped-down Python
+            tree = ast.parse((stdlib / rel).read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
             continue
-        objs: list[Any] = [mod]
-        for name in sorted(vars(mod)):
-            obj = getattr(mod, name, None)
-            objs.append(obj)
-            if inspect.isclass(obj):
-                objs.extend(getattr(obj, n, None) for n in sorted(vars(obj)))
-        seen: set[int] = set()
-        for obj in objs:
-            doc = getattr(obj, "__doc__", None)
-            if not isinstance(doc, str) or id(doc) in seen:
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
-            seen.add(id(doc))
+            doc = ast.get_docstring(node, clean=False)
+            if not doc:
+                continue
             doc = inspect.cleandoc(doc)
+            if doc in seen:
+                continue
+            seen.add(doc)
             out.append(doc)
             total += len(doc)
             if total >= max_chars:
@@ -441,7 +448,7 @@ def build_tiny_model(kind: str, out_dir: Path) -> Path:
     if any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty")
     # Seed a private copy of the global RNG: the weights are fixed and the caller's RNG state is untouched.
-    with torch.random.fork_rng(devices=[]):
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         _BUILDERS[kind](out_dir)
     _portable_configs(out_dir)

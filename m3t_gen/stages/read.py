@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import re
+import time
 import warnings
 from typing import Any, Iterator
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from m3t_gen.config import ReadSpec
-from m3t_gen.rows import MARKER, new_row, reject, to_table
+from m3t_gen.rows import MARKER, add_timing, new_row, reject, to_table
 
 NAME = "read"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -109,6 +110,7 @@ def iter_tar_samples(path: str, errors: list[str]) -> Iterator[dict[str, Any]]:
 def read_shard(path: str, shard: str, spec: ReadSpec, limit: int | None) -> Iterator[dict[str, Any]]:
     errors: list[str] = []
     count = 0
+    started = time.perf_counter()
     for sample in iter_tar_samples(path, errors):
         if limit is not None and count >= limit:
             break
@@ -134,7 +136,10 @@ def read_shard(path: str, shard: str, spec: ReadSpec, limit: int | None) -> Iter
             else:
                 row.update(fields)
         row["flags"] = json.dumps(flags)
+        now = time.perf_counter()
+        add_timing(row, NAME, now - started)  # includes reading the tar member
         yield row
+        started = time.perf_counter()
     yield new_row(key=f"{shard}__end", shard=shard, status=MARKER, shard_rows=count,
                   reject_detail=json.dumps({"errors": errors}) if errors else None)
 
