@@ -83,9 +83,34 @@ class Resources(Strict):
     num_cpus: float = Field(1, gt=0)
 
 
+class ParquetColumns(Strict):
+    image: str | None = Field("image", description="image bytes (binary, or a struct with 'bytes' as HF writes)")
+    image_path: str | None = Field(None, description="instead of bytes: a path (relative to the file) or URL")
+    text: str | None = "caption"
+    url: str | None = "url"
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _one_image_source(self) -> "ParquetColumns":
+        if (self.image is None) == (self.image_path is None):
+            raise ValueError("set exactly one of image / image_path")
+        return self
+
+
 class InputSpec(Strict):
-    format: Literal["webdataset"] = "webdataset"
-    paths: list[str] = Field(min_length=1, description="files or glob patterns, relative to the pipeline file")
+    format: Literal["webdataset", "parquet", "folder"] = "webdataset"
+    paths: list[str] = Field(
+        min_length=1,
+        description="files (webdataset, parquet) or folders (folder); globs and {a,b} / {000..009} braces; "
+        "relative to the pipeline file; remote URLs through fsspec",
+    )
+    columns: ParquetColumns = Field(default_factory=ParquetColumns, description="parquet only")
+
+
+class DedupeSpec(Strict):
+    exact: bool = Field(True, description="reject byte-identical images (sha256) seen earlier in the run")
+    perceptual: bool = Field(True, description="reject near-duplicates by 64-bit perceptual hash")
+    max_distance: int = Field(4, ge=0, le=16, description="Hamming distance at or below which images are near-duplicates")
 
 
 class ReadSpec(Strict):
@@ -94,6 +119,7 @@ class ReadSpec(Strict):
     max_side: int | None = Field(None, ge=16, description="downscale so the longer side is at most this")
     max_text_chars: int = Field(2000, ge=1, description="alt-text longer than this is truncated and flagged")
     jpeg_quality: int = Field(92, ge=1, le=100)
+    dedupe: DedupeSpec = Field(default_factory=DedupeSpec)
 
 
 class GenerationStage(Strict):

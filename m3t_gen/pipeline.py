@@ -24,6 +24,7 @@ from m3t_gen import __version__
 from m3t_gen.config import ConfigError, PipelineConfig
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.stages.caption import CaptionStage
+from m3t_gen.stages.dedupe import DedupeStage
 from m3t_gen.stages.dialogue import DialogueStage
 from m3t_gen.stages.filter import FilterStage
 from m3t_gen.stages.read import read_shards
@@ -32,7 +33,7 @@ from m3t_gen.templates import load_template
 from m3t_gen.writer import OutputWriter, atomic_write_bytes
 
 # The M3T recipe after `read`, in order. A new stage is one file under stages/ plus its place here.
-M3T_STAGES: list[type[Stage]] = [CaptionStage, DialogueStage, RewardStage, FilterStage]
+M3T_STAGES: list[type[Stage]] = [DedupeStage, CaptionStage, DialogueStage, RewardStage, FilterStage]
 STAGE_ORDER = ["read"] + [s.name for s in M3T_STAGES]
 
 
@@ -43,14 +44,19 @@ class InputShard:
 
 
 def expand_inputs(cfg: PipelineConfig) -> list[InputShard]:
+    """Input patterns -> shards (files, or folders for the folder format), in a stable order."""
+    from braceexpand import braceexpand
+
+    want_dirs = cfg.input.format == "folder"
     paths: list[str] = []
     for pattern in cfg.input.paths:
-        full = str(cfg.resolve_path(pattern))
-        matches = sorted(glob.glob(full)) if glob.has_magic(full) else ([full] if os.path.exists(full) else [])
+        matches: list[str] = []
+        for expanded in braceexpand(pattern):
+            matches.extend(_glob(expanded if "://" in expanded else str(cfg.resolve_path(expanded)), want_dirs))
         if not matches:
-            raise ConfigError(f"input.paths: {pattern!r} matches no file")
+            raise ConfigError(f"input.paths: {pattern!r} matches no {'folder' if want_dirs else 'file'}")
         paths.extend(matches)
-    paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+    paths = list(dict.fromkeys(paths))
     stems = Counter(_stem(p) for p in paths)
     shards = []
     for p in paths:
@@ -59,6 +65,16 @@ def expand_inputs(cfg: PipelineConfig) -> list[InputShard]:
             sid = f"{sid}-{hashlib.sha1(p.encode()).hexdigest()[:6]}"
         shards.append(InputShard(sid, p))
     return shards
+
+
+def _glob(pattern: str, want_dirs: bool) -> list[str]:
+    if "://" in pattern:
+        import fsspec
+
+        fs, _, found = fsspec.get_fs_token_paths(pattern)
+        return sorted(fs.unstrip_protocol(p) for p in found if fs.isdir(p) == want_dirs)
+    found = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
+    return sorted(os.path.abspath(p) for p in found if os.path.exists(p) and os.path.isdir(p) == want_dirs)
 
 
 def _stem(path: str) -> str:
@@ -91,8 +107,10 @@ def build_dataset(cfg: PipelineConfig, ctx: RunContext, shards: list[InputShard]
     items = [{"shard": s.shard, "path": s.path} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                        fn_kwargs={"spec": cfg.read, "limit": cfg.limit})
+                        fn_kwargs={"input_spec": cfg.input, "spec": cfg.read, "limit": cfg.limit})
     for stage in M3T_STAGES:
+        if not stage.enabled(cfg):
+            continue
         res = stage.resources(cfg)
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
         if stage.uses_actor():
@@ -136,6 +154,9 @@ def prepare_output(out: Path, cfg: PipelineConfig, overwrite: bool) -> None:
 def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, log=print) -> dict[str, Any]:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
+    out = out.expanduser().resolve()
+    # Actors may run elsewhere (another cwd, another node): give them the absolute output path.
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(out)})})
     shards = expand_inputs(cfg)
     prepare_output(out, cfg, overwrite)
     done = {s.shard for s in shards if (out / "stats" / f"{s.shard}.json").exists()}

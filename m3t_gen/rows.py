@@ -25,7 +25,9 @@ ROW_SCHEMA = pa.schema(
         ("image", pa.binary()),          # JPEG (or the original bytes when nothing needed changing)
         ("width", pa.int32()),
         ("height", pa.int32()),
-        ("image_sha256", pa.string()),
+        ("image_sha256", pa.string()),   # of the bytes written to the output
+        ("source_sha256", pa.string()),  # of the bytes as read (exact dedupe)
+        ("phash", pa.string()),          # 64-bit perceptual hash, hex (near-duplicate dedupe)
         ("reencoded", pa.bool_()),
         ("flags", pa.string()),          # JSON list of repairs made (e.g. text_truncated)
         ("status", pa.string()),         # ok | rejected | marker

@@ -138,6 +138,7 @@ class OutputWriter:
             "caption_score": sample["scores"]["caption"], "mean_turn_score": sample["scores"]["mean_turn"],
             "turn_types": [t["type"] for t in sample["turns"]], "turn_scores": [t["score"] for t in sample["turns"]],
             "dropped_turns": len(sample.get("dropped_turns", [])),
+            "source_sha256": row["source_sha256"], "phash": row["phash"],
         })
 
     def _reject_record(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +183,7 @@ INDEX_SCHEMA = pa.schema([
     ("url", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("caption_score", pa.float64()),
     ("mean_turn_score", pa.float64()), ("turn_types", pa.list_(pa.string())),
     ("turn_scores", pa.list_(pa.float64())), ("dropped_turns", pa.int32()),
+    ("source_sha256", pa.string()), ("phash", pa.string()),
 ])
 REJECT_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_shard", pa.string()), ("source_key", pa.string()), ("url", pa.string()),

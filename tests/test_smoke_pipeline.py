@@ -34,9 +34,10 @@ def test_summary_and_manifest(smoke_run):
     assert totals["read"] == totals["kept"] + totals["rejected"]
     assert totals["kept"] > 0
     # The bundled shard holds one truncated JPEG and one thumbnail below min_side.
-    assert totals["reasons"]["read:decode_error"] == 1
+    assert totals["reasons"]["read:truncated_image"] == 1
     assert totals["reasons"]["read:too_small"] == 1
-    assert [s["stage"] for s in manifest["stages"]] == ["read", "caption", "dialogue", "reward", "filter"]
+    assert totals["reasons"]["dedupe:duplicate"] == 1  # skimage ships chelsea twice (as "chelsea" and "cat")
+    assert [s["stage"] for s in manifest["stages"]] == ["read", "dedupe", "caption", "dialogue", "reward", "filter"]
     assert "total: read 19 = kept" in proc.stdout
 
 

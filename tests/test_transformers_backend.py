@@ -218,6 +218,10 @@ def test_max_tokens_gives_length(lm, vlm, astronaut):
         json.loads(res.text)
 
 
+def test_empty_batch(vlm):
+    assert vlm.generate([]) == []
+
+
 def test_text_only_model_rejects_images(lm, astronaut):
     with pytest.raises(ValueError, match="text-only"):
         lm.generate([image_request(astronaut)])

@@ -165,6 +165,14 @@ class TransformersBackend(Backend):
         self._grammar_compiler = None
         self._grammars: dict[str, Any] = {}
 
+    def close(self) -> None:
+        """Drop the model (and its GPU memory) now rather than when the actor exits."""
+        for attr in ("model", "processor", "tokenizer", "_grammar_compiler"):
+            self.__dict__.pop(attr, None)
+        self._grammars = {}
+        if self.device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------------------------------------ loading
 
     @staticmethod

@@ -39,6 +39,10 @@ class Stage:
         return Resources(batch_size=64, concurrency=1, num_gpus=0, num_cpus=0.25)
 
     @classmethod
+    def enabled(cls, config: PipelineConfig) -> bool:
+        return True
+
+    @classmethod
     def uses_actor(cls) -> bool:
         """Actor pool (model held between batches) or stateless tasks."""
         return True
