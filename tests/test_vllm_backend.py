@@ -1,8 +1,8 @@
 """The vLLM backend: message and sampling conversion (fast, no engine) and a real engine on tiny:lm (slow).
 
-The real-engine tests run the project's own ``VLLMBackend`` in the pytest process. On CPU vLLM always starts
-its engine core and worker with the ``spawn`` start method, which re-imports the parent's ``__main__``; both
-``pytest`` and ``python -m pytest`` have a ``__main__`` guard there, so nothing else is needed.
+The real-engine tests run the project's own ``VLLMBackend`` in the pytest process. On CPU, vLLM always starts
+its engine core and worker with the ``spawn`` start method, which re-imports the parent's ``__main__``; the
+``pytest`` script and ``python -m pytest`` both guard their ``__main__``, so nothing else is needed.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from PIL import Image
 from m3t_gen.backends.base import GenerationRequest, get_backend
 from m3t_gen.backends.vllm_backend import VLLMBackend, VLLMOptions, sampling_kwargs, to_vllm_messages
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Strings the grammar must close: a random model never emits a closing quote by itself, and xgrammar's
 # maxLength lets control bytes through; a character class with a bound does both. The class is positive
 # (printable ASCII but " and \, then all of Unicode but the surrogates, as literal characters): with a negated
-# class such as [^"\\\x00-\x1f] xgrammar 0.2.8 also accepts UTF-8-encoded surrogates (ED A1 B6) and overlong
-# 4-byte sequences (F0 8E A9 A0), which decode to one U+FFFD per byte, so the text breaks the length bound.
+# class such as [^"\\\x00-\x1f], xgrammar 0.2.8 also accepts UTF-8-encoded surrogates (ED A1 B6) and overlong
+# 4-byte sequences (F0 8E A9 A0); they decode to one U+FFFD per byte, and the text breaks the length bound.
 _STR = {"type": "string", "pattern": "^[ !#-\\[\\]-~\u00a0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]{1,40}$"}
 PAIRS_SCHEMA = {
     "type": "object",
@@ -45,10 +47,10 @@ PAIRS_SCHEMA = {
     "additionalProperties": False,
 }
 
-# What a CPU machine needs: gpu_memory_utilization is the share of RAM on CPU (vLLM's 0.9 default fails at
-# start); enforce_eager skips the torch.compile warm-up (halves the engine start on 2 cores).
-ROOT = Path(__file__).resolve().parents[1]
-CPU_OPTIONS = {"gpu_memory_utilization": 0.2, "enforce_eager": True}
+# CPU settings. A fixed KV cache size: otherwise vLLM reserves gpu_memory_utilization x the NUMA node's RAM
+# (its 0.9 default fails at start) and gives the KV cache what the worker's RSS leaves of it. enforce_eager
+# skips the torch.compile warm-up, which halves the engine start on 2 cores.
+CPU_OPTIONS = {"enforce_eager": True, "engine_args": {"kv_cache_memory_bytes": 256 * 2**20}}
 
 
 # ------------------------------------------------------------------------------------------------ fast
@@ -60,13 +62,10 @@ def test_registered():
 
 
 def test_import_is_cheap():
-    # Listing backends / validating configs must not pull in vLLM or torch.
-    code = (
-        "import sys, m3t_gen.backends.vllm_backend; "
-        "print(sorted(m for m in ('vllm', 'torch') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    # Listing backends and validating configs must not pull in vLLM or torch.
+    code = "import sys, m3t_gen.backends.vllm_backend; print(sorted({'vllm', 'torch'} & set(sys.modules)))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "[]"
 
 
@@ -84,6 +83,7 @@ def test_to_vllm_messages_image_and_text():
         },
     ]
     out = to_vllm_messages(messages)
+    # What LLM.chat gets for a VLM request: vLLM's own part for an in-memory image.
     assert out == [
         {"role": "system", "content": "You describe images."},
         {
@@ -108,9 +108,12 @@ def test_to_vllm_messages_rejects_bad_parts():
         to_vllm_messages([{"content": "hi"}])
 
 
+def _request(**kw) -> GenerationRequest:
+    return GenerationRequest(messages=[], **{"seed": 1234, "max_tokens": 77, "temperature": 0.3, "top_p": 0.9, **kw})
+
+
 def test_sampling_kwargs():
-    req = GenerationRequest(messages=[], seed=1234, max_tokens=77, temperature=0.3, top_p=0.9, json_schema=PAIRS_SCHEMA)
-    assert sampling_kwargs(req) == {
+    assert sampling_kwargs(_request(json_schema=PAIRS_SCHEMA)) == {
         "n": 1, "seed": 1234, "temperature": 0.3, "top_p": 0.9, "max_tokens": 77, "json_schema": PAIRS_SCHEMA,
     }
 
@@ -121,8 +124,7 @@ def test_to_sampling_params():
 
     from m3t_gen.backends.vllm_backend import to_sampling_params
 
-    req = GenerationRequest(messages=[], seed=1234, max_tokens=77, temperature=0.3, top_p=0.9, json_schema=PAIRS_SCHEMA)
-    sp = to_sampling_params(req)
+    sp = to_sampling_params(_request(json_schema=PAIRS_SCHEMA))
     assert isinstance(sp, SamplingParams)
     assert (sp.seed, sp.max_tokens, sp.temperature, sp.top_p, sp.n) == (1234, 77, 0.3, 0.9, 1)
     assert sp.structured_outputs is not None and sp.structured_outputs.json == PAIRS_SCHEMA
@@ -136,7 +138,7 @@ def test_options():
     assert (o.tensor_parallel_size, o.pipeline_parallel_size, o.max_model_len) == (1, 1, None)
     assert (o.gpu_memory_utilization, o.enforce_eager, o.max_num_seqs) == (0.9, False, None)
     assert (o.limit_images_per_prompt, o.structured_outputs_backend, o.engine_args) == (1, "xgrammar", {})
-    assert VLLMOptions.model_validate({"engine_args": {"swap_space": 1}}).engine_args == {"swap_space": 1}
+    assert VLLMOptions.model_validate(CPU_OPTIONS).engine_args == {"kv_cache_memory_bytes": 256 * 2**20}
     with pytest.raises(ValueError, match="gpu_mem"):
         VLLMOptions.model_validate({"gpu_mem": 0.2})
     with pytest.raises(ValueError, match="engine_args may not set dtype, max_model_len"):
@@ -147,8 +149,6 @@ def test_options():
 
 # ------------------------------------------------------------------------------------------ real engine
 
-ENGINE_START_S: dict[str, float] = {}
-
 
 @pytest.fixture(scope="module")
 def engine():
@@ -158,8 +158,7 @@ def engine():
     spec = ModelSpec(backend="vllm", model="tiny:lm", options=CPU_OPTIONS)
     t0 = time.perf_counter()
     backend = VLLMBackend(spec)
-    ENGINE_START_S["tiny:lm"] = time.perf_counter() - t0
-    print(f"\nvLLM engine start (tiny:lm, incl. building the model if not cached): {ENGINE_START_S['tiny:lm']:.1f} s")
+    print(f"\nvLLM engine start (tiny:lm, building it if not cached): {time.perf_counter() - t0:.1f} s")
     yield backend
     backend.close()
 
@@ -171,10 +170,14 @@ def _pairs_request(seed: int) -> GenerationRequest:
             {"role": "user", "content": [{"type": "text", "text": "Write three query/target pairs."}]},
         ],
         seed=seed,
-        max_tokens=1500,  # 6 strings of <= 40 characters; byte-level tokens can be one byte of a character
+        max_tokens=1500,  # 6 strings of <= 40 characters; a byte-level token can be one byte of a character
         temperature=1.0,
         json_schema=PAIRS_SCHEMA,
     )
+
+
+def _hello(seed: int = 3, max_tokens: int = 12) -> GenerationRequest:
+    return GenerationRequest(messages=[{"role": "user", "content": "Hello"}], seed=seed, max_tokens=max_tokens)
 
 
 @pytest.mark.slow
@@ -182,9 +185,7 @@ def test_engine_json_schema_and_seeds(engine):
     import jsonschema
 
     seeds = [11, 12, 13, 14]
-    requests = [_pairs_request(s) for s in seeds]
-    # A free-text request in the same batch: no schema, stops at max_tokens.
-    requests.append(GenerationRequest(messages=[{"role": "user", "content": "Hello"}], seed=3, max_tokens=12))
+    requests = [_pairs_request(s) for s in seeds] + [_hello()]  # and a free-text request in the same batch
 
     first = engine.generate(requests)
     assert len(first) == len(requests)
@@ -193,8 +194,7 @@ def test_engine_json_schema_and_seeds(engine):
         assert res.output_tokens > 0
         jsonschema.validate(json.loads(res.text), PAIRS_SCHEMA)
     assert len({r.text for r in first[: len(seeds)]}) > 1  # different seeds, different answers
-    free = first[-1]
-    assert free.output_tokens == 12 and free.finish_reason == "length"
+    assert (first[-1].output_tokens, first[-1].finish_reason) == (12, "length")
 
     second = engine.generate(requests)
     assert [r.text for r in second] == [r.text for r in first]  # same seed, same text
@@ -202,5 +202,59 @@ def test_engine_json_schema_and_seeds(engine):
 
 
 @pytest.mark.slow
-def test_engine_empty_batch(engine):
+def test_engine_bad_request_fails_alone(engine):
+    too_long = GenerationRequest(messages=[{"role": "user", "content": "word " * 5000}], seed=1, max_tokens=4)
+    ok, bad = engine.generate([_hello(seed=7), too_long])
+    assert ok.finish_reason == "length" and ok.output_tokens == 12
+    assert bad.finish_reason == "error" and bad.output_tokens == 0 and "maximum context length" in bad.extra["error"]
+    # Every request failing means a setting is wrong: that raises.
+    with pytest.raises(Exception, match="maximum context length"):
+        engine.generate([too_long, too_long])
     assert engine.generate([]) == []
+
+
+@pytest.mark.slow
+def test_engine_text_only_model_refuses_images(engine):
+    image = Image.new("RGB", (32, 32))
+    request = GenerationRequest(messages=[{"role": "user", "content": [{"type": "image", "image": image}]}], seed=1)
+    with pytest.raises(ValueError, match="text-only model"):
+        engine.generate([request])
+
+
+@pytest.mark.slow
+def test_engine_in_ray_data_actor(engine):
+    """The deployment shape: the backend built in a Ray Data actor (map_batches with a callable class).
+    vLLM switches to `spawn` there by itself; no environment variable is needed."""
+    ray = pytest.importorskip("ray")
+    import ray.data
+
+    options = CPU_OPTIONS
+
+    class Generate:  # defined here so that Ray pickles it by value
+        def __init__(self):
+            from m3t_gen.backends.vllm_backend import VLLMBackend
+            from m3t_gen.config import ModelSpec
+
+            self.backend = VLLMBackend(ModelSpec(backend="vllm", model="tiny:lm", options=options))
+
+        def __call__(self, batch):
+            from m3t_gen.backends.base import GenerationRequest
+
+            hello = [{"role": "user", "content": "Hello"}]
+            results = self.backend.generate([GenerationRequest(hello, seed=int(s), max_tokens=12) for s in batch["seed"]])
+            batch["text"] = [r.text for r in results]
+            batch["output_tokens"] = [r.output_tokens for r in results]
+            return batch
+
+    env = {k: os.environ[k] for k in ("M3T_GEN_CACHE", "PYTHONPATH") if k in os.environ}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    try:
+        ds = ray.data.from_items([{"seed": s} for s in (3, 4, 5, 6)])
+        rows = ds.map_batches(Generate, batch_size=2, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).take_all()
+    finally:
+        ray.shutdown()
+    rows = {r["seed"]: r for r in rows}
+    assert sorted(rows) == [3, 4, 5, 6]
+    assert all(r["output_tokens"] == 12 for r in rows.values())
+    # Same seed, same text as the in-process engine.
+    assert rows[3]["text"] == engine.generate([_hello(3)])[0].text

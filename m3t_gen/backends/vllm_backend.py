@@ -17,6 +17,7 @@ Notes on running inside a Ray actor (Ray Data ``map_batches`` with a callable cl
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -27,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from vllm import SamplingParams
 
     from m3t_gen.config import ModelSpec
+
+logger = logging.getLogger(__name__)
 
 # Keys of vllm.LLM that this backend sets itself (from ModelSpec or from an explicit option); engine_args may
 # not repeat them, so that every setting has one place in the config.
@@ -136,6 +139,37 @@ def to_sampling_params(request: GenerationRequest) -> "SamplingParams":
     return SamplingParams(**kw, structured_outputs=structured)
 
 
+def _has_image(conversation: list[dict[str, Any]]) -> bool:
+    return any(
+        isinstance(p, dict) and p.get("type") in ("image_pil", "image_url")
+        for m in conversation
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+    )
+
+
+def _is_request_error(err: Exception) -> bool:
+    """Errors vLLM raises while checking one request (before any generation), as opposed to engine failures."""
+    from vllm.exceptions import VLLMValidationError
+
+    return isinstance(err, (VLLMValidationError, ValueError))
+
+
+def _error_result(err: Exception) -> GenerationResult:
+    logger.warning("vllm rejected a request: %s", err)
+    return GenerationResult(text="", output_tokens=0, finish_reason="error", extra={"error": str(err)[:500]})
+
+
+def _to_result(out: Any) -> GenerationResult:
+    comp = out.outputs[0]
+    return GenerationResult(
+        text=comp.text,
+        output_tokens=len(comp.token_ids),
+        finish_reason=comp.finish_reason,
+        extra={"prompt_tokens": len(out.prompt_token_ids or [])},
+    )
+
+
 # --------------------------------------------------------------------------------------------- backend
 
 
@@ -186,20 +220,36 @@ class VLLMBackend(Backend):
         if not requests:
             return []
         conversations = [to_vllm_messages(r.messages) for r in requests]
-        params = [to_sampling_params(r) for r in requests]
-        outputs = self.llm.chat(conversations, params, use_tqdm=False)
+        if not self.llm.model_config.is_multimodal_model and any(map(_has_image, conversations)):
+            # A config mistake, not a bad sample: fail loudly instead of rejecting every sample.
+            raise ValueError(f"{self.spec.model} is a text-only model in vLLM; its requests cannot carry images")
+        try:
+            return self._chat(conversations, requests)
+        except Exception as err:
+            if not _is_request_error(err):
+                raise
+            if len(requests) == 1:
+                return [_error_result(err)]
+            first_error = err
+        # One bad request (e.g. a prompt longer than max_model_len) fails the whole call; vLLM aborts what it
+        # had queued. Redo the requests one by one so that only the bad ones fail.
         results = []
-        for out in outputs:
-            comp = out.outputs[0]
-            results.append(
-                GenerationResult(
-                    text=comp.text,
-                    output_tokens=len(comp.token_ids),
-                    finish_reason=comp.finish_reason,
-                    extra={"prompt_tokens": len(out.prompt_token_ids or [])},
-                )
-            )
+        for conv, req in zip(conversations, requests):
+            try:
+                results.append(self._chat([conv], [req])[0])
+            except Exception as err:
+                if not _is_request_error(err):
+                    raise
+                results.append(_error_result(err))
+        if all(r.finish_reason == "error" for r in results):
+            raise first_error  # every request fails: a setting (schema, max_model_len, ...), not a sample
         return results
+
+    def _chat(
+        self, conversations: list[list[dict[str, Any]]], requests: list[GenerationRequest]
+    ) -> list[GenerationResult]:
+        outputs = self.llm.chat(conversations, [to_sampling_params(r) for r in requests], use_tqdm=False)
+        return [_to_result(out) for out in outputs]
 
     def close(self) -> None:
         """Stop the engine's worker processes now instead of at interpreter exit."""

@@ -65,7 +65,9 @@ def prepare_image(raw: bytes, spec: ReadSpec) -> tuple[dict[str, Any] | None, st
                 return None, "too_many_pixels", {"width": width, "height": height, "max_pixels": spec.max_pixels}
             fmt = img.format
             img.load()
-            oriented = ImageOps.exif_transpose(img)
+            # exif_transpose returns a copy even when there is nothing to do: only call it when needed.
+            orientation = img.getexif().get(0x0112, 1)
+            oriented = ImageOps.exif_transpose(img) if orientation not in (1, None) else img
     except Image.DecompressionBombError as e:
         return None, "too_many_pixels", {"error": str(e)[:200]}
     except Exception as e:  # PIL raises many types for corrupt/truncated/non-image data
