@@ -76,6 +76,23 @@ def validate(pipeline: str, sets: tuple[str, ...]) -> None:
     click.echo(f"ok  {pipeline} is valid")
 
 
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False, exists=True))
+@click.option("--set", "sets", multiple=True, metavar="filter.KEY=VALUE", required=True,
+              help="New threshold, e.g. filter.min_turn_score=0.25 (repeatable).")
+def refilter(output: str, sets: tuple[str, ...]) -> None:
+    """Re-apply new filter thresholds to a finished run OUTPUT without re-scoring."""
+    from m3t_gen.pipeline import format_summary
+    from m3t_gen.refilter import refilter as do_refilter
+
+    try:
+        manifest = do_refilter(Path(output), list(sets))
+    except ConfigError as e:
+        _fail(str(e))
+    manifest.setdefault("wall_seconds", 0)
+    click.echo(format_summary(manifest))
+
+
 @main.command("tiny-models")
 @click.argument("directory", type=click.Path(file_okay=False))
 def tiny_models(directory: str) -> None:

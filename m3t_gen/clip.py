@@ -25,6 +25,9 @@ class ClipEmbedder:
         # SigLIP was trained with fixed-length padding; CLIP with padding to the longest text.
         self.text_padding = "max_length" if "siglip" in self.model.config.model_type else True
         self.dtype = torch_dtype
+        # CLIP's learned softmax temperature (SigLIP has one too); used by the self-retrieval probability.
+        scale = getattr(self.model, "logit_scale", None)
+        self.logit_scale = float(scale.exp().item()) if scale is not None else 100.0
 
     def embed_images(self, images: list[Any]) -> np.ndarray:
         import torch

@@ -151,9 +151,16 @@ class DialogueStage(GenerationStage):
         return v
 
 
+class SelfRetrievalSpec(Strict):
+    enabled: bool = True
+    k: int = Field(15, ge=1, description="distractor images per text")
+    pool_size: int = Field(1024, ge=1, description="recent images an actor keeps as the distractor pool")
+
+
 class RewardStage(Strict):
     model: str = Field(description="CLIP or SigLIP checkpoint (HF format): tiny:clip, a directory, or org/name")
     dtype: str = "auto"
+    self_retrieval: SelfRetrievalSpec = Field(default_factory=SelfRetrievalSpec)
     resources: Resources = Field(default_factory=lambda: Resources(batch_size=32))
 
     @field_validator("model")
@@ -169,8 +176,11 @@ class FilterSpec(Strict):
     """Thresholds applied after scoring; scores are kept, so thresholds can change without re-scoring."""
 
     min_turn_score: float | None = Field(None, ge=-1, le=1, description="drop turns whose CLIP cosine is lower")
+    max_turn_rank: int | None = Field(None, ge=1, description="drop turns whose own image ranks worse among distractors")
+    min_turn_prob: float | None = Field(None, ge=0, le=1, description="drop turns giving their own image less probability")
     min_turns: int = Field(1, ge=1, description="reject a dialogue left with fewer turns")
-    min_mean_score: float | None = Field(None, ge=-1, le=1)
+    min_mean_score: float | None = Field(None, ge=-1, le=1, description="reject when the mean kept-turn cosine is lower")
+    min_caption_score: float | None = Field(None, ge=-1, le=1, description="reject when the caption's cosine is lower")
 
 
 class OutputSpec(Strict):

@@ -53,13 +53,14 @@ def new_row(**fields: Any) -> dict[str, Any]:
     return row
 
 
-def reject(row: dict[str, Any], stage: str, reason: str, **detail: Any) -> None:
+def reject(row: dict[str, Any], stage: str, reason: str, keep_image: bool = False, **detail: Any) -> None:
     row["status"] = REJECTED
     row["reject_stage"] = stage
     row["reject_reason"] = reason
     row["reject_detail"] = json.dumps(detail, default=str) if detail else None
-    # The image bytes of a rejected row are not needed downstream; keep the stream light.
-    row["image"] = None
+    if not keep_image:
+        # Not needed downstream; keeps the stream light. (The filter keeps it: a refilter may revive the row.)
+        row["image"] = None
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -36,10 +36,16 @@ def validation_error(instance: Any, schema: dict[str, Any]) -> str | None:
     return f"{where}: {err.message[:200]}"
 
 
+# A positive character class, literal characters rather than escapes: printable ASCII without '"' and '\\',
+# then every non-ASCII scalar value except surrogates. Why not a negated class or maxLength: xgrammar lets raw
+# control bytes through maxLength, and with a negated class it also admits UTF-8-encoded surrogates and overlong
+# sequences (seen from tiny random models), which decode to U+FFFD and break the bound.
+TEXT_CLASS = " !#-\\[\\]-~\u00a0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff"
+
+
 def bounded_text(max_chars: int) -> dict[str, Any]:
-    # A character class, not maxLength: xgrammar's maxLength lets raw control bytes through, and a
-    # sampled model that never picks the closing quote must still end the string.
-    return {"type": "string", "pattern": '^[^"\\\\\\x00-\\x1f]{1,%d}$' % max_chars}
+    # A bound on every string: a sampled model that never picks the closing quote must still end it.
+    return {"type": "string", "pattern": "^[%s]{1,%d}$" % (TEXT_CLASS, max_chars)}
 
 
 def dialogue_decoding_schema(mix: dict[str, int], max_chars: int) -> dict[str, Any]:

@@ -448,9 +448,17 @@ def build_tiny_model(kind: str, out_dir: Path) -> Path:
     if any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty")
     # Seed a private copy of the global RNG: the weights are fixed and the caller's RNG state is untouched.
+    from transformers.utils import logging as hf_logging
+
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        _BUILDERS[kind](out_dir)
+        bars_were_disabled = not hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bars in every actor's log
+        try:
+            torch.manual_seed(SEED)
+            _BUILDERS[kind](out_dir)
+        finally:
+            if not bars_were_disabled:
+                hf_logging.enable_progress_bar()
     _portable_configs(out_dir)
     (out_dir / STAMP_FILE).write_text(json.dumps({"kind": kind, "build_version": BUILD_VERSION}) + "\n")
     return out_dir

@@ -28,22 +28,29 @@ INDEX_ROW_GROUP = 1000  # small row groups: the HF dataset viewer fails on big o
 
 
 def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """KEY.json. Turns carry ``i``, their position in the generated dialogue, so that kept and dropped turns
+    (and the scores behind every decision) can be put back together by `m3t-gen refilter`."""
     turns = json.loads(row["turns"])
     scores = json.loads(row["scores"])
-    kept = [t for t in turns if t.get("kept", True)]
-    dropped = [t for t in turns if not t.get("kept", True)]
+    fields = ("type", "query", "target", "score", "rank", "prob")
+    kept = [dict({k: t[k] for k in fields if k in t}, i=i) for i, t in enumerate(turns) if t.get("kept", True)]
+    dropped = [dict({k: t[k] for k in fields if k in t}, i=i, reason=t["reason"])
+               for i, t in enumerate(turns) if not t.get("kept", True)]
     kept_scores = [t["score"] for t in kept]
+    summary = {"caption": scores["caption"],
+               "mean_turn": sum(kept_scores) / len(kept_scores) if kept_scores else None,
+               "min_turn": min(kept_scores) if kept_scores else None}
+    for extra in ("caption_rank", "caption_prob", "k"):
+        if extra in scores:
+            summary[extra] = scores[extra]
     out = {
         "key": row["key"],
         "caption": row["caption"],
-        "turns": [{k: t[k] for k in ("type", "query", "target", "score")} for t in kept],
-        "scores": {
-            "caption": scores["caption"],
-            "mean_turn": sum(kept_scores) / len(kept_scores),
-            "min_turn": min(kept_scores),
-        },
+        "turns": kept,
+        "scores": summary,
         "image": {"width": row["width"], "height": row["height"], "sha256": row["image_sha256"],
-                  "reencoded": bool(row["reencoded"])},
+                  "reencoded": bool(row["reencoded"]), "source_sha256": row["source_sha256"],
+                  "phash": row["phash"]},
         "source": {"shard": row["shard"], "key": row["source_key"], "url": row["url"], "text": row["text"]},
         "lineage": {
             "models": ctx.model_names,
@@ -55,8 +62,32 @@ def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         },
     }
     if dropped:
-        out["dropped_turns"] = [{k: t[k] for k in ("type", "query", "target", "score", "reason")} for t in dropped]
+        out["dropped_turns"] = dropped
+    if row["status"] == REJECTED:
+        out["rejected"] = {"stage": row["reject_stage"], "reason": row["reject_reason"],
+                           "detail": json.loads(row["reject_detail"]) if row["reject_detail"] else None}
     return out
+
+
+def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[str, Any]:
+    """Invert sample_json: the scored row as the filter stage saw it (before any decision)."""
+    from m3t_gen.rows import new_row
+
+    turns = sorted(sample["turns"] + sample.get("dropped_turns", []), key=lambda t: t["i"])
+    s = sample["scores"]
+    scores: dict[str, Any] = {"caption": s["caption"], "turns": [t["score"] for t in turns]}
+    if all("rank" in t for t in turns) and "k" in s:
+        scores.update(k=s["k"], caption_rank=s["caption_rank"], caption_prob=s["caption_prob"],
+                      turn_ranks=[t["rank"] for t in turns], turn_probs=[t["prob"] for t in turns])
+    img, src, lin = sample["image"], sample["source"], sample["lineage"]
+    return new_row(
+        key=sample["key"], shard=shard, source_key=src["key"], url=src["url"], text=src["text"], image=image,
+        width=img["width"], height=img["height"], image_sha256=img["sha256"], reencoded=img["reencoded"],
+        source_sha256=img.get("source_sha256"), phash=img.get("phash"), caption=sample["caption"],
+        caption_attempts=lin["attempts"]["caption"], dialogue_attempts=lin["attempts"]["dialogue"],
+        turns=json.dumps([{k: t[k] for k in ("type", "query", "target")} for t in turns]),
+        scores=json.dumps(scores),
+    )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -65,16 +96,50 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class TarSeries:
+    """``DIR/<shard>-0000.tar``, ``-0001.tar``...: at most ``per_tar`` samples each, written under temporary
+    names until ``commit``."""
+
+    def __init__(self, directory: Path, shard: str, per_tar: int) -> None:
+        self.dir, self.shard, self.per_tar = directory, shard, per_tar
+        self.paths: list[Path] = []
+        self.writer: Any = None
+        self.count = 0
+
+    def write(self, key: str, image: bytes, meta: dict[str, Any]) -> str:
+        import webdataset as wds
+
+        if self.writer is None or self.count >= self.per_tar:
+            self.close()
+            path = self.dir / f"{self.shard}-{len(self.paths):04d}.tar"
+            self.paths.append(path)
+            self.writer = wds.TarWriter(str(path.with_name(path.name + TMP)), encoder=False, mtime=0)
+            self.count = 0
+        self.writer.write({"__key__": key, "jpg": image, "json": json.dumps(meta, ensure_ascii=False).encode()})
+        self.count += 1
+        return self.paths[-1].name
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def commit(self) -> list[str]:
+        self.close()
+        for path in self.paths:
+            os.replace(path.with_name(path.name + TMP), path)
+        return [p.name for p in self.paths]
+
+
 @dataclass
 class _ShardState:
     shard: str
     source: str
+    kept: TarSeries
+    filtered: TarSeries
     seen: int = 0
     expected: int | None = None
     shard_errors: list[str] = field(default_factory=list)
-    tar_paths: list[Path] = field(default_factory=list)
-    tar: Any = None
-    in_tar: int = 0
     index: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     stage_seconds: Counter = field(default_factory=Counter)
@@ -88,15 +153,18 @@ class OutputWriter:
         self.per_tar = ctx.config.output.samples_per_tar
         self.open: dict[str, _ShardState] = {}
         self.finished: list[dict[str, Any]] = []
-        for sub in ("shards", "index", "rejects", "stats"):
+        for sub in ("shards", "filtered", "index", "rejects", "stats"):
             (out_dir / sub).mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- streaming
     def consume(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            state = self.open.get(row["shard"])
+            shard = row["shard"]
+            state = self.open.get(shard)
             if state is None:
-                state = self.open[row["shard"]] = _ShardState(row["shard"], self.sources.get(row["shard"], ""))
+                state = self.open[shard] = _ShardState(
+                    shard, self.sources.get(shard, ""), TarSeries(self.out / "shards", shard, self.per_tar),
+                    TarSeries(self.out / "filtered", shard, self.per_tar))
             if row["status"] == MARKER:
                 state.expected = row["shard_rows"]
                 if row["reject_detail"]:
@@ -108,32 +176,25 @@ class OutputWriter:
                 if row["status"] == OK:
                     self._write_sample(state, row)
                 elif row["status"] == REJECTED:
+                    if row["image"] is not None and row["scores"] is not None:
+                        # Scored but filtered out: kept aside so a refilter can revive it without re-scoring.
+                        state.filtered.write(row["key"], row["image"], sample_json(row, self.ctx))
                     state.rejects.append(self._reject_record(row))
                 else:
                     raise ValueError(f"row {row['key']} has unknown status {row['status']!r}")
             if state.expected is not None and state.seen == state.expected:
                 self._finish(state)
-                del self.open[state.shard]
+                del self.open[shard]
 
     def incomplete(self) -> list[str]:
         return sorted(self.open)
 
     # ---------------------------------------------------------------- per sample
     def _write_sample(self, state: _ShardState, row: dict[str, Any]) -> None:
-        import webdataset as wds
-
-        if state.tar is None or state.in_tar >= self.per_tar:
-            self._close_tar(state)
-            path = self.out / "shards" / f"{state.shard}-{len(state.tar_paths):04d}.tar"
-            state.tar_paths.append(path)
-            state.tar = wds.TarWriter(str(path.with_name(path.name + TMP)), encoder=False, mtime=0)
-            state.in_tar = 0
         sample = sample_json(row, self.ctx)
-        state.tar.write({"__key__": row["key"], "jpg": row["image"],
-                         "json": json.dumps(sample, ensure_ascii=False).encode()})
-        state.in_tar += 1
+        tar = state.kept.write(row["key"], row["image"], sample)
         state.index.append({
-            "key": row["key"], "tar": state.tar_paths[-1].name, "source_shard": state.source,
+            "key": row["key"], "tar": tar, "source_shard": state.source,
             "source_key": row["source_key"], "url": row["url"], "width": row["width"], "height": row["height"],
             "caption_score": sample["scores"]["caption"], "mean_turn_score": sample["scores"]["mean_turn"],
             "turn_types": [t["type"] for t in sample["turns"]], "turn_scores": [t["score"] for t in sample["turns"]],
@@ -146,16 +207,10 @@ class OutputWriter:
                 "source_key": row["source_key"], "url": row["url"], "stage": row["reject_stage"],
                 "reason": row["reject_reason"], "detail": row["reject_detail"]}
 
-    def _close_tar(self, state: _ShardState) -> None:
-        if state.tar is not None:
-            state.tar.close()
-            state.tar = None
-
     # ---------------------------------------------------------------- per shard
     def _finish(self, state: _ShardState) -> None:
-        self._close_tar(state)
-        for path in state.tar_paths:
-            os.replace(path.with_name(path.name + TMP), path)
+        tars = state.kept.commit()
+        filtered = state.filtered.commit()
         self._write_parquet(self.out / "index" / f"{state.shard}.parquet", state.index, INDEX_SCHEMA)
         self._write_parquet(self.out / "rejects" / f"{state.shard}.parquet", state.rejects, REJECT_SCHEMA)
         reasons = Counter(f"{r['stage']}:{r['reason']}" for r in state.rejects)
@@ -164,7 +219,7 @@ class OutputWriter:
             "rejected": len(state.rejects), "reasons": dict(sorted(reasons.items())),
             "turns_kept": sum(len(r["turn_types"]) for r in state.index),
             "turns_dropped": sum(r["dropped_turns"] for r in state.index),
-            "tars": [p.name for p in state.tar_paths], "shard_errors": state.shard_errors,
+            "tars": tars, "filtered_tars": filtered, "shard_errors": state.shard_errors,
             "stage_seconds": {k: round(v, 4) for k, v in state.stage_seconds.items()},
         }
         assert stats["read"] == stats["kept"] + stats["rejected"], stats  # conservation, by construction

@@ -29,7 +29,24 @@ def test_turn_level_then_sample_level():
     apply_filter(drop, spec)
     assert drop["status"] == REJECTED and drop["reject_reason"] == "too_few_turns"
     detail = json.loads(drop["reject_detail"])
-    assert detail["kept_turns"] == 1 and detail["min_turns"] == 2 and detail["turn_scores"] == [0.3, 0.1, 0.15]
+    assert detail["kept_turns"] == 1 and detail["min_turns"] == 2
+    assert detail["turn_failures"] == ["turn_score 0.1000 < min_turn_score 0.2", "turn_score 0.1500 < min_turn_score 0.2"]
+    assert drop["image"] == b"x"  # kept for a later refilter
+
+
+def test_rank_and_prob_thresholds_and_loosening_revives():
+    row = _row([0.3, 0.3, 0.3])
+    scores = json.loads(row["scores"])
+    scores.update(turn_ranks=[1, 3, 1], turn_probs=[0.9, 0.5, 0.05], k=15)
+    row["scores"] = json.dumps(scores)
+    apply_filter(row, FilterSpec(max_turn_rank=2, min_turn_prob=0.1, min_turns=2))
+    turns = json.loads(row["turns"])
+    assert [t["kept"] for t in turns] == [True, False, False]
+    assert turns[1]["reason"] == "turn_rank 3 > max_turn_rank 2"
+    assert turns[2]["reason"] == "turn_prob 0.0500 < min_turn_prob 0.1"
+    assert row["status"] == REJECTED
+    apply_filter(row, FilterSpec(min_turns=2))  # new thresholds on the same scores: no re-scoring
+    assert row["status"] == "ok" and all(t["kept"] for t in json.loads(row["turns"]))
 
 
 def test_mean_threshold_records_value_and_threshold():

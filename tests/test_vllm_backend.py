@@ -109,7 +109,8 @@ def test_to_vllm_messages_rejects_bad_parts():
 
 
 def _request(**kw) -> GenerationRequest:
-    return GenerationRequest(messages=[], **{"seed": 1234, "max_tokens": 77, "temperature": 0.3, "top_p": 0.9, **kw})
+    defaults = {"seed": 1234, "max_tokens": 77, "temperature": 0.3, "top_p": 0.9}
+    return GenerationRequest(messages=[], **{**defaults, **kw})
 
 
 def test_sampling_kwargs():
@@ -206,7 +207,8 @@ def test_engine_bad_request_fails_alone(engine):
     too_long = GenerationRequest(messages=[{"role": "user", "content": "word " * 5000}], seed=1, max_tokens=4)
     ok, bad = engine.generate([_hello(seed=7), too_long])
     assert ok.finish_reason == "length" and ok.output_tokens == 12
-    assert bad.finish_reason == "error" and bad.output_tokens == 0 and "maximum context length" in bad.extra["error"]
+    assert (bad.finish_reason, bad.output_tokens) == ("error", 0)
+    assert "maximum context length" in bad.extra["error"]
     # Every request failing means a setting is wrong: that raises.
     with pytest.raises(Exception, match="maximum context length"):
         engine.generate([too_long, too_long])
@@ -216,7 +218,8 @@ def test_engine_bad_request_fails_alone(engine):
 @pytest.mark.slow
 def test_engine_text_only_model_refuses_images(engine):
     image = Image.new("RGB", (32, 32))
-    request = GenerationRequest(messages=[{"role": "user", "content": [{"type": "image", "image": image}]}], seed=1)
+    content = [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]
+    request = GenerationRequest(messages=[{"role": "user", "content": content}], seed=1)
     with pytest.raises(ValueError, match="text-only model"):
         engine.generate([request])
 
@@ -241,7 +244,8 @@ def test_engine_in_ray_data_actor(engine):
             from m3t_gen.backends.base import GenerationRequest
 
             hello = [{"role": "user", "content": "Hello"}]
-            results = self.backend.generate([GenerationRequest(hello, seed=int(s), max_tokens=12) for s in batch["seed"]])
+            requests = [GenerationRequest(hello, seed=int(s), max_tokens=12) for s in batch["seed"]]
+            results = self.backend.generate(requests)
             batch["text"] = [r.text for r in results]
             batch["output_tokens"] = [r.output_tokens for r in results]
             return batch
@@ -250,7 +254,8 @@ def test_engine_in_ray_data_actor(engine):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
         ds = ray.data.from_items([{"seed": s} for s in (3, 4, 5, 6)])
-        rows = ds.map_batches(Generate, batch_size=2, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).take_all()
+        pool = ray.data.ActorPoolStrategy(size=1)
+        rows = ds.map_batches(Generate, batch_size=2, compute=pool, num_cpus=1).take_all()
     finally:
         ray.shutdown()
     rows = {r["seed"]: r for r in rows}

@@ -1,38 +1,58 @@
-"""filter: apply the configured thresholds to recorded scores (CPU). Turn level first (drop weak turns),
-then sample level; every drop carries the score, its value and the threshold."""
+"""filter: apply the configured thresholds to recorded scores (CPU tasks). Turn level first (drop weak turns),
+then sample level; every drop carries the score that failed, its value and the threshold.
+
+A sample rejected here keeps its image and scores (written to OUT/filtered/), so `m3t-gen refilter` can apply
+other thresholds later without re-scoring and reach exactly what a fresh run with them would have written.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from m3t_gen.config import FilterSpec, PipelineConfig
-from m3t_gen.rows import reject
+from m3t_gen.config import FilterSpec
+from m3t_gen.rows import OK, reject
 from m3t_gen.stages.base import RunContext, Stage
 
 
+def turn_failure(scores: dict[str, Any], i: int, spec: FilterSpec) -> str | None:
+    score = scores["turns"][i]
+    if spec.min_turn_score is not None and score < spec.min_turn_score:
+        return f"turn_score {score:.4f} < min_turn_score {spec.min_turn_score}"
+    if spec.max_turn_rank is not None and "turn_ranks" in scores and scores["turn_ranks"][i] > spec.max_turn_rank:
+        return f"turn_rank {scores['turn_ranks'][i]} > max_turn_rank {spec.max_turn_rank}"
+    if spec.min_turn_prob is not None and "turn_probs" in scores and scores["turn_probs"][i] < spec.min_turn_prob:
+        return f"turn_prob {scores['turn_probs'][i]:.4f} < min_turn_prob {spec.min_turn_prob}"
+    return None
+
+
 def apply_filter(row: dict[str, Any], spec: FilterSpec, stage: str = "filter") -> None:
+    """Decide one scored row in place: marks each turn kept/dropped, then rejects the row or leaves it ok."""
     turns = json.loads(row["turns"])
     scores = json.loads(row["scores"])
-    kept = 0
-    for turn, score in zip(turns, scores["turns"], strict=True):
-        turn["score"] = score
-        if spec.min_turn_score is not None and score < spec.min_turn_score:
-            turn["kept"] = False
-            turn["reason"] = f"turn_score {score:.4f} < min_turn_score {spec.min_turn_score}"
-        else:
-            turn["kept"] = True
-            turn.pop("reason", None)
-            kept += 1
+    for i, turn in enumerate(turns):
+        turn["score"] = scores["turns"][i]
+        for extra, src in (("rank", "turn_ranks"), ("prob", "turn_probs")):
+            if src in scores:
+                turn[extra] = scores[src][i]
+        reason = turn_failure(scores, i, spec)
+        turn["kept"] = reason is None
+        turn.pop("reason", None)
+        if reason:
+            turn["reason"] = reason
     row["turns"] = json.dumps(turns)
     kept_scores = [t["score"] for t in turns if t["kept"]]
-    if kept < spec.min_turns:
-        reject(row, stage, "too_few_turns", kept_turns=kept, min_turns=spec.min_turns,
-               min_turn_score=spec.min_turn_score, turn_scores=scores["turns"])
-        return
-    mean = sum(kept_scores) / len(kept_scores)
-    if spec.min_mean_score is not None and mean < spec.min_mean_score:
-        reject(row, stage, "mean_score_below", score="mean_turn", value=mean, threshold=spec.min_mean_score)
+    # A refilter may loosen thresholds: start from a clean decision.
+    row.update(status=OK, reject_stage=None, reject_reason=None, reject_detail=None)
+    if spec.min_caption_score is not None and scores["caption"] < spec.min_caption_score:
+        reject(row, stage, "caption_score_below", score="caption", value=scores["caption"],
+               threshold=spec.min_caption_score, keep_image=True)
+    elif len(kept_scores) < spec.min_turns:
+        reject(row, stage, "too_few_turns", kept_turns=len(kept_scores), min_turns=spec.min_turns,
+               turn_failures=[t.get("reason") for t in turns if not t["kept"]], keep_image=True)
+    elif spec.min_mean_score is not None and sum(kept_scores) / len(kept_scores) < spec.min_mean_score:
+        reject(row, stage, "mean_score_below", score="mean_turn", value=sum(kept_scores) / len(kept_scores),
+               threshold=spec.min_mean_score, keep_image=True)
 
 
 class FilterStage(Stage):
@@ -42,9 +62,7 @@ class FilterStage(Stage):
     def uses_actor(cls) -> bool:
         return False
 
-    def __init__(self, ctx: RunContext) -> None:
-        super().__init__(ctx)
-
     def process(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             apply_filter(row, self.ctx.config.filter, self.name)
+

@@ -1,0 +1,95 @@
+"""`m3t-gen refilter OUT --set filter.x=...`: apply new thresholds to a finished run without re-scoring.
+
+Every scored sample of the run is in OUT/shards (kept) or OUT/filtered (rejected by the filter), with its scores
+and all its turns. Refilter replays them through the same `apply_filter` and the same `OutputWriter` into a new
+directory, carries the earlier stages' rejections over from OUT/rejects, and swaps the directories when done:
+the result is what a fresh run with the new thresholds would have written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from m3t_gen.config import ConfigError, PipelineConfig, apply_overrides, format_validation_error
+from m3t_gen.pipeline import result_hash, summarize
+from m3t_gen.rows import MARKER, REJECTED, new_row
+from m3t_gen.stages.base import RunContext
+from m3t_gen.stages.filter import apply_filter
+from m3t_gen.writer import OutputWriter, atomic_write_bytes, row_from_sample
+
+
+def _samples(tar_path: Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    import webdataset as wds
+
+    for sample in wds.WebDataset(str(tar_path), shardshuffle=False):
+        yield sample["__key__"], sample["jpg"], json.loads(sample["json"])
+
+
+def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
+    manifest_path = out / "manifest.json"
+    if not manifest_path.exists():
+        raise ConfigError(f"{out}: no manifest.json (not a finished m3t-gen run)")
+    manifest = json.loads(manifest_path.read_text())
+    bad = [o for o in overrides if not o.startswith("filter.")]
+    if bad:
+        raise ConfigError(f"refilter changes only filter.* thresholds, not {bad[0].split('=')[0]}")
+    data = apply_overrides(json.loads(json.dumps(manifest["config"])), overrides)
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "--set")) from None
+    ctx = RunContext(config=cfg, config_hash=result_hash(cfg), template_hashes=manifest["templates"],
+                     model_names=manifest["models"])
+    stats_files = sorted((out / "stats").glob("*.json"))
+    sources = {json.loads(p.read_text())["shard"]: json.loads(p.read_text())["source"] for p in stats_files}
+    new = out.with_name(out.name + ".refilter.tmp")
+    if new.exists():
+        shutil.rmtree(new)
+    writer = OutputWriter(new, ctx, sources)
+    for path in stats_files:
+        stats = json.loads(path.read_text())
+        shard = stats["shard"]
+        for sub, names in (("shards", stats["tars"]), ("filtered", stats.get("filtered_tars", []))):
+            for name in names:
+                for _key, image, meta in _samples(out / sub / name):
+                    row = row_from_sample(meta, shard, image)
+                    apply_filter(row, cfg.filter)
+                    writer.consume([row])
+        earlier = pq.read_table(out / "rejects" / f"{shard}.parquet").to_pylist()
+        for rec in earlier:
+            if rec["stage"] == "filter":
+                continue  # decided again above
+            writer.consume([new_row(key=rec["key"], shard=shard, source_key=rec["source_key"], url=rec["url"],
+                                    status=REJECTED, reject_stage=rec["stage"], reject_reason=rec["reason"],
+                                    reject_detail=rec["detail"])])
+        errors = json.dumps({"errors": stats["shard_errors"]}) if stats["shard_errors"] else None
+        writer.consume([new_row(key=f"{shard}__end", shard=shard, status=MARKER, shard_rows=stats["read"],
+                                reject_detail=errors)])
+        # Time spent generating and scoring belongs to the original run: carry it over.
+        new_stats_path = new / "stats" / path.name
+        new_stats = json.loads(new_stats_path.read_text())
+        new_stats["stage_seconds"] = stats["stage_seconds"]
+        atomic_write_bytes(new_stats_path, json.dumps(new_stats, indent=1).encode())
+    if writer.incomplete():
+        raise RuntimeError(f"refilter: shards incomplete: {writer.incomplete()}")
+    all_stats = [json.loads(p.read_text()) for p in sorted((new / "stats").glob("*.json"))]
+    summary = summarize(all_stats)
+    history = manifest.get("refilters", []) + [{"set": overrides, "previous_config_hash": manifest["config_hash"]}]
+    manifest.update(config=cfg.model_dump(mode="json", by_alias=True), config_hash=ctx.config_hash,
+                    totals=summary["totals"], stages=summary["stages"], refilters=history)
+    atomic_write_bytes(new / "manifest.json", json.dumps(manifest, indent=1).encode())
+    for extra in ("README.md",):  # files made from the old results are stale now
+        if (out / extra).exists():
+            os.remove(out / extra)
+    old = out.with_name(out.name + ".old.tmp")
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old)
+    return manifest
