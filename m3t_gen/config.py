@@ -152,9 +152,13 @@ class DialogueStage(GenerationStage):
 
 
 class SelfRetrievalSpec(Strict):
+    """Distractors come from a fixed bank of images, the same for every actor and every run (reproducible):
+    the first ``bank_size`` readable images of ``bank`` (input-format paths) or, by default, of the run's input."""
+
     enabled: bool = True
     k: int = Field(15, ge=1, description="distractor images per text")
-    pool_size: int = Field(1024, ge=1, description="recent images an actor keeps as the distractor pool")
+    bank_size: int = Field(256, ge=1, description="images in the distractor bank")
+    bank: list[str] | None = Field(None, description="paths/globs in the input format; default: the run's input")
 
 
 class RewardStage(Strict):
@@ -192,6 +196,8 @@ class RaySpec(Strict):
     address: str | None = Field(None, description="join this cluster; RAY_ADDRESS also works; none: local Ray")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only")
     progress: bool = True
+    preserve_order: bool = Field(True, description="rows reach single-actor stages (dedupe) in input order: "
+                                 "which copy of a duplicate survives does not depend on timing")
 
 
 class PipelineConfig(Strict):

@@ -133,7 +133,9 @@ def init_ray(cfg: PipelineConfig) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = cfg.ray.progress
+    data_ctx.execution_options.preserve_order = cfg.ray.preserve_order
 
 
 def prepare_output(out: Path, cfg: PipelineConfig, overwrite: bool) -> None:

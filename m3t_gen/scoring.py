@@ -37,9 +37,10 @@ def self_retrieval(texts: np.ndarray, own: np.ndarray, distractors: np.ndarray, 
     return rank.astype(int), prob
 
 
-def pick_distractors(pool: np.ndarray, pool_keys: list[str], own_key: str, k: int, seed: int) -> np.ndarray:
-    """K distractors from the pool, never the sample's own image, drawn reproducibly from the sample's seed."""
-    candidates = [i for i, key in enumerate(pool_keys) if key != own_key]
+def pick_distractors(bank: np.ndarray, bank_ids: list[str], own_id: str | None, k: int, seed: int) -> np.ndarray:
+    """K distractors from the bank, never the sample's own image, drawn reproducibly from the sample's seed."""
+    pool = bank
+    candidates = [i for i, ident in enumerate(bank_ids) if ident != own_id]
     if not candidates:
         return np.zeros((0, pool.shape[1] if pool.ndim == 2 else 0), dtype=np.float32)
     rng = np.random.default_rng(seed)

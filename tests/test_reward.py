@@ -49,14 +49,17 @@ def stage(smoke_yaml_path=None):
     from pathlib import Path
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "pipelines" / "smoke.yaml",
-                      ["reward.self_retrieval.k=2"])
+                      ["reward.self_retrieval.k=2", "reward.self_retrieval.bank_size=4"])
     return RewardStage(make_context(cfg))
 
 
 def _row(key, arr, caption, turns):
+    import hashlib
+
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG")
-    return new_row(key=key, shard="s", image=buf.getvalue(), caption=caption, turns=json.dumps(turns))
+    return new_row(key=key, shard="s", image=buf.getvalue(), caption=caption, turns=json.dumps(turns),
+                   source_sha256=hashlib.sha256(buf.getvalue()).hexdigest())
 
 
 def test_reward_stage_scores_equal_numpy_on_same_embeddings(stage):
@@ -72,8 +75,16 @@ def test_reward_stage_scores_equal_numpy_on_same_embeddings(stage):
         texts = clip.embed_texts([row["caption"]] + [turn_text(t) for t in turns])
         np.testing.assert_allclose(scores["caption"], texts[0] @ imgs[i], atol=1e-5)
         np.testing.assert_allclose(scores["turns"], texts[1:] @ imgs[i], atol=1e-5)
-        assert scores["k"] == 2  # other images of the batch serve as distractors
+        assert scores["k"] == 2  # drawn from a bank of the first 4 smoke images
         assert all(1 <= r <= 3 for r in scores["turn_ranks"])
+        # Same distractors as a direct computation: re-draw them and compare the rank.
+        from m3t_gen.scoring import pick_distractors
+        from m3t_gen.seeds import derive_seed
+
+        d = pick_distractors(stage.bank, stage.bank_shas, row["source_sha256"], 2, derive_seed(0, "reward", row["key"]))
+        own = texts[1:] @ imgs[i]
+        expected_rank = [1 + int(np.sum(d @ t >= o)) for t, o in zip(texts[1:], own)]
+        assert scores["turn_ranks"] == expected_rank
         assert all(0 < p < 1 for p in scores["turn_probs"])
 
 

@@ -2,16 +2,16 @@
 decides, so thresholds can change later without re-scoring (`m3t-gen refilter`).
 
 Per text: cosine with its image, and self-retrieval (rank and softmax probability of its own image among K
-distractors drawn from a pool of recently seen images in this actor, reproducibly from the sample's seed).
+distractors drawn, reproducibly from the sample's seed, from a fixed bank: the first images of the configured
+bank or of the run's input, embedded once per actor; a sample never meets its own image as a distractor).
 Turn text rule: classification and retrieval turns score their target (a label / the dense caption);
 VQA turns score "query target" together, since the answer alone is often too short to describe the image.
-Each image is embedded once per run: the embedding is reused for every text of its sample and as a distractor.
+Each image is embedded once: the embedding serves every text of its sample.
 """
 
 from __future__ import annotations
 
 import json
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,30 @@ class RewardStage(Stage):
         device = "cuda" if cfg.resources.num_gpus > 0 else "cpu"
         self.clip = ClipEmbedder(cfg.model, cfg.dtype, device)
         self.sr = cfg.self_retrieval
-        self.pool: deque[tuple[str, np.ndarray]] = deque(maxlen=self.sr.pool_size)
+        if self.sr.enabled:
+            self.bank_shas, self.bank = self._build_bank(ctx)
+
+    def _build_bank(self, ctx: RunContext) -> tuple[list[str], np.ndarray]:
+        from m3t_gen.pipeline import expand_inputs
+        from m3t_gen.stages.read import read_shard
+
+        cfg = ctx.config
+        if self.sr.bank:
+            cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"paths": self.sr.bank})})
+        shas, images = [], []
+        for shard in expand_inputs(cfg):
+            for row in read_shard(shard.path, shard.shard, cfg.input, cfg.read, None):
+                if row["status"] == "ok" and row["source_sha256"] not in shas:
+                    shas.append(row["source_sha256"])
+                    images.append(open_image(row))
+                if len(images) >= self.sr.bank_size:
+                    break
+            if len(images) >= self.sr.bank_size:
+                break
+        if not images:
+            raise ValueError("self-retrieval: the distractor bank has no readable image")
+        embs = np.concatenate([self.clip.embed_images(images[i:i + 64]) for i in range(0, len(images), 64)])
+        return shas, embs
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         images = self.clip.embed_images([open_image(r) for r in rows])
@@ -57,11 +80,6 @@ class RewardStage(Stage):
             texts.append(row["caption"])
             texts.extend(turn_text(t) for t in row_turns)
         text_emb = self.clip.embed_texts(texts)
-        # The batch's own images join the pool first, so even the first batch has distractors.
-        for row, emb in zip(rows, images):
-            self.pool.append((row["key"], emb))
-        pool_keys = [k for k, _ in self.pool]
-        pool = np.stack([e for _, e in self.pool])
         at = 0
         for i, (row, row_turns) in enumerate(zip(rows, turns)):
             n = 1 + len(row_turns)
@@ -71,7 +89,7 @@ class RewardStage(Stage):
             scores: dict[str, Any] = {"caption": _r(sims[0]), "turns": [_r(s) for s in sims[1:]]}
             if self.sr.enabled:
                 seed = derive_seed(self.ctx.config.seed, self.name, row["key"])
-                distractors = pick_distractors(pool, pool_keys, row["key"], self.sr.k, seed)
+                distractors = pick_distractors(self.bank, self.bank_shas, row["source_sha256"], self.sr.k, seed)
                 rank, prob = self_retrieval(emb, images[i], distractors, self.clip.logit_scale)
                 scores.update(k=int(len(distractors)), caption_rank=int(rank[0]), caption_prob=_r(prob[0]),
                               turn_ranks=[int(x) for x in rank[1:]], turn_probs=[_r(x) for x in prob[1:]])
