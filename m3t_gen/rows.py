@@ -22,6 +22,7 @@ ROW_SCHEMA = pa.schema(
         ("source_key", pa.string()),     # the key as found in the input
         ("url", pa.string()),
         ("text", pa.string()),           # web alt-text; data only, never a template
+        ("meta", pa.string()),           # the source's own metadata (img2dataset's KEY.json), JSON
         ("image", pa.binary()),          # JPEG (or the original bytes when nothing needed changing)
         ("width", pa.int32()),
         ("height", pa.int32()),

@@ -51,7 +51,8 @@ def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         "image": {"width": row["width"], "height": row["height"], "sha256": row["image_sha256"],
                   "reencoded": bool(row["reencoded"]), "source_sha256": row["source_sha256"],
                   "phash": row["phash"]},
-        "source": {"shard": row["shard"], "key": row["source_key"], "url": row["url"], "text": row["text"]},
+        "source": {"shard": row["shard"], "key": row["source_key"], "url": row["url"], "text": row["text"],
+                   "meta": json.loads(row["meta"]) if row["meta"] else None},
         "lineage": {
             "models": ctx.model_names,
             "templates": ctx.template_hashes,
@@ -82,6 +83,7 @@ def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[st
     img, src, lin = sample["image"], sample["source"], sample["lineage"]
     return new_row(
         key=sample["key"], shard=shard, source_key=src["key"], url=src["url"], text=src["text"], image=image,
+        meta=json.dumps(src["meta"]) if src.get("meta") else None,
         width=img["width"], height=img["height"], image_sha256=img["sha256"], reencoded=img["reencoded"],
         source_sha256=img.get("source_sha256"), phash=img.get("phash"), caption=sample["caption"],
         caption_attempts=lin["attempts"]["caption"], dialogue_attempts=lin["attempts"]["dialogue"],

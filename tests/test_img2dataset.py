@@ -186,6 +186,9 @@ def test_img2dataset_output_is_read_as_is(img2dataset_cli, tmp_path):
             img.load()
             assert img.mode == "RGB" and img.size == (row["width"], row["height"]) == (rec["width"], rec["height"])
             assert min(img.size) == 256  # keep_ratio: the shorter side is resized to image_size
+            # img2dataset's metadata rides along on the row (and into the output's source.meta).
+            row_meta = json.loads(row["meta"])
+            assert row_meta["license"] == rec["license"] and row_meta["original_width"] == rec["original_width"]
 
         # The metadata img2dataset wrote (json member) comes through the project's webdataset reader whole.
         errors: list[str] = []

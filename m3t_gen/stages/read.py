@@ -134,6 +134,7 @@ def read_shard(path: str, shard: str, input_spec: InputSpec, spec: ReadSpec,
         meta = parse_meta(sample.get("meta"), flags)
         url = meta.get("url")
         row["url"] = url if isinstance(url, str) else None
+        row["meta"] = json.dumps(meta, ensure_ascii=False, default=str) if meta else None
         if sample["problem"]:
             reject(row, NAME, sample["problem"], **(sample["problem_detail"] or {}))
         else:
