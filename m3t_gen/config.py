@@ -176,6 +176,18 @@ class RewardStage(Strict):
         return v
 
 
+class PrivacySpec(Strict):
+    """Drop texts that mention protected attributes (MTCIR: skin, hair, gender, age, race). Whole-word matches."""
+
+    enabled: bool = False
+    words: dict[str, list[str]] | None = Field(None, description="category -> words; default: m3t_gen.quality")
+
+    def word_lists(self) -> dict[str, list[str]]:
+        from m3t_gen.quality import PRIVACY_WORDS
+
+        return self.words if self.words is not None else PRIVACY_WORDS
+
+
 class FilterSpec(Strict):
     """Thresholds applied after scoring; scores are kept, so thresholds can change without re-scoring."""
 
@@ -185,6 +197,7 @@ class FilterSpec(Strict):
     min_turns: int = Field(1, ge=1, description="reject a dialogue left with fewer turns")
     min_mean_score: float | None = Field(None, ge=-1, le=1, description="reject when the mean kept-turn cosine is lower")
     min_caption_score: float | None = Field(None, ge=-1, le=1, description="reject when the caption's cosine is lower")
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
 
 
 class OutputSpec(Strict):

@@ -68,7 +68,8 @@ def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
                 continue  # decided again above
             writer.consume([new_row(key=rec["key"], shard=shard, source_key=rec["source_key"], url=rec["url"],
                                     status=REJECTED, reject_stage=rec["stage"], reject_reason=rec["reason"],
-                                    reject_detail=rec["detail"])])
+                                    reject_detail=rec["detail"], source_sha256=rec.get("source_sha256"),
+                                    phash=rec.get("phash"))])
         errors = json.dumps({"errors": stats["shard_errors"]}) if stats["shard_errors"] else None
         writer.consume([new_row(key=f"{shard}__end", shard=shard, status=MARKER, shard_rows=stats["read"],
                                 reject_detail=errors)])

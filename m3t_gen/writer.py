@@ -207,7 +207,8 @@ class OutputWriter:
     def _reject_record(self, row: dict[str, Any]) -> dict[str, Any]:
         return {"key": row["key"], "source_shard": self.sources.get(row["shard"], row["shard"]),
                 "source_key": row["source_key"], "url": row["url"], "stage": row["reject_stage"],
-                "reason": row["reject_reason"], "detail": row["reject_detail"]}
+                "reason": row["reject_reason"], "detail": row["reject_detail"],
+                "source_sha256": row["source_sha256"], "phash": row["phash"]}
 
     # ---------------------------------------------------------------- per shard
     def _finish(self, state: _ShardState) -> None:
@@ -245,4 +246,5 @@ INDEX_SCHEMA = pa.schema([
 REJECT_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_shard", pa.string()), ("source_key", pa.string()), ("url", pa.string()),
     ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ("source_sha256", pa.string()), ("phash", pa.string()),  # set once read; lets dedupe resume exactly
 ])

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,3 +19,18 @@ def _tiny_model_cache(tmp_path_factory):
 @pytest.fixture
 def smoke_yaml() -> Path:
     return ROOT / "pipelines" / "smoke.yaml"
+
+
+def run_cli(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    """`m3t-gen ARGS` in a subprocess, as a user would run it."""
+    cmd = [sys.executable, "-m", "m3t_gen.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One clean smoke run per test session, shared by every test that reads a finished output."""
+    out = tmp_path_factory.mktemp("smoke") / "out"
+    proc = run_cli("run", str(ROOT / "pipelines" / "smoke.yaml"), "--output", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out, proc

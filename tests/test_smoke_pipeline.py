@@ -17,15 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "out"
-    cmd = [sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"), "--output", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return out, proc
-
-
 def test_summary_and_manifest(smoke_run):
     out, proc = smoke_run
     manifest = json.loads((out / "manifest.json").read_text())

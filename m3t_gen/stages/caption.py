@@ -7,6 +7,7 @@ from typing import Any
 from m3t_gen.backends.base import GenerationResult, get_backend
 from m3t_gen.config import PipelineConfig, Resources
 from m3t_gen.generation import generate_validated, open_image
+from m3t_gen.quality import degenerate_reason
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.templates import load_template
 
@@ -36,8 +37,9 @@ class CaptionStage(Stage):
 
     def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[str | None, str | None]:
         text = " ".join(result.text.split())
-        if len(text) < max(self.cfg.min_chars, 1):
-            return None, f"empty_caption: {len(text)} chars"
+        bad = degenerate_reason(text, self.cfg.min_chars)
+        if bad:
+            return None, f"{bad}_caption: {text[:120]!r} (finish_reason={result.finish_reason})"
         return text, None
 
     def process(self, rows: list[dict[str, Any]]) -> None:

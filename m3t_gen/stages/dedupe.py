@@ -75,12 +75,18 @@ class DedupeStage(Stage):
         self._seed_from_finished_shards(Path(ctx.config.output.dir))
 
     def _seed_from_finished_shards(self, out: Path) -> None:
+        """Everything that passed dedupe in finished shards: kept samples and those rejected after this stage
+        (a clean run had indexed them too), in key order as a clean run would have met them."""
         import pyarrow.parquet as pq
 
-        for path in sorted((out / "index").glob("*.parquet")):
-            table = pq.read_table(path, columns=["key", "source_sha256", "phash"])
-            for rec in table.to_pylist():
-                self.index.add(rec["key"], rec["source_sha256"], rec["phash"])
+        seen = []
+        for path in sorted((out / "stats").glob("*.json")):
+            shard = path.stem
+            seen += pq.read_table(out / "index" / f"{shard}.parquet", columns=["key", "source_sha256", "phash"]).to_pylist()
+            rejects = pq.read_table(out / "rejects" / f"{shard}.parquet").to_pylist()
+            seen += [r for r in rejects if r["stage"] not in ("read", self.name)]
+        for rec in sorted(seen, key=lambda r: r["key"]):
+            self.index.add(rec["key"], rec["source_sha256"], rec["phash"])
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         for row in sorted(rows, key=lambda r: r["key"]):  # deterministic within a batch

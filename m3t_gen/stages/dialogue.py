@@ -9,6 +9,7 @@ from typing import Any
 from m3t_gen.backends.base import GenerationResult, get_backend
 from m3t_gen.config import PipelineConfig, Resources
 from m3t_gen.generation import generate_validated
+from m3t_gen.quality import degenerate_reason
 from m3t_gen.schemas import dialogue_decoding_schema, load_schema, validation_error
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.templates import load_template
@@ -69,8 +70,15 @@ class DialogueStage(Stage):
         if types != self.expected_types:
             return None, f"wrong_turn_mix: got {types}"
         for turn in turns:
+            for field in ("query", "target"):
+                bad = degenerate_reason(turn.get(field, "x"))
+                if bad:
+                    return None, f"{bad}_turn: {turn['type']} {field} {turn[field][:120]!r}"
             if turn["type"] == "retrieval":
                 turn["target"] = row["caption"]  # M3T: the retrieval target IS the dense caption
+        queries = [t["query"].strip().lower() for t in turns]
+        if len(set(queries)) < len(queries):
+            return None, "repeated_query: two turns ask the same question"
         return turns, None
 
     def process(self, rows: list[dict[str, Any]]) -> None:

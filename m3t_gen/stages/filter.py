@@ -11,11 +11,16 @@ import json
 from typing import Any
 
 from m3t_gen.config import FilterSpec
+from m3t_gen.quality import privacy_hit
 from m3t_gen.rows import OK, reject
 from m3t_gen.stages.base import RunContext, Stage
 
 
-def turn_failure(scores: dict[str, Any], i: int, spec: FilterSpec) -> str | None:
+def turn_failure(scores: dict[str, Any], i: int, spec: FilterSpec, turn: dict[str, Any]) -> str | None:
+    if spec.privacy.enabled:
+        hit = privacy_hit(f"{turn['query']} {turn['target']}", spec.privacy.word_lists())
+        if hit:
+            return f"privacy: mentions {hit[0]} ({hit[1]!r})"
     score = scores["turns"][i]
     if spec.min_turn_score is not None and score < spec.min_turn_score:
         return f"turn_score {score:.4f} < min_turn_score {spec.min_turn_score}"
@@ -35,7 +40,7 @@ def apply_filter(row: dict[str, Any], spec: FilterSpec, stage: str = "filter") -
         for extra, src in (("rank", "turn_ranks"), ("prob", "turn_probs")):
             if src in scores:
                 turn[extra] = scores[src][i]
-        reason = turn_failure(scores, i, spec)
+        reason = turn_failure(scores, i, spec, turn)
         turn["kept"] = reason is None
         turn.pop("reason", None)
         if reason:

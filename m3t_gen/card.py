@@ -1,0 +1,311 @@
+"""`m3t-gen card OUT`: write OUT/README.md, a dataset card the Hugging Face hub and `datasets` understand.
+
+The YAML header carries license, task categories, size category, pretty name, tags and a ``configs`` entry
+whose ``data_files`` point at ``shards/*.tar``, so ``datasets.load_dataset(OUT)`` (or the hub repo) loads the
+WebDataset shards. The body (``card_template.md.j2``) describes the recipe, models, prompt templates (text and
+hashes), counts, rejection reasons, plots (``OUT/card/*.png``) and a gallery of examples
+(``OUT/card/example-*.jpg``). Everything comes from the finished run: manifest, stats, index parquet, tars.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from m3t_gen.export import iter_samples, read_manifest, sorted_turns, tar_paths
+
+TEMPLATE = "card_template.md.j2"
+GALLERY = 6
+THUMB = 256
+
+# What each recipe writes, for the card's opening paragraph; an unknown recipe gets a generic line.
+RECIPES: dict[str, str] = {
+    "m3t": ("M3T multi-turn dialogues (the MuCo recipe): for every image an MLLM wrote an objective dense "
+            "caption, then an LLM wrote several typed query → target pairs in one call (classification, "
+            "retrieval whose target is the dense caption, holistic / localized / creative VQA). A CLIP reward "
+            "scored the caption and every turn, and a filter dropped weak turns and samples, each with its "
+            "reason."),
+}
+TASKS: dict[str, list[str]] = {
+    "m3t": ["image-text-to-text", "visual-question-answering", "feature-extraction"],
+}
+DEFAULT_TASKS = ["feature-extraction"]
+SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
+                   (10_000_000_000, "1B<n<10B"), (100_000_000_000, "10B<n<100B"),
+                   (1_000_000_000_000, "100B<n<1T")]
+
+
+def size_category(n: int) -> str:
+    for bound, label in SIZE_CATEGORIES:
+        if n < bound:
+            return label
+    return "n>1T"
+
+
+def _license(manifest: dict[str, Any]) -> str:
+    cfg = manifest.get("config") or {}
+    for candidate in (cfg.get("license"), (cfg.get("output") or {}).get("license"), manifest.get("license")):
+        if isinstance(candidate, str) and candidate.strip():
+            return candidate.strip()
+    return "other"
+
+
+# ----------------------------------------------------------------------------------------- markdown text
+# One pass over the text: HTML specials and markdown punctuation become entities (two passes would re-escape
+# the ampersands of the first pass's entities).
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;", "|": "&#124;",
+                "\\": "&#92;", "`": "&#96;", "*": "&#42;", "_": "&#95;", "[": "&#91;", "]": "&#93;",
+                "~": "&#126;", "#": "&#35;", "!": "&#33;", "$": "&#36;"}
+_MD_RE = re.compile("[" + re.escape("".join(_MD_ENTITIES)) + "]")
+
+
+def md(value: Any) -> str:
+    """Untrusted text as inert inline markdown: one line, HTML specials and markdown punctuation as entities."""
+    if value is None:
+        return "—"
+    text = " ".join(str(value).split())
+    return _MD_RE.sub(lambda m: _MD_ENTITIES[m.group()], text)
+
+
+def code(value: Any) -> str:
+    """Text for inside an inline code span (entities would show literally there): one line, no backticks,
+    pipes escaped for tables."""
+    text = " ".join(str(value).split()) if value is not None else "none"
+    return text.replace("`", "'").replace("|", "\\|")
+
+
+def _short(text: Any, limit: int) -> str:
+    text = "" if text is None else " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _fence(text: str) -> str:
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "none" if value is None else str(value)
+
+
+# ----------------------------------------------------------------------------------------- data
+def _index_columns(out_dir: Path) -> dict[str, list[Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = ["caption_score", "turn_types", "turn_scores", "width", "height"]
+    tables = [pq.read_table(p, columns=cols) for p in sorted((out_dir / "index").glob("*.parquet"))]
+    if not tables:
+        return {c: [] for c in cols}
+    table = pa.concat_tables(tables)
+    return {c: table.column(c).to_pylist() for c in cols}
+
+
+def _stats(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out_dir / "stats").glob("*.json"))]
+
+
+def _templates(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    from m3t_gen.resources import find_file
+
+    cfg = manifest.get("config") or {}
+    out = []
+    for stage, recorded in (manifest.get("templates") or {}).items():
+        name = (cfg.get(stage) or {}).get("template") or "?"
+        entry: dict[str, Any] = {"stage": stage, "name": name, "hash": recorded, "sha256": None, "text": None,
+                                 "note": None, "fence": "```"}
+        try:
+            text = find_file(name, "prompts").read_text()
+        except (FileNotFoundError, OSError):
+            entry["note"] = "the template file is not available where this card was written"
+            out.append(entry)
+            continue
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if recorded and not digest.startswith(str(recorded)):
+            entry["note"] = (f"the bundled {name} has changed since the run (its hash is now {digest[:12]}); "
+                             f"the text the run used is not shown")
+        else:
+            entry.update(sha256=digest, text=text.rstrip("\n"), fence=_fence(text))
+        out.append(entry)
+    return out
+
+
+def _models(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    cfg = manifest.get("config") or {}
+    rows = []
+    for role, model in (manifest.get("models") or {}).items():
+        spec = (cfg.get(role) or {}).get("model")
+        backend = revision = None
+        if isinstance(spec, dict):
+            backend, revision = spec.get("backend"), spec.get("revision")
+        rows.append({"role": role, "model": str(model).replace("`", "'"), "backend": backend,
+                     "revision": revision})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- plots
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _plots(index: dict[str, list[Any]], mix: dict[str, int], card_dir: Path) -> list[dict[str, str]]:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    if not index["width"]:
+        return []
+    plots = []
+
+    turn_scores = [s for scores in index["turn_scores"] for s in (scores or []) if s is not None]
+    caption_scores = [s for s in index["caption_score"] if s is not None]
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    for ax, values, title in zip(fig.subplots(1, 2), (turn_scores, caption_scores),
+                                 ("kept turn scores", "caption scores")):
+        ax.hist(values, bins=min(40, max(5, len(values) // 3)), color="#4878a8", edgecolor="white")
+        ax.set_title(f"{title} (n={len(values)})")
+        ax.set_xlabel("CLIP cosine")
+        ax.set_ylabel("count")
+    _save(fig, card_dir / "scores.png")
+    plots.append({"title": "Histograms of kept turn scores and caption scores", "path": "card/scores.png"})
+
+    counts: dict[str, int] = {t: 0 for t in mix}
+    for types in index["turn_types"]:
+        for t in types or []:
+            counts[t] = counts.get(t, 0) + 1
+    fig = Figure(figsize=(7, 3.4), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(list(counts), list(counts.values()), color="#6a9f58")
+    ax.set_title("kept turns by type")
+    ax.set_ylabel("turns")
+    ax.tick_params(axis="x", labelrotation=20)
+    _save(fig, card_dir / "turn_types.png")
+    plots.append({"title": "Turn-type mix of the kept turns", "path": "card/turn_types.png"})
+
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.scatter(index["width"], index["height"], s=12, alpha=0.6, color="#b5533c")
+    ax1.set_xlabel("width (px)")
+    ax1.set_ylabel("height (px)")
+    ax1.set_title("image sizes")
+    longer = [max(w, h) for w, h in zip(index["width"], index["height"])]
+    ax2.hist(longer, bins=min(30, max(5, len(longer) // 3)), color="#b5533c", edgecolor="white")
+    ax2.set_xlabel("longer side (px)")
+    ax2.set_ylabel("images")
+    ax2.set_title(f"longer side (n={len(longer)})")
+    _save(fig, card_dir / "image_sizes.png")
+    plots.append({"title": "Image sizes of the kept samples", "path": "card/image_sizes.png"})
+    return plots
+
+
+def _gallery(out_dir: Path, card_dir: Path, n: int) -> list[dict[str, Any]]:
+    from PIL import Image
+
+    for stale in card_dir.glob("example-*.jpg"):
+        stale.unlink()
+    gallery = []
+    for key, image, sample in iter_samples(out_dir, "shards"):
+        if len(gallery) >= n:
+            break
+        if image is None:
+            continue
+        with Image.open(io.BytesIO(image)) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB, THUMB))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=85)
+        name = f"example-{len(gallery)}.jpg"
+        (card_dir / name).write_bytes(buf.getvalue())
+        turns = [{"type": t.get("type"), "score": _fmt(t.get("score")), "query": _short(t.get("query"), 160),
+                  "target": _short(t.get("target"), 160)} for t in sorted_turns(sample)[:2]]
+        gallery.append({"key": key, "thumb": f"card/{name}", "caption": _short(sample.get("caption"), 300),
+                        "turns": turns})
+    return gallery
+
+
+# ----------------------------------------------------------------------------------------- the card
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).resolve().parent)),
+                             autoescape=False, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["md"] = md
+    env.filters["code"] = code
+    return env
+
+
+def card_header(manifest: dict[str, Any]) -> dict[str, Any]:
+    recipe = manifest.get("recipe") or (manifest.get("config") or {}).get("recipe") or "unknown"
+    kept = int((manifest.get("totals") or {}).get("kept", 0))
+    return {
+        "license": _license(manifest),
+        "task_categories": TASKS.get(recipe, DEFAULT_TASKS),
+        "size_categories": [size_category(kept)],
+        "pretty_name": f"{manifest.get('name', 'm3t-gen run')} ({recipe}, m3t-gen)",
+        "tags": ["m3t-gen", "synthetic", "multimodal", "webdataset", "image-text", recipe],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],
+    }
+
+
+def write_card(out_dir: Path) -> Path:
+    """Write OUT/README.md (and its plots and thumbnails under OUT/card/); returns the README's path."""
+    import yaml
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    cfg = manifest.get("config") or {}
+    recipe = manifest.get("recipe") or cfg.get("recipe") or "unknown"
+    card_dir = out_dir / "card"
+    card_dir.mkdir(exist_ok=True)
+
+    header = card_header(manifest)
+    totals = {"read": 0, "kept": 0, "rejected": 0, "reasons": {}, **(manifest.get("totals") or {})}
+    stats = _stats(out_dir)
+    mix = (cfg.get("dialogue") or {}).get("mix") or {}
+    reasons = []
+    for code, count in sorted(totals["reasons"].items(), key=lambda kv: (-kv[1], kv[0])):
+        stage, _, reason = code.partition(":")
+        share = f"{100 * count / totals['read']:.1f} %" if totals["read"] else "—"
+        reasons.append({"stage": stage if reason else "—", "reason": reason or stage, "count": count,
+                        "share": share})
+    context = {
+        "header": yaml.safe_dump(header, sort_keys=False, allow_unicode=True, default_flow_style=False),
+        "pretty_name": header["pretty_name"],
+        "recipe_description": md(RECIPES.get(recipe, f"Data written by the m3t-gen recipe {recipe}.")),
+        "name": manifest.get("name"), "recipe": recipe, "config_hash": manifest.get("config_hash"),
+        "version": (manifest.get("versions") or {}).get("m3t-gen", ""), "finished": manifest.get("finished"),
+        "seed": cfg.get("seed"),
+        "totals": totals,
+        "turns_kept": sum(s.get("turns_kept", 0) for s in stats) if stats else None,
+        "turns_dropped": sum(s.get("turns_dropped", 0) for s in stats) if stats else None,
+        "shards": len(stats) or manifest.get("shards", 0),
+        "tars": len(tar_paths(out_dir, "shards")),
+        "wall_seconds": manifest.get("wall_seconds"),
+        "stages": manifest.get("stages") or [],
+        "reasons": reasons,
+        "models": _models(manifest),
+        "mix": {k: v for k, v in mix.items() if v},
+        "filter": {k: _fmt(v) for k, v in (cfg.get("filter") or {}).items()},
+        "templates": _templates(manifest),
+        "plots": _plots(_index_columns(out_dir), mix, card_dir),
+        "gallery": _gallery(out_dir, card_dir, GALLERY),
+        "versions": manifest.get("versions") or {},
+        "refilters": [", ".join(r.get("set", [])) for r in manifest.get("refilters") or []],
+    }
+    text = _environment().get_template(TEMPLATE).render(**context)
+    path = out_dir / "README.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

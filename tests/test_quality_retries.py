@@ -1,0 +1,94 @@
+"""Degenerate-output checks, the privacy filter, and the retry path (a backend that answers badly)."""
+
+import json
+
+import pytest
+
+from m3t_gen.backends.base import Backend, GenerationResult
+from m3t_gen.config import FilterSpec, PrivacySpec, Sampling
+from m3t_gen.generation import generate_validated
+from m3t_gen.quality import degenerate_reason, privacy_hit
+from m3t_gen.rows import new_row
+from m3t_gen.stages.filter import apply_filter
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "empty"),
+    ("   ", "empty"),
+    ("I'm sorry, but I can't help with that image.", "refusal"),
+    ("As an AI language model I cannot see images.", "refusal"),
+    ("the cat " * 40, "repetition"),
+    ("a a a a a a a a a a a a dog", "repetition"),
+    ("A grey cat sleeps on a red sofa beside a window; a lamp stands to the left of the sofa.", None),
+    ("Sorry state of the old barn: a weathered wooden barn with a collapsed roof stands in a field.", None),
+])
+def test_degenerate_reason(text, reason):
+    assert degenerate_reason(text) == reason
+
+
+def test_privacy_hits_whole_words_only():
+    words = PrivacySpec().word_lists()
+    assert privacy_hit("make the woman wear a hat", words) == ("gender", "woman")
+    assert privacy_hit("change her hair to red", words)[0] in ("gender", "hair")
+    assert privacy_hit("an OLD car", words) == ("age", "OLD")
+    assert privacy_hit("replace the chair with a bench", words) is None  # "hair" inside "chair" is no hit
+    assert privacy_hit("the theme is blue", words) is None  # "he" inside "the"/"theme"
+    assert privacy_hit("anything", {"custom": ["zebra"]}) is None
+    assert privacy_hit("a zebra", {"custom": ["zebra"]}) == ("custom", "zebra")
+
+
+def test_privacy_filter_drops_turns_with_reason():
+    turns = [{"type": "vqa_holistic", "query": "what is the woman holding?", "target": "an umbrella"},
+             {"type": "vqa_holistic", "query": "what colour is the umbrella?", "target": "red"}]
+    row = new_row(key="k", shard="s", turns=json.dumps(turns), scores=json.dumps({"caption": 0.3, "turns": [0.3, 0.3]}),
+                  image=b"x")
+    apply_filter(row, FilterSpec(privacy=PrivacySpec(enabled=True)))
+    out = json.loads(row["turns"])
+    assert [t["kept"] for t in out] == [False, True]
+    assert out[0]["reason"] == "privacy: mentions gender ('woman')"
+
+
+class ScriptedBackend(Backend):
+    """A unit-test stand-in for an engine: answers from a script, records the seeds it was asked with."""
+
+    name = "scripted"
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.seeds = []
+
+    def generate(self, requests):
+        self.seeds += [r.seed for r in requests]
+        return [GenerationResult(text=self.answers.pop(0), finish_reason="stop") for _ in requests]
+
+
+def _parse_json(row, result):
+    try:
+        value = json.loads(result.text)
+    except json.JSONDecodeError as e:
+        return None, f"invalid_json: {e.msg}"
+    bad = degenerate_reason(value.get("caption", ""))
+    return (None, f"{bad}_caption: x") if bad else (value, None)
+
+
+def _run(backend, max_attempts=3):
+    rows = [new_row(key="s_000000", shard="s")]
+    done = generate_validated(backend, rows, stage="dialogue", run_seed=0, sampling=Sampling(), max_attempts=max_attempts,
+                              build_messages=lambda r: [{"role": "user", "content": "x"}], parse=_parse_json)
+    return rows[0], done
+
+
+def test_retry_then_success_uses_a_new_seed_each_time():
+    backend = ScriptedBackend(["{not json", '{"caption": "I am sorry, I cannot"}', '{"caption": "a dog on grass"}'])
+    row, done = _run(backend)
+    assert row["status"] == "ok" and done[0][1] == {"caption": "a dog on grass"} and done[0][2] == 3
+    assert len(set(backend.seeds)) == 3
+
+
+def test_retries_exhausted_is_a_recorded_rejection_not_a_crash():
+    backend = ScriptedBackend(["{not json"] * 3)
+    row, done = _run(backend)
+    assert done == []
+    assert row["status"] == "rejected" and row["reject_stage"] == "dialogue"
+    assert row["reject_reason"] == "invalid_json"
+    assert json.loads(row["reject_detail"])["attempts"] == 3
