@@ -162,6 +162,7 @@ def _save(fig: Any, path: Path) -> None:
 
 def _plots(index: dict[str, list[Any]], mix: dict[str, int], card_dir: Path) -> list[dict[str, str]]:
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+    from matplotlib.ticker import MaxNLocator
 
     if not index["width"]:
         return []
@@ -174,8 +175,10 @@ def _plots(index: dict[str, list[Any]], mix: dict[str, int], card_dir: Path) -> 
                                  ("kept turn scores", "caption scores")):
         ax.hist(values, bins=min(40, max(5, len(values) // 3)), color="#4878a8", edgecolor="white")
         ax.set_title(f"{title} (n={len(values)})")
-        ax.set_xlabel("CLIP cosine")
+        ax.set_xlabel("reward score (cosine)")
         ax.set_ylabel("count")
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     _save(fig, card_dir / "scores.png")
     plots.append({"title": "Histograms of kept turn scores and caption scores", "path": "card/scores.png"})
 
@@ -188,6 +191,7 @@ def _plots(index: dict[str, list[Any]], mix: dict[str, int], card_dir: Path) -> 
     ax.bar(list(counts), list(counts.values()), color="#6a9f58")
     ax.set_title("kept turns by type")
     ax.set_ylabel("turns")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.tick_params(axis="x", labelrotation=20)
     _save(fig, card_dir / "turn_types.png")
     plots.append({"title": "Turn-type mix of the kept turns", "path": "card/turn_types.png"})
@@ -202,6 +206,7 @@ def _plots(index: dict[str, list[Any]], mix: dict[str, int], card_dir: Path) -> 
     ax2.hist(longer, bins=min(30, max(5, len(longer) // 3)), color="#b5533c", edgecolor="white")
     ax2.set_xlabel("longer side (px)")
     ax2.set_ylabel("images")
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_title(f"longer side (n={len(longer)})")
     _save(fig, card_dir / "image_sizes.png")
     plots.append({"title": "Image sizes of the kept samples", "path": "card/image_sizes.png"})

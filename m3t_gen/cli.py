@@ -93,6 +93,91 @@ def refilter(output: str, sets: tuple[str, ...]) -> None:
     click.echo(format_summary(manifest))
 
 
+from m3t_gen.export import EXPORTERS as _EXPORTERS  # noqa: E402  (stdlib-only module: cheap at start-up)
+
+
+@main.command("export")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(sorted(_EXPORTERS)),
+              help="muco: parquet + images/ for the MuCo trainer; mtcir: CIR triplets as JSONL.")
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Directory to write into.")
+def export_cmd(output: str, fmt: str, to: str) -> None:
+    """Export the finished run OUTPUT in a trainer's format."""
+    from m3t_gen.export import RunOutputError, export
+
+    try:
+        result = export(Path(output), fmt, Path(to))
+    except (RunOutputError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"wrote {result['rows']} rows to {result['path']} (images in {result['images']})")
+
+
+@main.command("card")
+@click.argument("output", type=click.Path(file_okay=False))
+def card_cmd(output: str) -> None:
+    """Write OUTPUT/README.md, a Hugging Face dataset card with plots and examples under OUTPUT/card/."""
+    from m3t_gen.card import write_card
+    from m3t_gen.export import RunOutputError
+
+    try:
+        path = write_card(Path(output))
+    except (RunOutputError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"wrote {path}")
+
+
+@main.command("inspect")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--html", "html_path", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=24, show_default=True, help="Samples to show.")
+def inspect_cmd(output: str, html_path: str, n: int) -> None:
+    """Write one self-contained HTML page showing N samples of the finished run OUTPUT."""
+    from m3t_gen.export import RunOutputError
+    from m3t_gen.inspect_html import write_html
+
+    try:
+        path = write_html(Path(output), Path(html_path), n)
+    except (RunOutputError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"wrote {path}")
+
+
+@main.command("plan")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--images", type=click.IntRange(min=1), required=True, help="Images the run will read.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@click.option("--throughput", "throughputs", multiple=True, metavar="STAGE=VALUE",
+              help="Per GPU: output tok/s (caption, dialogue), images/s (reward); read: CPU s/image. Repeatable.")
+@click.option("--from-run", "from_run", type=click.Path(file_okay=False),
+              help="A finished run's OUTPUT: measured throughput and stage pass rates from its manifest.")
+@click.option("--image-side", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="Longer image side for vision tokens when read.max_side is unset.")
+@click.option("--vision-px", type=click.IntRange(min=1), default=28, show_default=True,
+              help="Pixels per vision token side (Qwen2-VL family: 14-px patches merged 2x2 = 28).")
+@click.option("--fill", type=click.FloatRange(min=0, min_open=True, max=1), default=1.0, show_default=True,
+              help="Share of the max output tokens actually generated (1 = budget the upper bound).")
+@click.option("--json", "as_json", is_flag=True, help="Also print the plan as one JSON line.")
+def plan_cmd(pipeline: str, images: int, sets: tuple[str, ...], throughputs: tuple[str, ...],
+             from_run: str | None, image_side: int, vision_px: int, fill: float, as_json: bool) -> None:
+    """Dry run: estimate tokens, GPU-hours and wall-clock per stage for IMAGES images, without loading a model."""
+    import json as _json
+
+    from m3t_gen.plan import format_plan, load_measured, make_plan, parse_throughputs
+    from m3t_gen.validate import validate_config
+
+    cfg = _load(pipeline, sets)
+    try:
+        validate_config(cfg)
+        measured = load_measured(from_run, cfg) if from_run else None
+        result = make_plan(cfg, images, pipeline, parse_throughputs(list(throughputs)), measured,
+                           image_side=image_side, vision_px=vision_px, fill=fill)
+    except ConfigError as e:
+        _fail(str(e))
+    click.echo(format_plan(result))
+    if as_json:
+        click.echo(_json.dumps(result.to_json(), separators=(",", ":")))
+
+
 @main.command("tiny-models")
 @click.argument("directory", type=click.Path(file_okay=False))
 def tiny_models(directory: str) -> None:

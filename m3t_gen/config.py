@@ -213,22 +213,90 @@ class RaySpec(Strict):
                                  "which copy of a duplicate survives does not depend on timing")
 
 
+# Six modification categories (CoLLM/MTCIR-style). Name -> instruction given to the writer LLM.
+DEFAULT_CIR_CATEGORIES: dict[str, str] = {
+    "add_remove": "add an object to the scene or remove one that is there",
+    "attribute": "change an attribute of an object: colour, material, size, pattern or state",
+    "replace": "replace one object with a different kind of object",
+    "count": "change how many of some object there are",
+    "scene": "change the background, setting, time of day or weather",
+    "viewpoint_style": "change the viewpoint, framing, or the photographic/artistic style",
+}
+
+
+class PairingSpec(Strict):
+    """Partners by CLIP image similarity: inside a band, inside a rank window (SPN4CIR: not the nearest
+    neighbour, whose near-duplicates make useless triplets)."""
+
+    min_similarity: float = Field(0.5, ge=-1, le=1)
+    max_similarity: float = Field(0.95, ge=-1, le=1, description="above: near-duplicates, excluded")
+    min_rank: int = Field(1, ge=1, description="1 = the nearest other image")
+    max_rank: int = Field(20, ge=1)
+    pairs_per_image: int = Field(1, ge=1)
+    bucket_size: int | None = Field(None, ge=2, description="pair within buckets of this many images (memory bound)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PairingSpec":
+        if self.min_similarity > self.max_similarity:
+            raise ValueError("min_similarity must be <= max_similarity")
+        if self.min_rank > self.max_rank:
+            raise ValueError("min_rank must be <= max_rank")
+        return self
+
+
+class ModifyStage(GenerationStage):
+    template: str = "cir_modifications.j2"
+    schema_: str = Field("cir_modifications.schema.json", alias="schema")
+    n: int = Field(5, ge=1, le=20, description="modification texts per pair")
+    categories: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_CIR_CATEGORIES), min_length=1)
+    max_text_chars: int = Field(200, ge=8, le=2000)
+
+
+class TripletFilterSpec(Strict):
+    """CompoDiff's CLIP minimums by default; privacy filter on (as MTCIR)."""
+
+    min_target_caption_score: float | None = Field(0.2, ge=-1, le=1, description="target image vs target caption")
+    min_modification_score: float | None = Field(0.2, ge=-1, le=1, description="modification text vs target image")
+    min_directional: float | None = Field(0.2, ge=-1, le=1, description="CompoDiff directional CLIP similarity")
+    min_modifications: int = Field(1, ge=1, description="reject a triplet left with fewer modification texts")
+    privacy: PrivacySpec = Field(default_factory=lambda: PrivacySpec(enabled=True))
+
+
+class CirSpec(Strict):
+    pairing: PairingSpec = Field(default_factory=PairingSpec)
+    modify: ModifyStage
+    filter: TripletFilterSpec = Field(default_factory=TripletFilterSpec)
+    triplets_per_file: int = Field(1000, ge=1, description="triplets per JSONL part (the CIR resume unit)")
+
+
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    recipe: Literal["m3t"] = "m3t"
+    recipe: Literal["m3t", "cir", "m3t+cir"] = "m3t"
     seed: int = 0
     limit: int | None = Field(None, ge=1, description="small-shard test mode: read at most N samples per shard")
     input: InputSpec
     read: ReadSpec = Field(default_factory=ReadSpec)
     caption: CaptionStage
-    dialogue: DialogueStage
+    dialogue: DialogueStage | None = Field(None, description="required by the m3t recipe")
     reward: RewardStage
     filter: FilterSpec = Field(default_factory=FilterSpec)
+    cir: CirSpec | None = Field(None, description="required by the cir recipe")
     output: OutputSpec = Field(default_factory=OutputSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
     # Where the YAML file was: relative paths in it resolve against this directory.
     base_dir: str = Field(".", exclude=True)
+
+    @model_validator(mode="after")
+    def _recipe_sections(self) -> "PipelineConfig":
+        if self.wants("m3t") and self.dialogue is None:
+            raise ValueError("recipe m3t needs a dialogue: section")
+        if self.wants("cir") and self.cir is None:
+            raise ValueError("recipe cir needs a cir: section")
+        return self
+
+    def wants(self, recipe: str) -> bool:
+        return recipe in self.recipe.split("+")
 
     def resolve_path(self, p: str) -> Path:
         path = Path(p).expanduser()

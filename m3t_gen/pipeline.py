@@ -26,6 +26,7 @@ from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.stages.caption import CaptionStage
 from m3t_gen.stages.dedupe import DedupeStage
 from m3t_gen.stages.dialogue import DialogueStage
+from m3t_gen.stages.embed import EmbedStage
 from m3t_gen.stages.filter import FilterStage
 from m3t_gen.stages.read import read_shards
 from m3t_gen.stages.reward import RewardStage
@@ -33,8 +34,8 @@ from m3t_gen.templates import load_template
 from m3t_gen.writer import OutputWriter, atomic_write_bytes
 
 # The M3T recipe after `read`, in order. A new stage is one file under stages/ plus its place here.
-M3T_STAGES: list[type[Stage]] = [DedupeStage, CaptionStage, DialogueStage, RewardStage, FilterStage]
-STAGE_ORDER = ["read"] + [s.name for s in M3T_STAGES]
+SAMPLE_STAGES: list[type[Stage]] = [DedupeStage, CaptionStage, EmbedStage, DialogueStage, RewardStage, FilterStage]
+STAGE_ORDER = ["read"] + [s.name for s in SAMPLE_STAGES]
 
 
 @dataclass
@@ -89,16 +90,36 @@ def result_hash(cfg: PipelineConfig) -> str:
 
 
 def make_context(cfg: PipelineConfig) -> RunContext:
-    templates = {
-        "caption": load_template(cfg.caption.template, cfg.base_dir).short_hash,
-        "dialogue": load_template(cfg.dialogue.template, cfg.base_dir).short_hash,
-    }
-    models = {"caption": cfg.caption.model.model, "dialogue": cfg.dialogue.model.model, "reward": cfg.reward.model}
+    templates = {"caption": load_template(cfg.caption.template, cfg.base_dir).short_hash}
+    models = {"caption": cfg.caption.model.model, "reward": cfg.reward.model}
+    if cfg.dialogue is not None and cfg.wants("m3t"):
+        templates["dialogue"] = load_template(cfg.dialogue.template, cfg.base_dir).short_hash
+        models["dialogue"] = cfg.dialogue.model.model
+    if cfg.cir is not None and cfg.wants("cir"):
+        templates["modify"] = load_template(cfg.cir.modify.template, cfg.base_dir).short_hash
+        models["modify"] = cfg.cir.modify.model.model
     return RunContext(config=cfg, config_hash=result_hash(cfg), template_hashes=templates, model_names=models)
 
 
 def _run_stateless(batch: Any, stage_cls: type[Stage], ctx: RunContext) -> Any:
     return stage_cls(ctx)(batch)
+
+
+def apply_stages(ds: Any, stages: list[type[Stage]], cfg: PipelineConfig, ctx: RunContext) -> Any:
+    """Each enabled stage becomes one map_batches: an actor pool (models) or stateless tasks."""
+    from ray.data import ActorPoolStrategy
+
+    for stage in stages:
+        if not stage.enabled(cfg):
+            continue
+        res = stage.resources(cfg)
+        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
+        if stage.uses_actor():
+            ds = ds.map_batches(stage, fn_constructor_kwargs={"ctx": ctx}, compute=ActorPoolStrategy(size=res.concurrency),
+                                num_gpus=res.num_gpus or None, **common)
+        else:
+            ds = ds.map_batches(_run_stateless, fn_kwargs={"stage_cls": stage, "ctx": ctx}, **common)
+    return ds
 
 
 def build_dataset(cfg: PipelineConfig, ctx: RunContext, shards: list[InputShard]) -> Any:
@@ -108,17 +129,7 @@ def build_dataset(cfg: PipelineConfig, ctx: RunContext, shards: list[InputShard]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                         fn_kwargs={"input_spec": cfg.input, "spec": cfg.read, "limit": cfg.limit})
-    for stage in M3T_STAGES:
-        if not stage.enabled(cfg):
-            continue
-        res = stage.resources(cfg)
-        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
-        if stage.uses_actor():
-            ds = ds.map_batches(stage, fn_constructor_kwargs={"ctx": ctx}, concurrency=res.concurrency,
-                                num_gpus=res.num_gpus or None, **common)
-        else:
-            ds = ds.map_batches(_run_stateless, fn_kwargs={"stage_cls": stage, "ctx": ctx}, **common)
-    return ds
+    return apply_stages(ds, SAMPLE_STAGES, cfg, ctx)
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -175,6 +186,11 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, log=pr
         raise RuntimeError(f"shards never completed: {writer.incomplete()}")
     all_stats = [json.loads((out / "stats" / f"{s.shard}.json").read_text()) for s in shards]
     summary = summarize(all_stats)
+    cir_summary = None
+    if cfg.wants("cir"):
+        from m3t_gen.cir import run_cir
+
+        cir_summary = run_cir(cfg, ctx, out, [s.shard for s in shards], log)
     manifest = {
         "name": cfg.name, "recipe": cfg.recipe, "config_hash": result_hash(cfg),
         "config": cfg.model_dump(mode="json", by_alias=True),
@@ -183,6 +199,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, log=pr
         "wall_seconds": round(time.perf_counter() - t0, 2), "shards": len(shards),
         "shards_this_run": len(todo), "totals": summary["totals"], "stages": summary["stages"],
     }
+    if cir_summary is not None:
+        manifest["cir"] = cir_summary
     atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
 
@@ -201,6 +219,8 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
     stages = []
     rows_in = read
     for name in STAGE_ORDER:
+        if name != "read" and name not in seconds and not by_stage[name]:
+            continue  # a stage this recipe does not use
         out = rows_in - by_stage[name]
         stages.append({"stage": name, "in": rows_in, "kept": out, "rejected": by_stage[name],
                        "busy_seconds": round(seconds.get(name, 0.0), 2)})
@@ -221,6 +241,12 @@ def format_summary(manifest: dict[str, Any]) -> str:
                  f"wall {manifest['wall_seconds']} s")
     for reason, n in sorted(t["reasons"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  rejected {n:>6}  {reason}")
+    cir = manifest.get("cir")
+    if cir:
+        lines.append(f"cir: pool {cir['pool']} images -> {cir['pairs']} pairs = triplets kept {cir['kept']} + "
+                     f"rejected {cir['rejected']}")
+        for reason, n in sorted(cir["reasons"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"  rejected {n:>6}  {reason}")
     return "\n".join(lines)
 
 

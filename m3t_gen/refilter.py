@@ -89,6 +89,9 @@ def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
     for extra in ("README.md",):  # files made from the old results are stale now
         if (out / extra).exists():
             os.remove(out / extra)
+    for carried in ("pool", "triplets", "triplet_rejects", "triplet_stats"):  # CIR products: not refiltered here
+        if (out / carried).exists():
+            shutil.copytree(out / carried, new / carried, dirs_exist_ok=True)
     old = out.with_name(out.name + ".old.tmp")
     os.replace(out, old)
     os.replace(new, out)

@@ -37,6 +37,8 @@ ROW_SCHEMA = pa.schema(
         ("reject_detail", pa.string()),  # JSON: the values behind the decision
         ("caption", pa.string()),
         ("caption_attempts", pa.int32()),
+        ("image_emb", pa.binary()),      # CLIP image embedding, float32, L2-normalised (computed once per run)
+        ("caption_emb", pa.binary()),    # CLIP text embedding of the caption
         ("turns", pa.string()),          # JSON list of {type, query, target[, score, kept, reason]}
         ("dialogue_attempts", pa.int32()),
         ("scores", pa.string()),         # JSON {caption, turns: [...]}
@@ -59,16 +61,45 @@ def reject(row: dict[str, Any], stage: str, reason: str, keep_image: bool = Fals
     row["reject_stage"] = stage
     row["reject_reason"] = reason
     row["reject_detail"] = json.dumps(detail, default=str) if detail else None
-    if not keep_image:
-        # Not needed downstream; keeps the stream light. (The filter keeps it: a refilter may revive the row.)
+    if not keep_image and row.get("image_emb") is None:
+        # Not needed downstream; keeps the stream light. Kept when a refilter may revive the row (filter) or
+        # when the image is embedded and may still serve the CIR image pool.
         row["image"] = None
 
 
-def to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema or ROW_SCHEMA)
 
 
 def add_timing(row: dict[str, Any], stage: str, seconds: float) -> None:
     timings = json.loads(row["timings"] or "{}")
     timings[stage] = timings.get(stage, 0.0) + seconds
     row["timings"] = json.dumps(timings)
+
+
+# A CIR pair travels as one row of this schema through the modification, triplet-reward and triplet-filter stages.
+PAIR_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),            # pair id: {ref_key}__{tgt_key}
+        ("shard", pa.string()),          # the part (resume unit) this pair belongs to
+        ("ref_key", pa.string()),
+        ("tgt_key", pa.string()),
+        ("ref_caption", pa.string()),
+        ("tgt_caption", pa.string()),
+        ("similarity", pa.float64()),    # CLIP image-image cosine
+        ("rank", pa.int32()),            # the target's rank among the reference's neighbours
+        ("ref_emb", pa.binary()),
+        ("tgt_emb", pa.binary()),
+        ("ref_caption_emb", pa.binary()),
+        ("tgt_caption_emb", pa.binary()),
+        ("status", pa.string()),
+        ("reject_stage", pa.string()),
+        ("reject_reason", pa.string()),
+        ("reject_detail", pa.string()),
+        ("modifications", pa.string()),  # JSON list of {category, text[, score, kept, reason]}
+        ("modify_attempts", pa.int32()),
+        ("scores", pa.string()),         # JSON
+        ("timings", pa.string()),
+        ("image", pa.binary()),          # unused for pairs (kept so shared helpers see the same field names)
+    ]
+)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from m3t_gen.config import ConfigError, PipelineConfig
 from m3t_gen.schemas import dialogue_decoding_schema, load_schema, validation_error
-from m3t_gen.stages import caption, dialogue
+from m3t_gen.stages import caption, dialogue, modify
 from m3t_gen.templates import TemplateError, check_template, load_template
 
 EXAMPLE_ROW = {
@@ -13,13 +13,38 @@ EXAMPLE_ROW = {
 }
 
 
+EXAMPLE_PAIR = {
+    "ref_caption": "A red car parked on a street in front of a brick house.",
+    "tgt_caption": "A blue car parked on a snowy street in front of a brick house.",
+    "similarity": 0.81,
+}
+
+
+def _check_cir_schema(cfg: PipelineConfig) -> str:
+    spec = cfg.cir.modify
+    try:
+        schema = load_schema(spec.schema_, cfg.base_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"cir.modify.schema: {e}") from None
+    except Exception as e:  # jsonschema.SchemaError
+        raise ConfigError(f"cir.modify.schema: not a valid JSON schema: {str(e).splitlines()[0]}") from None
+    probe = {"modifications": [{"category": next(iter(spec.categories)), "text": f"change {i}"} for i in range(spec.n)]}
+    for label, s in (("schema file", schema), ("decoding schema", modify.decoding_schema(spec))):
+        err = validation_error(probe, s)
+        if err:
+            raise ConfigError(f"cir.modify.schema: well-formed modifications fail the {label}: {err}")
+    return f"cir.modify.schema: {spec.schema_} loads; {spec.n} modifications in {len(spec.categories)} categories"
+
+
 def validate_config(cfg: PipelineConfig) -> list[str]:
     """Raise ConfigError on the first problem; return notes (things that are fine but worth saying)."""
     notes: list[str] = []
-    checks = [
-        ("caption.template", cfg.caption.template, caption.template_fields(EXAMPLE_ROW)),
-        ("dialogue.template", cfg.dialogue.template, dialogue.template_fields(EXAMPLE_ROW, cfg.dialogue.mix)),
-    ]
+    checks = [("caption.template", cfg.caption.template, caption.template_fields(EXAMPLE_ROW))]
+    if cfg.wants("m3t"):
+        checks.append(("dialogue.template", cfg.dialogue.template,
+                       dialogue.template_fields(EXAMPLE_ROW, cfg.dialogue.mix)))
+    if cfg.wants("cir"):
+        checks.append(("cir.modify.template", cfg.cir.modify.template, modify.template_fields(EXAMPLE_PAIR, cfg.cir.modify)))
     for where, name, fields in checks:
         try:
             template = load_template(name, cfg.base_dir)
@@ -27,6 +52,10 @@ def validate_config(cfg: PipelineConfig) -> list[str]:
         except (TemplateError, FileNotFoundError) as e:
             raise ConfigError(f"{where}: {e} (fields available: {', '.join(sorted(fields))})") from None
         notes.append(f"{where}: {name} renders (sha256 {template.short_hash})")
+    if cfg.wants("cir"):
+        notes.append(_check_cir_schema(cfg))
+    if not cfg.wants("m3t"):
+        return notes
     try:
         schema = load_schema(cfg.dialogue.schema_, cfg.base_dir)
     except (FileNotFoundError, ValueError) as e:

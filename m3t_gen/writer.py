@@ -139,7 +139,10 @@ class _ShardState:
     source: str
     kept: TarSeries
     filtered: TarSeries
+    pool: TarSeries
     seen: int = 0
+    ok: int = 0
+    pool_rows: list[dict[str, Any]] = field(default_factory=list)
     expected: int | None = None
     shard_errors: list[str] = field(default_factory=list)
     index: list[dict[str, Any]] = field(default_factory=list)
@@ -155,7 +158,9 @@ class OutputWriter:
         self.per_tar = ctx.config.output.samples_per_tar
         self.open: dict[str, _ShardState] = {}
         self.finished: list[dict[str, Any]] = []
-        for sub in ("shards", "filtered", "index", "rejects", "stats"):
+        self.m3t = ctx.config.wants("m3t")
+        self.cir = ctx.config.wants("cir")
+        for sub in ("shards", "filtered", "index", "rejects", "stats") + (("pool",) if self.cir else ()):
             (out_dir / sub).mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- streaming
@@ -166,7 +171,8 @@ class OutputWriter:
             if state is None:
                 state = self.open[shard] = _ShardState(
                     shard, self.sources.get(shard, ""), TarSeries(self.out / "shards", shard, self.per_tar),
-                    TarSeries(self.out / "filtered", shard, self.per_tar))
+                    TarSeries(self.out / "filtered", shard, self.per_tar),
+                    TarSeries(self.out / "pool", shard, self.per_tar))
             if row["status"] == MARKER:
                 state.expected = row["shard_rows"]
                 if row["reject_detail"]:
@@ -175,8 +181,12 @@ class OutputWriter:
                 state.seen += 1
                 for stage, seconds in json.loads(row["timings"] or "{}").items():
                     state.stage_seconds[stage] += seconds
+                if self.cir and row["image_emb"] is not None and row["image"] is not None:
+                    self._write_pool(state, row)
                 if row["status"] == OK:
-                    self._write_sample(state, row)
+                    state.ok += 1
+                    if self.m3t:
+                        self._write_sample(state, row)
                 elif row["status"] == REJECTED:
                     if row["image"] is not None and row["scores"] is not None:
                         # Scored but filtered out: kept aside so a refilter can revive it without re-scoring.
@@ -204,6 +214,14 @@ class OutputWriter:
             "source_sha256": row["source_sha256"], "phash": row["phash"],
         })
 
+    def _write_pool(self, state: _ShardState, row: dict[str, Any]) -> None:
+        """The CIR image pool: every captioned, embedded image, whatever became of its dialogue."""
+        meta = {"key": row["key"], "caption": row["caption"], "width": row["width"], "height": row["height"],
+                "source": {"shard": row["shard"], "key": row["source_key"], "url": row["url"], "text": row["text"]}}
+        tar = state.pool.write(row["key"], row["image"], meta)
+        state.pool_rows.append({"key": row["key"], "tar": tar, "caption": row["caption"], "url": row["url"],
+                                "image_emb": row["image_emb"], "caption_emb": row["caption_emb"]})
+
     def _reject_record(self, row: dict[str, Any]) -> dict[str, Any]:
         return {"key": row["key"], "source_shard": self.sources.get(row["shard"], row["shard"]),
                 "source_key": row["source_key"], "url": row["url"], "stage": row["reject_stage"],
@@ -214,11 +232,15 @@ class OutputWriter:
     def _finish(self, state: _ShardState) -> None:
         tars = state.kept.commit()
         filtered = state.filtered.commit()
+        if self.cir:
+            state.pool.commit()
+            self._write_parquet(self.out / "pool" / f"{state.shard}.parquet", state.pool_rows, POOL_SCHEMA)
         self._write_parquet(self.out / "index" / f"{state.shard}.parquet", state.index, INDEX_SCHEMA)
         self._write_parquet(self.out / "rejects" / f"{state.shard}.parquet", state.rejects, REJECT_SCHEMA)
         reasons = Counter(f"{r['stage']}:{r['reason']}" for r in state.rejects)
         stats = {
-            "shard": state.shard, "source": state.source, "read": state.seen, "kept": len(state.index),
+            "shard": state.shard, "source": state.source, "read": state.seen, "kept": state.ok,
+            "pool": len(state.pool_rows),
             "rejected": len(state.rejects), "reasons": dict(sorted(reasons.items())),
             "turns_kept": sum(len(r["turn_types"]) for r in state.index),
             "turns_dropped": sum(r["dropped_turns"] for r in state.index),
@@ -242,6 +264,10 @@ INDEX_SCHEMA = pa.schema([
     ("mean_turn_score", pa.float64()), ("turn_types", pa.list_(pa.string())),
     ("turn_scores", pa.list_(pa.float64())), ("dropped_turns", pa.int32()),
     ("source_sha256", pa.string()), ("phash", pa.string()),
+])
+POOL_SCHEMA = pa.schema([
+    ("key", pa.string()), ("tar", pa.string()), ("caption", pa.string()), ("url", pa.string()),
+    ("image_emb", pa.binary()), ("caption_emb", pa.binary()),
 ])
 REJECT_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_shard", pa.string()), ("source_key", pa.string()), ("url", pa.string()),

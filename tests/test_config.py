@@ -53,6 +53,10 @@ BAD = [
     ("bad run name", _mutate("name", "my run"), "name: String should match pattern"),
     ("invalid yaml", "name: smoke\ncaption: [unclosed\n", "invalid YAML at line"),
     ("top level not a mapping", "- a\n- b\n", "(top level): expected a mapping"),
+    ("m3t recipe without dialogue", _mutate("dialogue", None, delete=True), "recipe m3t needs a dialogue: section"),
+    ("cir recipe without cir section", _mutate("cir", None, delete=True), "recipe cir needs a cir: section"),
+    ("inverted similarity band", _mutate("cir.pairing.min_similarity", 1.0), "cir.pairing: min_similarity must be <= max_similarity"),
+    ("unknown recipe", _mutate("recipe", "vqa"), "recipe: Input should be 'm3t', 'cir' or 'm3t+cir'"),
     ("missing template", _mutate("caption.template", "nope.j2"), "caption.template: 'nope.j2' is neither a file nor a bundled prompt"),
 ]
 
@@ -103,7 +107,7 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
 
 
 def test_recipes_validate_without_loading_models():
-    for name in ("smoke.yaml", "m3t.yaml"):
+    for name in ("smoke.yaml", "m3t.yaml", "cir.yaml"):
         result = CliRunner().invoke(main, ["validate", str(ROOT / "pipelines" / name)])
         assert result.exit_code == 0, result.output
         assert "is valid" in result.output

@@ -13,6 +13,7 @@ from m3t_gen.config import load_config
 from m3t_gen.pipeline import make_context
 from m3t_gen.rows import new_row
 from m3t_gen.scoring import directional, self_retrieval
+from m3t_gen.stages.embed import EmbedStage
 from m3t_gen.stages.reward import RewardStage, turn_text
 
 
@@ -50,7 +51,8 @@ def stage(smoke_yaml_path=None):
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "pipelines" / "smoke.yaml",
                       ["reward.self_retrieval.k=2", "reward.self_retrieval.bank_size=4"])
-    return RewardStage(make_context(cfg))
+    ctx = make_context(cfg)
+    return EmbedStage(ctx), RewardStage(ctx)
 
 
 def _row(key, arr, caption, turns):
@@ -63,10 +65,12 @@ def _row(key, arr, caption, turns):
 
 
 def test_reward_stage_scores_equal_numpy_on_same_embeddings(stage):
+    embed, stage = stage
     turns = [{"type": "classification", "query": "what is it?", "target": "astronaut"},
              {"type": "vqa_localized", "query": "what colour is the suit?", "target": "orange"}]
     photos = [skdata.astronaut(), skdata.coffee(), skdata.rocket()]
     rows = [_row(f"s_{i:06d}", a, f"caption {i}", turns) for i, a in enumerate(photos)]
+    embed.process(rows)  # each image embedded once; the reward stage reuses it
     stage.process(rows)
     clip: ClipEmbedder = stage.clip
     imgs = clip.embed_images([Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows])

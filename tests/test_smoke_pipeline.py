@@ -28,7 +28,7 @@ def test_summary_and_manifest(smoke_run):
     assert totals["reasons"]["read:truncated_image"] == 1
     assert totals["reasons"]["read:too_small"] == 1
     assert totals["reasons"]["dedupe:duplicate"] == 1  # skimage ships chelsea twice (as "chelsea" and "cat")
-    assert [s["stage"] for s in manifest["stages"]] == ["read", "dedupe", "caption", "dialogue", "reward", "filter"]
+    assert [s["stage"] for s in manifest["stages"]] == ["read", "dedupe", "caption", "embed", "dialogue", "reward", "filter"]
     assert "total: read 19 = kept" in proc.stdout
 
 
@@ -141,3 +141,27 @@ def test_refilter_refuses_non_filter_keys(smoke_run):
     proc = subprocess.run([sys.executable, "-m", "m3t_gen.cli", "refilter", str(out), "--set", "seed=3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "only filter.*" in proc.stderr
+
+
+def test_cir_triplets_have_the_configured_modifications_and_validate(smoke_run):
+    out, proc = smoke_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    cir = manifest["cir"]
+    n = manifest["config"]["cir"]["modify"]["n"]
+    schema = json.loads((ROOT / "schemas" / "cir_triplet.schema.json").read_text())
+    triplets = [json.loads(line) for p in sorted((out / "triplets").glob("*.jsonl")) for line in p.read_text().splitlines()]
+    assert cir["pairs"] == cir["kept"] + cir["rejected"] and len(triplets) == cir["kept"] > 0
+    pool_keys = {s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (out / "pool").glob("*.tar")),
+                                                      shardshuffle=False)}
+    assert cir["pool"] == len(pool_keys)
+    categories = set(manifest["config"]["cir"]["modify"]["categories"])
+    for t in triplets:
+        jsonschema.validate(t, schema)
+        assert len(t["modifications"]) + len(t["dropped_modifications"]) == n
+        assert {m["category"] for m in t["modifications"]} <= categories
+        assert t["image"] in pool_keys and t["target_image"] in pool_keys and t["image"] != t["target_image"]
+        assert 1 <= t["rank"] <= manifest["config"]["cir"]["pairing"]["max_rank"]
+    for p in (out / "triplet_stats").glob("*.json"):
+        s = json.loads(p.read_text())
+        assert s["pairs"] == s["kept"] + s["rejected"]
+    assert "cir: pool" in proc.stdout

@@ -81,4 +81,4 @@ def get_backend(name: str) -> type[Backend]:
 def _load_builtin() -> None:
     # Importing the modules runs their @register; the engines themselves are imported lazily inside them,
     # so listing backends never pulls in torch or vllm.
-    from m3t_gen.backends import transformers_backend, vllm_backend  # noqa: F401
+    from m3t_gen.backends import openai_backend, transformers_backend, vllm_backend  # noqa: F401

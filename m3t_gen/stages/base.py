@@ -30,6 +30,7 @@ class RunContext:
 
 class Stage:
     name: ClassVar[str]
+    row_schema: ClassVar[pa.Schema | None] = None  # None: the sample row schema (m3t_gen.rows.ROW_SCHEMA)
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -59,4 +60,4 @@ class Stage:
             share = (time.perf_counter() - start) / len(live)
             for r in live:
                 add_timing(r, self.name, share)
-        return to_table(rows)
+        return to_table(rows, self.row_schema)

@@ -36,7 +36,8 @@ class CaptionStage(Stage):
                                              {"type": "text", "text": prompt}]}]
 
     def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[str | None, str | None]:
-        text = " ".join(result.text.split())
+        # Control characters (seen from weak models) have no place in a caption; whitespace folds to spaces.
+        text = " ".join("".join(c for c in result.text if c.isprintable() or c.isspace()).split())
         bad = degenerate_reason(text, self.cfg.min_chars)
         if bad:
             return None, f"{bad}_caption: {text[:120]!r} (finish_reason={result.finish_reason})"

@@ -40,6 +40,10 @@ class DialogueStage(Stage):
     name = "dialogue"
 
     @classmethod
+    def enabled(cls, config: PipelineConfig) -> bool:
+        return config.wants("m3t")
+
+    @classmethod
     def resources(cls, config: PipelineConfig) -> Resources:
         return config.dialogue.resources
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from m3t_gen.config import FilterSpec
+from m3t_gen.config import FilterSpec, PipelineConfig
 from m3t_gen.quality import privacy_hit
 from m3t_gen.rows import OK, reject
 from m3t_gen.stages.base import RunContext, Stage
@@ -62,6 +62,10 @@ def apply_filter(row: dict[str, Any], spec: FilterSpec, stage: str = "filter") -
 
 class FilterStage(Stage):
     name = "filter"
+
+    @classmethod
+    def enabled(cls, config: PipelineConfig) -> bool:
+        return config.wants("m3t")
 
     @classmethod
     def uses_actor(cls) -> bool:

@@ -22,6 +22,7 @@ from m3t_gen.generation import open_image
 from m3t_gen.scoring import pick_distractors, self_retrieval
 from m3t_gen.seeds import derive_seed
 from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.embed import from_bytes
 
 
 def turn_text(turn: dict[str, str]) -> str:
@@ -36,6 +37,10 @@ def _r(x: float) -> float:
 
 class RewardStage(Stage):
     name = "reward"
+
+    @classmethod
+    def enabled(cls, config: PipelineConfig) -> bool:
+        return config.wants("m3t")
 
     @classmethod
     def resources(cls, config: PipelineConfig) -> Resources:
@@ -73,17 +78,17 @@ class RewardStage(Stage):
         return shas, embs
 
     def process(self, rows: list[dict[str, Any]]) -> None:
-        images = self.clip.embed_images([open_image(r) for r in rows])
+        # Images were embedded once by the embed stage; the caption's embedding is reused too.
+        images = np.stack([from_bytes(r["image_emb"]) for r in rows])
         turns = [json.loads(r["turns"]) for r in rows]
         texts: list[str] = []
-        for row, row_turns in zip(rows, turns):
-            texts.append(row["caption"])
+        for row_turns in turns:
             texts.extend(turn_text(t) for t in row_turns)
         text_emb = self.clip.embed_texts(texts)
         at = 0
         for i, (row, row_turns) in enumerate(zip(rows, turns)):
-            n = 1 + len(row_turns)
-            emb = text_emb[at:at + n]
+            n = len(row_turns)
+            emb = np.vstack([from_bytes(row["caption_emb"])[None, :], text_emb[at:at + n]])
             at += n
             sims = emb @ images[i]
             scores: dict[str, Any] = {"caption": _r(sims[0]), "turns": [_r(s) for s in sims[1:]]}

@@ -1,0 +1,190 @@
+"""`m3t-gen inspect OUT --html PATH [--n 24]`: one self-contained HTML page to look at a finished run.
+
+Shows the first N kept samples (thumbnail, caption, every turn with type / query / target / score / rank /
+prob, dropped turns greyed out with their reason, the sample's scores and source) and, when OUT/filtered holds
+any, the first N samples the filter rejected, with the reason. Images are inlined as base64 data URLs and the
+CSS is inline: the file opens anywhere, offline, and loads nothing. All text from the run (web alt-text, URLs,
+generated text) is untrusted: the template autoescapes every value, and URLs are shown as text, never linked.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from m3t_gen.export import iter_samples, read_manifest
+
+THUMB = 320
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<title>m3t-gen: {{ name }}</title>
+<style>
+body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 16px; color: #222; background: #fafafa; }
+h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 24px 0 8px; }
+.meta { color: #555; margin-bottom: 12px; }
+.counts span { display: inline-block; margin-right: 14px; }
+.sample { display: flex; gap: 14px; background: #fff; border: 1px solid #ddd; border-radius: 6px;
+          padding: 10px; margin-bottom: 10px; }
+.sample.rejected { border-color: #d9a3a3; background: #fff8f8; }
+.thumb { flex: 0 0 auto; width: 240px; }
+.thumb img { max-width: 240px; max-height: 240px; display: block; border-radius: 4px; }
+.thumb .small { font-size: 12px; color: #666; word-break: break-all; margin-top: 4px; }
+.body { flex: 1 1 auto; min-width: 0; }
+.key { font-family: ui-monospace, monospace; font-weight: 600; }
+.caption { margin: 4px 0 6px; }
+.scores { font-size: 12px; color: #444; margin-bottom: 6px; }
+.scores span { margin-right: 10px; }
+.reason { color: #a33; font-weight: 600; margin-bottom: 6px; }
+.reason .detail { font-weight: 400; font-size: 12px; font-family: ui-monospace, monospace; overflow-wrap: anywhere; }
+table.turns { border-collapse: collapse; width: 100%; font-size: 13px; table-layout: fixed; }
+table.turns th, table.turns td { border-top: 1px solid #eee; padding: 3px 6px; text-align: left;
+                                 vertical-align: top; overflow-wrap: anywhere; }
+table.turns th { color: #666; font-weight: 600; }
+table.turns col.type { width: 110px; } table.turns col.num { width: 64px; }
+tr.dropped td { color: #999; background: #f4f4f4; }
+tr.dropped td.why { color: #a66; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.alt { font-size: 12px; color: #666; }
+</style>
+</head>
+<body>
+<h1>m3t-gen run {{ name }}</h1>
+<div class="meta">recipe {{ recipe }} · config hash {{ config_hash }} · {{ out_dir }}</div>
+<div class="counts">
+{% for label, value in counts %}<span>{{ label }}: <b>{{ value }}</b></span>{% endfor %}
+</div>
+{% macro sample_card(s, rejected) %}
+<div class="sample{% if rejected %} rejected{% endif %}">
+  <div class="thumb">
+    {% if s.thumb %}<img src="{{ s.thumb }}" alt="{{ s.key }}">{% else %}<div>(no image)</div>{% endif %}
+    <div class="small">{{ s.width }}×{{ s.height }}</div>
+    {% if s.url %}<div class="small">{{ s.url }}</div>{% endif %}
+  </div>
+  <div class="body">
+    <div class="key">{{ s.key }}</div>
+    {% if s.rejection %}<div class="reason">rejected at {{ s.rejection.stage }}: {{ s.rejection.reason }}{% if s.rejection.detail %} <span class="detail">{{ s.rejection.detail }}</span>{% endif %}</div>{% endif %}
+    <div class="caption">{{ s.caption }}</div>
+    {% if s.alt %}<div class="alt">alt-text: {{ s.alt }}</div>{% endif %}
+    <div class="scores">{% for label, value in s.scores %}<span>{{ label }} <b>{{ value }}</b></span>{% endfor %}</div>
+    <table class="turns">
+      <colgroup><col class="type"><col><col><col class="num"><col class="num"><col class="num"><col></colgroup>
+      <tr><th>type</th><th>query</th><th>target</th><th class="num">score</th><th class="num">rank</th><th class="num">prob</th><th>dropped because</th></tr>
+      {% for t in s.turns %}
+      <tr{% if t.dropped %} class="dropped"{% endif %}>
+        <td>{{ t.type }}</td><td>{{ t.query }}</td><td>{{ t.target }}</td>
+        <td class="num">{{ t.score }}</td><td class="num">{{ t.rank }}</td><td class="num">{{ t.prob }}</td>
+        <td class="why">{{ t.reason }}</td>
+      </tr>
+      {% endfor %}
+    </table>
+  </div>
+</div>
+{% endmacro %}
+<h2>Kept samples ({{ kept | length }} of {{ kept_total }})</h2>
+{% for s in kept %}{{ sample_card(s, False) }}{% else %}<p>No kept samples.</p>{% endfor %}
+{% if filtered is not none %}
+<h2>Rejected by the filter ({{ filtered | length }} shown)</h2>
+{% for s in filtered %}{{ sample_card(s, True) }}{% else %}<p>None.</p>{% endfor %}
+{% endif %}
+</body>
+</html>
+"""
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _thumb(image: bytes | None) -> str | None:
+    if not image:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB, THUMB))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=80)
+    except Exception:  # a damaged image must not stop the page
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _view(key: str, image: bytes | None, sample: dict[str, Any]) -> dict[str, Any]:
+    turns = [dict(t, dropped=False) for t in sample.get("turns", [])]
+    turns += [dict(t, dropped=True) for t in sample.get("dropped_turns", [])]
+    turns.sort(key=lambda t: t.get("i", 0))
+    scores = sample.get("scores") or {}
+    labels = (("caption", "caption"), ("mean_turn", "mean turn"), ("min_turn", "min turn"),
+              ("caption_rank", "caption rank"), ("caption_prob", "caption prob"), ("k", "distractors"))
+    img = sample.get("image") or {}
+    src = sample.get("source") or {}
+    rejection = sample.get("rejected")
+    if rejection:
+        import json
+
+        detail = rejection.get("detail")
+        rejection = {"stage": rejection.get("stage"), "reason": rejection.get("reason"),
+                     "detail": json.dumps(detail, ensure_ascii=False) if detail else None}
+    return {
+        "key": key, "thumb": _thumb(image), "width": img.get("width"), "height": img.get("height"),
+        "url": src.get("url"), "alt": src.get("text"), "caption": sample.get("caption"),
+        "scores": [(label, _num(scores[k])) for k, label in labels if scores.get(k) is not None],
+        "rejection": rejection,
+        "turns": [{"type": t.get("type"), "query": t.get("query"), "target": t.get("target"),
+                   "score": _num(t.get("score")), "rank": _num(t.get("rank")), "prob": _num(t.get("prob"), 3),
+                   "reason": t.get("reason", "") if t["dropped"] else "", "dropped": t["dropped"]}
+                  for t in turns],
+    }
+
+
+def _first(samples: Iterator[tuple[str, bytes | None, dict[str, Any]]], n: int) -> list[dict[str, Any]]:
+    views = []
+    for key, image, sample in samples:
+        if len(views) >= n:
+            break
+        views.append(_view(key, image, sample))
+    return views
+
+
+def render_html(out_dir: Path, n: int = 24) -> str:
+    import jinja2
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    totals = manifest.get("totals") or {}
+    counts = [(k, totals[k]) for k in ("read", "kept", "rejected") if k in totals]
+    counts += [(reason, count) for reason, count in sorted((totals.get("reasons") or {}).items())]
+    has_filtered = (out_dir / "filtered").is_dir() and any((out_dir / "filtered").glob("*.tar"))
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True)
+    return env.from_string(PAGE).render(
+        name=manifest.get("name", ""), recipe=manifest.get("recipe", ""),
+        config_hash=manifest.get("config_hash", ""), out_dir=str(out_dir), counts=counts,
+        kept=_first(iter_samples(out_dir, "shards"), n), kept_total=totals.get("kept", "?"),
+        filtered=_first(iter_samples(out_dir, "filtered"), n) if has_filtered else None,
+    )
+
+
+def write_html(out_dir: Path, html_path: Path, n: int = 24) -> Path:
+    """Write the page for the finished run in ``out_dir`` to ``html_path``; returns ``html_path``."""
+    html_path = Path(html_path)
+    text = render_html(out_dir, n)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = html_path.with_name(html_path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8", errors="replace")
+    os.replace(tmp, html_path)
+    return html_path

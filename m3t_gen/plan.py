@@ -1,0 +1,481 @@
+"""`m3t-gen plan`: a dry run that estimates tokens and GPU-hours per stage, to budget a run before starting it.
+
+Nothing loads a model or starts Ray. Per image and stage:
+
+- prompt tokens: the stage's real template rendered with the example row of ``m3t-gen validate``, counted with
+  the model's own tokenizer when it is on this machine (a local checkpoint directory, or a tiny model already
+  built), else as characters / 4; plus ``CHAT_OVERHEAD`` tokens of chat markup. The dialogue prompt holds the
+  caption: the example caption is replaced by the caption stage's estimated output length.
+- vision tokens (caption): the image is taken at ``read.max_side`` on its longer side (``--image-side`` when
+  unset) with a 4:3 aspect, and one token per ``--vision-px`` x ``--vision-px`` pixels: 28 for the Qwen2-VL
+  family (14-px patches merged 2x2), which is the default; tiny:vlm uses its fixed 16.
+- output tokens: an upper bound: caption ``sampling.max_tokens``; dialogue the smaller of
+  ``sampling.max_tokens`` and what the schema allows (per turn a query and a target of at most
+  ``dialogue.max_text_chars`` characters, no target for retrieval, plus JSON markup). ``--fill F`` budgets for
+  a share F of that bound instead.
+- reward: CLIP has no generated tokens; its texts (caption + every turn, each at most 77 tokens) are its
+  prompt tokens and its throughput is in images per second.
+
+Throughput per GPU comes, in this order of precedence, from ``--throughput stage=value``, from a finished
+run's manifest (``--from-run OUTPUT``: rows in / busy seconds per stage replica, divided by the GPUs each
+replica had; the same run also gives the share of images that reach each stage), or from the defaults below.
+GPU-hours = images / (images per second per GPU) / 3600, where images per second = output tokens per second
+/ output tokens per image. The wall-clock estimate divides each stage's GPU-hours by its GPUs
+(``resources.num_gpus`` x ``concurrency``; for vLLM at least tensor x pipeline parallel size per replica);
+stages stream concurrently, so the run takes about as long as its slowest stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m3t_gen.config import ConfigError, PipelineConfig
+
+GPU_STAGES = ("caption", "dialogue", "reward")
+STAGES = ("read",) + GPU_STAGES
+
+CHAT_OVERHEAD = 10  # role markers and generation prompt of a chat template, in tokens
+CHARS_PER_TOKEN = 4.0
+JSON_TURN_OVERHEAD = 16  # {"type": "...", "query": "...", "target": "..."} markup per turn, in tokens
+CLIP_MAX_TOKENS = 77
+ASPECT = 3 / 4  # shorter / longer side of the assumed image
+TINY_VLM_IMAGE_TOKENS = 16  # m3t_gen.tiny_models: 32x32 images in 8x8 patches
+
+# Output tokens per second per GPU for offline batch generation with vLLM (bf16, one 80 GB H100-class GPU,
+# large batches so continuous batching stays full), by model size class (billions of parameters; for a
+# mixture of experts, the active parameters). A ballpark from public vLLM throughput benchmarks, not a
+# measurement of this pipeline: measure a few thousand images and plan with --from-run.
+GEN_TOKENS_PER_S: list[tuple[float, float, str]] = [
+    (0.1, 30000, "<0.1B"),
+    (2, 12000, "<=2B"),
+    (4, 8000, "<=4B"),
+    (9, 4000, "7-9B"),
+    (15, 2500, "<=15B"),
+    (35, 1200, "<=35B"),
+    (80, 500, "<=80B"),
+    (math.inf, 200, ">80B"),
+]
+# A captioner also prefills ~1-2k vision tokens per image and runs its vision encoder: it writes fewer
+# output tokens per second than a text LLM of the same size.
+VISION_FACTOR = 0.5
+# Mixtures of experts whose names do not say their active parameters (as Qwen3-30B-A3B does).
+KNOWN_ACTIVE_PARAMS = {"gpt-oss-20b": 3.6, "gpt-oss-120b": 5.1}
+ASSUMED_SIZE_B = 8.0  # when the size cannot be told from the name or a local config
+# CLIP / SigLIP scoring, images per second per GPU (fp16, image tower + 8 short texts per image).
+CLIP_IMAGES_PER_S = {"base": 3000.0, "large": 1000.0, "huge": 400.0}
+# Devices without a GPU (a stage with num_gpus: 0): CPU actors are this many times slower.
+CPU_SLOWDOWN = 50.0
+# read (decode, EXIF, RGB, checks, re-encode when downscaled, sha256, perceptual hash) in CPU seconds per
+# image: 5 ms of CPU time measured on the bundled smoke photos (300-1400 px, read.max_side 512 or 1344);
+# budgeted at twice that for larger web JPEGs.
+READ_SECONDS_PER_IMAGE = 0.01
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    device: str  # gpu | cpu
+    images: float
+    prompt_tokens_per_image: float
+    output_tokens_per_image: float
+    prompt_tokens: float
+    output_tokens: float
+    throughput: float  # tok/s per device (caption, dialogue), images/s per device (reward), s/image (read)
+    throughput_unit: str
+    throughput_source: str
+    images_per_second_per_device: float
+    gpus_per_replica: float
+    replicas: int
+    gpu_hours: float  # 0 for CPU stages
+    device_hours: float  # GPU-hours, or CPU-(actor/core)-hours for CPU stages
+    wall_hours: float | None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    name: str
+    pipeline: str
+    images: int
+    stages: list[StagePlan]
+    total_gpu_hours: float
+    total_gpus: float
+    wall_hours: float
+    bottleneck: str
+    read_cpu_hours: float
+    read_cores_needed: float
+    balanced_gpus: dict[str, float]
+    assumptions: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------- tokens
+
+
+class TokenCounter:
+    """The model's tokenizer when it is on this machine (tokenizer.json), else characters / 4."""
+
+    def __init__(self, model_ref: str) -> None:
+        self.source = "chars/4"
+        self._tok = None
+        path = _local_model_dir(model_ref)
+        if path is not None and (path / "tokenizer.json").is_file():
+            try:
+                from tokenizers import Tokenizer
+
+                self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+                self.source = f"tokenizer of {model_ref}"
+            except Exception:  # an unreadable tokenizer: fall back to the character estimate
+                self._tok = None
+
+    def __call__(self, text: str) -> int:
+        if self._tok is not None:
+            return len(self._tok.encode(text, add_special_tokens=False).ids)
+        return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def _local_model_dir(ref: str) -> Path | None:
+    """A checkpoint already on this machine: a local directory, or a tiny model already built (never built
+    here: planning loads nothing)."""
+    if ref.startswith("tiny:"):
+        from m3t_gen.models import tiny_cache_dir
+
+        path = tiny_cache_dir() / ref[len("tiny:"):]
+        return path if path.is_dir() else None
+    path = Path(ref).expanduser()
+    return path if ref.startswith(("/", "./", "../", "~")) and path.is_dir() else None
+
+
+def vision_tokens(model_ref: str, side: int, px_per_token: int) -> int:
+    if model_ref == "tiny:vlm":
+        return TINY_VLM_IMAGE_TOKENS
+    short = max(1, round(side * ASPECT))
+    return math.ceil(side / px_per_token) * math.ceil(short / px_per_token)
+
+
+def dialogue_output_bound(cfg: PipelineConfig) -> int:
+    from m3t_gen.stages.dialogue import turn_plan
+
+    per_string = math.ceil(cfg.dialogue.max_text_chars / CHARS_PER_TOKEN)
+    bound = 4  # {"turns": [ ... ]}
+    for turn in turn_plan(cfg.dialogue.mix):
+        strings = 1 if turn["type"] == "retrieval" else 2
+        bound += strings * per_string + JSON_TURN_OVERHEAD
+    return min(bound, cfg.dialogue.sampling.max_tokens)
+
+
+# ------------------------------------------------------------------------------------------ model classes
+
+
+def model_size_b(model_ref: str) -> tuple[float, str]:
+    """(billions of (active) parameters, how that was found)."""
+    if model_ref.startswith("tiny:"):
+        return 0.001, "tiny"
+    name = model_ref.rstrip("/").split("/")[-1].lower()
+    if name in KNOWN_ACTIVE_PARAMS:
+        return KNOWN_ACTIVE_PARAMS[name], f"{KNOWN_ACTIVE_PARAMS[name]}B active (MoE)"
+    active = re.search(r"(?:^|[-_.])a(\d+(?:\.\d+)?)b(?![a-z])", name)
+    if active:
+        return float(active.group(1)), f"{active.group(1)}B active (MoE)"
+    sized = re.search(r"(?<![\d.a-z])(\d+(?:\.\d+)?)\s*b(?![a-z])", name)
+    if sized:
+        return float(sized.group(1)), f"{sized.group(1)}B"
+    local = _local_model_dir(model_ref)
+    if local is not None and (local / "config.json").is_file():
+        try:
+            params = _params_from_config(json.loads((local / "config.json").read_text()))
+            return params / 1e9, f"{params / 1e9:.2g}B from config.json"
+        except (KeyError, TypeError, ValueError):
+            pass
+    return ASSUMED_SIZE_B, f"size unknown, assumed {ASSUMED_SIZE_B:g}B"
+
+
+def _params_from_config(cfg: dict[str, Any]) -> float:
+    text = cfg.get("text_config") or cfg
+    h, layers = text["hidden_size"], text["num_hidden_layers"]
+    inter = text.get("intermediate_size", 4 * h)
+    vocab = text.get("vocab_size", cfg.get("vocab_size", 32000))
+    return layers * (4 * h * h + 3 * h * inter) + 2 * vocab * h
+
+
+def default_generation_throughput(model_ref: str, vision: bool) -> tuple[float, str]:
+    size, how = model_size_b(model_ref)
+    for limit, tok_s, label in GEN_TOKENS_PER_S:
+        if size <= limit:
+            break
+    if vision:
+        tok_s *= VISION_FACTOR
+    return tok_s, f"default: {label} {'VLM' if vision else 'LLM'} class ({how})"
+
+
+def default_clip_throughput(model_ref: str) -> tuple[float, str]:
+    name = model_ref.lower()
+    if model_ref.startswith("tiny:") or "base" in name or "b-32" in name or "b-16" in name or "b32" in name:
+        size = "base"
+    elif any(k in name for k in ("huge", "giant", "bigg", "so400m", "-h-", "-g-")):
+        size = "huge"
+    else:
+        size = "large"
+    return CLIP_IMAGES_PER_S[size], f"default: CLIP/SigLIP {size} class"
+
+
+# ------------------------------------------------------------------------------------------- measurements
+
+
+def parse_throughputs(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        stage, sep, raw = item.partition("=")
+        stage = stage.strip()
+        if not sep or stage not in STAGES:
+            raise ConfigError(f"--throughput {item!r}: expected STAGE=NUMBER with STAGE one of {', '.join(STAGES)}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"--throughput {item!r}: {raw!r} is not a number") from None
+        if not value > 0 or not math.isfinite(value):
+            raise ConfigError(f"--throughput {item!r}: must be a positive number")
+        out[stage] = value
+    return out
+
+
+@dataclass
+class Measured:
+    """From a finished run: per stage, images per second per device and the share of images reaching it."""
+
+    run: str
+    images_per_s: dict[str, float]
+    reach: dict[str, float]
+    notes: list[str]
+
+
+def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
+    path = Path(output) / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"--from-run {output}: no manifest.json (not a finished run)")
+    try:
+        manifest = json.loads(path.read_text())
+        stages = {s["stage"]: s for s in manifest["stages"]}
+        read = manifest["totals"]["read"]
+        run_cfg = manifest["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--from-run {output}: unreadable manifest.json ({e})") from None
+    rates: dict[str, float] = {}
+    reach: dict[str, float] = {}
+    notes: list[str] = []
+    for stage in STAGES:
+        s = stages.get(stage)
+        if not s or not s.get("in") or not s.get("busy_seconds"):
+            continue
+        if read:
+            reach[stage] = s["in"] / read
+        if stage == "read":
+            rates[stage] = s["in"] / s["busy_seconds"]  # images per second of one read task (one core)
+            continue
+        res = (run_cfg.get(stage) or {}).get("resources") or {}
+        devices = float(res.get("num_gpus") or 0) or 1.0  # GPUs per replica; a CPU actor counts as one
+        rates[stage] = s["in"] / s["busy_seconds"] / devices
+        ran = _stage_model(run_cfg, stage)
+        planned = _stage_model(cfg.model_dump(mode="json", by_alias=True), stage)
+        if ran != planned:
+            notes.append(f"{stage}: measured with {ran}, planning for {planned}")
+        if not res.get("num_gpus"):
+            notes.append(f"{stage}: measured on CPU actors (num_gpus 0)")
+    return Measured(str(output), rates, reach, notes)
+
+
+def _stage_model(cfg: dict[str, Any], stage: str) -> str | None:
+    section = cfg.get(stage) or {}
+    model = section.get("model")
+    return model.get("model") if isinstance(model, dict) else model
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def _example_prompts(cfg: PipelineConfig, caption_tokens: float, count_caption, count_dialogue) -> tuple[int, int]:
+    from m3t_gen.stages import caption, dialogue
+    from m3t_gen.templates import load_template
+    from m3t_gen.validate import EXAMPLE_ROW
+
+    cap = load_template(cfg.caption.template, cfg.base_dir).render(**caption.template_fields(EXAMPLE_ROW))
+    dia = load_template(cfg.dialogue.template, cfg.base_dir).render(
+        **dialogue.template_fields(EXAMPLE_ROW, cfg.dialogue.mix))
+    caption_prompt = count_caption(cap) + CHAT_OVERHEAD
+    dialogue_prompt = count_dialogue(dia) - count_dialogue(EXAMPLE_ROW["caption"]) + caption_tokens + CHAT_OVERHEAD
+    return caption_prompt, math.ceil(dialogue_prompt)
+
+
+def gpus_per_replica(cfg: PipelineConfig, stage: str) -> tuple[float, list[str]]:
+    section = getattr(cfg, stage)
+    gpus = section.resources.num_gpus
+    notes: list[str] = []
+    model = getattr(section, "model", None)
+    if gpus > 0 and model is not None and getattr(model, "backend", None) == "vllm":
+        opts = model.options
+        parallel = int(opts.get("tensor_parallel_size", 1)) * int(opts.get("pipeline_parallel_size", 1))
+        if parallel > gpus:
+            notes.append(f"vLLM tensor x pipeline parallel = {parallel} GPUs per engine but "
+                         f"{stage}.resources.num_gpus = {gpus:g}: planned with {parallel}")
+            gpus = parallel
+    return gpus, notes
+
+
+def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs: dict[str, float] | None = None,
+              measured: Measured | None = None, image_side: int = 1024, vision_px: int = 28,
+              fill: float = 1.0) -> Plan:
+    throughputs = throughputs or {}
+    reach = measured.reach if measured else {}
+    side = cfg.read.max_side or image_side
+
+    count_caption = TokenCounter(cfg.caption.model.model)
+    count_dialogue = TokenCounter(cfg.dialogue.model.model)
+    caption_out = cfg.caption.sampling.max_tokens * fill
+    dialogue_out = dialogue_output_bound(cfg) * fill
+    vis = vision_tokens(cfg.caption.model.model, side, vision_px)
+    caption_text, dialogue_prompt = _example_prompts(cfg, caption_out, count_caption, count_dialogue)
+    n_turns = sum(cfg.dialogue.mix.values())
+    reward_text = min(caption_out, CLIP_MAX_TOKENS) + n_turns * min(
+        dialogue_out / n_turns, CLIP_MAX_TOKENS)
+
+    per_image = {
+        "caption": (caption_text + vis, caption_out),
+        "dialogue": (dialogue_prompt, dialogue_out),
+        "reward": (reward_text, 0.0),
+    }
+    plans: list[StagePlan] = []
+
+    # read: CPU tasks, one core each.
+    read_images = images * reach.get("read", 1.0)
+    if "read" in throughputs:
+        sec, src = throughputs["read"], "--throughput (s/image/core)"
+    elif measured and "read" in measured.images_per_s:
+        sec, src = 1.0 / measured.images_per_s["read"], f"measured: {measured.run}"
+    else:
+        sec, src = READ_SECONDS_PER_IMAGE, "default: 2 x the 5 ms measured on the smoke photos"
+    read_hours = read_images * sec / 3600
+    plans.append(StagePlan("read", "cpu", read_images, 0, 0, 0, 0, sec, "s/image/core", src, 1 / sec, 0, 0, 0.0,
+                           read_hours, None))
+
+    for stage in GPU_STAGES:
+        section = getattr(cfg, stage)
+        gpus, notes = gpus_per_replica(cfg, stage)
+        device = "gpu" if gpus > 0 else "cpu"
+        replicas = section.resources.concurrency
+        prompt_pi, out_pi = per_image[stage]
+        n = images * reach.get(stage, 1.0)
+        if stage == "reward":
+            unit = "images/s/" + ("GPU" if device == "gpu" else "actor")
+            if stage in throughputs:
+                value, src = throughputs[stage], "--throughput"
+            elif measured and stage in measured.images_per_s:
+                value, src = measured.images_per_s[stage], f"measured: {measured.run}"
+            else:
+                value, src = default_clip_throughput(section.model)
+                if device == "cpu":
+                    value, src = value / CPU_SLOWDOWN, src + f", CPU /{CPU_SLOWDOWN:g}"
+            img_s = value
+        else:
+            unit = "output tok/s/" + ("GPU" if device == "gpu" else "actor")
+            if stage in throughputs:
+                value, src = throughputs[stage], "--throughput"
+            elif measured and stage in measured.images_per_s:
+                value, src = measured.images_per_s[stage] * out_pi, f"measured: {measured.run}"
+            else:
+                value, src = default_generation_throughput(section.model.model, vision=stage == "caption")
+                if device == "cpu":
+                    value, src = value / CPU_SLOWDOWN, src + f", CPU /{CPU_SLOWDOWN:g}"
+            img_s = value / out_pi
+        hours = n / img_s / 3600
+        units = (gpus if device == "gpu" else 1.0) * replicas
+        plans.append(StagePlan(
+            stage, device, n, prompt_pi, out_pi, n * prompt_pi, n * out_pi, value, unit, src, img_s,
+            gpus, replicas, hours if device == "gpu" else 0.0, hours, hours / units, notes))
+
+    gen = [p for p in plans if p.stage != "read"]
+    bottleneck = max(gen, key=lambda p: p.wall_hours or 0.0)
+    wall = bottleneck.wall_hours or 0.0
+    total_gpus = sum(p.gpus_per_replica * p.replicas for p in gen if p.device == "gpu")
+    total_gpu_hours = sum(p.gpu_hours for p in gen)
+    balanced = {p.stage: round(total_gpus * p.gpu_hours / total_gpu_hours, 2)
+                for p in gen if p.device == "gpu" and total_gpu_hours > 0}
+    assumptions = [
+        f"images at {side} px on the longer side, 4:3 ({'read.max_side' if cfg.read.max_side else '--image-side'}); "
+        f"{vis} vision tokens per image ({vision_px} px per token)" + (" (tiny:vlm)" if vis == TINY_VLM_IMAGE_TOKENS
+                                                                          else ""),
+        f"output tokens are {'the upper bound' if fill == 1 else f'{fill:g} x the upper bound'}: caption "
+        f"max_tokens {cfg.caption.sampling.max_tokens}, dialogue {dialogue_output_bound(cfg)} for {n_turns} turns",
+        f"prompt tokens: templates rendered with the validate example row, counted by {count_caption.source} "
+        f"(caption) / {count_dialogue.source} (dialogue), + {CHAT_OVERHEAD} chat tokens",
+        "one attempt per image (retries after invalid output cost more; a measured run includes them)",
+        "shares of images reaching each stage: " + (f"measured in {measured.run}" if measured else
+                                                    "all (read and dedupe rejections not subtracted)"),
+    ]
+    if measured:
+        assumptions.extend(measured.notes)
+    return Plan(cfg.name, pipeline, images, plans, total_gpu_hours, total_gpus, wall, bottleneck.stage,
+                read_hours, read_hours / wall if wall > 0 else 0.0, balanced, assumptions)
+
+
+# ---------------------------------------------------------------------------------------------- printing
+
+
+def _num(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e9:
+        return f"{x / 1e9:.2f}B"
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if abs(x) >= 1e4:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
+def _hours(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.1f}" if x >= 1 else f"{x:.3f}"
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"plan: {plan.name} ({plan.pipeline}) for {plan.images:,} images"]
+    head = (f"{'stage':<9} {'device':<6} {'images':>8} {'prompt/img':>10} {'output/img':>10} {'prompt tok':>10} "
+            f"{'output tok':>10} {'throughput':>28} {'GPU-h':>9} {'GPUs':>5} {'wall h':>8}")
+    lines.append(head)
+    for p in plan.stages:
+        if p.stage == "read":
+            tput = f"{p.throughput * 1000:.0f} ms/image/core"
+            lines.append(f"{p.stage:<9} {'cpu':<6} {_num(p.images):>8} {'-':>10} {'-':>10} {'-':>10} {'-':>10} "
+                         f"{tput:>28} {'-':>9} {'-':>5} {'-':>8}   CPU core-h {_hours(p.device_hours)}")
+            continue
+        tput = f"{_num(p.throughput)} {p.throughput_unit}"
+        gpus = p.gpus_per_replica * p.replicas
+        lines.append(
+            f"{p.stage:<9} {p.device:<6} {_num(p.images):>8} {_num(p.prompt_tokens_per_image):>10} "
+            f"{_num(p.output_tokens_per_image):>10} {_num(p.prompt_tokens):>10} {_num(p.output_tokens):>10} "
+            f"{tput:>28} {_hours(p.gpu_hours) if p.device == 'gpu' else '-':>9} "
+            f"{f'{gpus:g}' if p.device == 'gpu' else '-':>5} {_hours(p.wall_hours):>8}"
+            + ("" if p.device == "gpu" else f"   CPU actor-h {_hours(p.device_hours)}"))
+    lines.append(f"total: {_hours(plan.total_gpu_hours)} GPU-hours on {plan.total_gpus:g} GPUs; wall about "
+                 f"{_hours(plan.wall_hours)} h (stages stream concurrently; slowest: {plan.bottleneck})")
+    if plan.wall_hours > 0:
+        lines.append(f"read: {_hours(plan.read_cpu_hours)} CPU core-hours; {plan.read_cores_needed:.2g} cores keep "
+                     f"up with the slowest stage")
+    if plan.balanced_gpus:
+        lines.append("balanced split of these GPUs (by GPU-hours): "
+                     + ", ".join(f"{k} {v:g}" for k, v in plan.balanced_gpus.items()))
+    for p in plan.stages:
+        lines.append(f"  {p.stage}: throughput {p.throughput_source}")
+        for note in p.notes:
+            lines.append(f"  {p.stage}: {note}")
+    for a in plan.assumptions:
+        lines.append(f"  assumes: {a}")
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""embed: CLIP/SigLIP image embedding (and caption embedding) of every captioned image, once per run
+(GPU actor pool). The reward stage scores texts against it; the CIR recipe pairs images with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from m3t_gen.clip import ClipEmbedder
+from m3t_gen.config import PipelineConfig, Resources
+from m3t_gen.generation import open_image
+from m3t_gen.stages.base import RunContext, Stage
+
+
+def to_bytes(vec: np.ndarray) -> bytes:
+    return np.asarray(vec, dtype=np.float32).tobytes()
+
+
+def from_bytes(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.float32)
+
+
+class EmbedStage(Stage):
+    name = "embed"
+
+    @classmethod
+    def resources(cls, config: PipelineConfig) -> Resources:
+        return config.reward.resources  # same model as the reward: same placement
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.config.reward
+        self.clip = ClipEmbedder(cfg.model, cfg.dtype, "cuda" if cfg.resources.num_gpus > 0 else "cpu")
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        images = self.clip.embed_images([open_image(r) for r in rows])
+        captions = self.clip.embed_texts([r["caption"] for r in rows])
+        for row, img, cap in zip(rows, images, captions):
+            row["image_emb"] = to_bytes(img)
+            row["caption_emb"] = to_bytes(cap)

@@ -1,0 +1,84 @@
+"""modify: an LLM writes N categorised modification texts for an image pair from the two dense captions
+(CIR recipe; GPU actor pool), constrained to the JSON schema and validated always."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from m3t_gen.backends.base import GenerationResult, get_backend
+from m3t_gen.config import ModifyStage as ModifyConfig
+from m3t_gen.config import PipelineConfig, Resources
+from m3t_gen.generation import generate_validated
+from m3t_gen.quality import degenerate_reason
+from m3t_gen.rows import PAIR_SCHEMA
+from m3t_gen.schemas import bounded_text, load_schema, validation_error
+from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.templates import load_template
+
+
+def template_fields(row: dict[str, Any], cfg: ModifyConfig) -> dict[str, Any]:
+    """The fields the modification template may use (checked by ``m3t-gen validate``)."""
+    return {
+        "reference_caption": row["ref_caption"],
+        "target_caption": row["tgt_caption"],
+        "similarity": row["similarity"],
+        "n": cfg.n,
+        "categories": [{"name": k, "instruction": v} for k, v in cfg.categories.items()],
+    }
+
+
+def decoding_schema(cfg: ModifyConfig) -> dict[str, Any]:
+    item = {"type": "object", "properties": {"category": {"enum": list(cfg.categories)},
+                                             "text": bounded_text(cfg.max_text_chars)},
+            "required": ["category", "text"], "additionalProperties": False}
+    return {"type": "object",
+            "properties": {"modifications": {"type": "array", "items": item, "minItems": cfg.n, "maxItems": cfg.n}},
+            "required": ["modifications"], "additionalProperties": False}
+
+
+class ModifyStage(Stage):
+    name = "modify"
+    row_schema = PAIR_SCHEMA
+
+    @classmethod
+    def resources(cls, config: PipelineConfig) -> Resources:
+        return config.cir.modify.resources
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        self.cfg = ctx.config.cir.modify
+        self.template = load_template(self.cfg.template, ctx.config.base_dir)
+        self.file_schema = load_schema(self.cfg.schema_, ctx.config.base_dir)
+        self.decoding_schema = decoding_schema(self.cfg)
+        self.backend = get_backend(self.cfg.model.backend)(self.cfg.model)
+
+    def _messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": self.template.render(**template_fields(row, self.cfg))}]
+
+    def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[list | None, str | None]:
+        try:
+            data = json.loads(result.text)
+        except json.JSONDecodeError as e:
+            return None, f"invalid_json: {e.msg} at char {e.pos} (finish_reason={result.finish_reason})"
+        for schema in (self.file_schema, self.decoding_schema):
+            error = validation_error(data, schema)
+            if error:
+                return None, f"schema_mismatch: {error}"
+        mods = data["modifications"]
+        for mod in mods:
+            bad = degenerate_reason(mod["text"])
+            if bad:
+                return None, f"{bad}_modification: {mod['text'][:120]!r}"
+        if len({m["text"].strip().lower() for m in mods}) < len(mods):
+            return None, "repeated_modification: two texts are the same"
+        return mods, None
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        for row, mods, attempts in generate_validated(
+            self.backend, rows, stage=self.name, run_seed=self.ctx.config.seed, sampling=self.cfg.sampling,
+            max_attempts=self.cfg.max_attempts, build_messages=self._messages, parse=self._parse,
+            json_schema=self.decoding_schema,
+        ):
+            row["modifications"] = json.dumps(mods)
+            row["modify_attempts"] = attempts

@@ -1,0 +1,49 @@
+"""triplet_filter: thresholds on a triplet's recorded scores (CPU tasks). Modification level first (privacy,
+score), then triplet level; every drop carries the score, its value and the threshold."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from m3t_gen.config import TripletFilterSpec
+from m3t_gen.quality import privacy_hit
+from m3t_gen.rows import PAIR_SCHEMA, reject
+from m3t_gen.stages.base import Stage
+
+
+def apply_triplet_filter(row: dict[str, Any], spec: TripletFilterSpec, stage: str = "triplet_filter") -> None:
+    mods = json.loads(row["modifications"])
+    scores = json.loads(row["scores"])
+    words = spec.privacy.word_lists() if spec.privacy.enabled else {}
+    for mod, score in zip(mods, scores["modifications"], strict=True):
+        mod["score"] = score
+        mod["kept"] = True
+        hit = privacy_hit(mod["text"], words) if words else None
+        if hit:
+            mod["kept"], mod["reason"] = False, f"privacy: mentions {hit[0]} ({hit[1]!r})"
+        elif spec.min_modification_score is not None and score < spec.min_modification_score:
+            mod["kept"], mod["reason"] = False, f"modification_score {score:.4f} < {spec.min_modification_score}"
+    row["modifications"] = json.dumps(mods)
+    kept = sum(m["kept"] for m in mods)
+    checks = (("target_caption", spec.min_target_caption_score), ("directional", spec.min_directional))
+    for name, threshold in checks:
+        if threshold is not None and scores[name] < threshold:
+            reject(row, stage, f"{name}_below", score=name, value=scores[name], threshold=threshold)
+            return
+    if kept < spec.min_modifications:
+        reject(row, stage, "too_few_modifications", kept=kept, min_modifications=spec.min_modifications,
+               failures=[m.get("reason") for m in mods if not m["kept"]])
+
+
+class TripletFilterStage(Stage):
+    name = "triplet_filter"
+    row_schema = PAIR_SCHEMA
+
+    @classmethod
+    def uses_actor(cls) -> bool:
+        return False
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            apply_triplet_filter(row, self.ctx.config.cir.filter, self.name)

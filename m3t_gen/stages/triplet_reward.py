@@ -1,0 +1,51 @@
+"""triplet_reward: CLIP scores of a CIR triplet (GPU actor pool). Image and caption embeddings come from the
+embed stage (each image embedded once per run); only the modification texts are embedded here.
+
+- target_caption: target image vs target caption
+- image_similarity: reference image vs target image
+- directional (CompoDiff): cos(E_img(target) - E_img(ref), E_txt(target caption) - E_txt(ref caption))
+- per modification: modification text vs target image
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from m3t_gen.clip import ClipEmbedder
+from m3t_gen.config import PipelineConfig, Resources
+from m3t_gen.rows import PAIR_SCHEMA
+from m3t_gen.scoring import directional
+from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.embed import from_bytes
+
+
+class TripletRewardStage(Stage):
+    name = "triplet_reward"
+    row_schema = PAIR_SCHEMA
+
+    @classmethod
+    def resources(cls, config: PipelineConfig) -> Resources:
+        return config.reward.resources
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.config.reward
+        self.clip = ClipEmbedder(cfg.model, cfg.dtype, "cuda" if cfg.resources.num_gpus > 0 else "cpu")
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        mods = [json.loads(r["modifications"]) for r in rows]
+        texts = [m["text"] for row_mods in mods for m in row_mods]
+        emb = self.clip.embed_texts(texts) if texts else None
+        at = 0
+        for row, row_mods in zip(rows, mods):
+            ref, tgt = from_bytes(row["ref_emb"]), from_bytes(row["tgt_emb"])
+            ref_cap, tgt_cap = from_bytes(row["ref_caption_emb"]), from_bytes(row["tgt_caption_emb"])
+            mod_scores = [float(emb[at + i] @ tgt) for i in range(len(row_mods))]
+            at += len(row_mods)
+            row["scores"] = json.dumps({
+                "target_caption": round(float(tgt @ tgt_cap), 6),
+                "image_similarity": round(float(ref @ tgt), 6),
+                "directional": round(directional(ref, tgt, ref_cap, tgt_cap), 6),
+                "modifications": [round(s, 6) for s in mod_scores],
+            })

@@ -1,0 +1,56 @@
+import numpy as np
+
+from m3t_gen.config import PairingSpec
+from m3t_gen.pairing import mine_pairs
+
+
+def _embs(n=40, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute(embs, i):
+    sims = embs @ embs[i]
+    order = [j for j in np.argsort(-sims, kind="stable") if j != i]
+    return sims, order
+
+
+def test_pairs_respect_band_and_rank_window_and_never_self():
+    embs = _embs()
+    keys = [f"k{i:03d}" for i in range(len(embs))]
+    spec = PairingSpec(min_similarity=-0.2, max_similarity=0.6, min_rank=2, max_rank=6, pairs_per_image=2)
+    pairs = mine_pairs(embs, keys, spec, run_seed=0)
+    assert pairs
+    for p in pairs:
+        assert p.ref != p.tgt
+        sims, order = _brute(embs, p.ref)
+        assert abs(sims[p.tgt] - p.similarity) < 1e-5
+        assert -0.2 <= p.similarity <= 0.6
+        assert 2 <= p.rank <= 6 and order.index(p.tgt) + 1 == p.rank
+    per_ref = {}
+    for p in pairs:
+        per_ref.setdefault(p.ref, []).append(p.tgt)
+    assert all(len(v) <= 2 and len(set(v)) == len(v) for v in per_ref.values())
+
+
+def test_near_duplicates_above_the_band_are_excluded():
+    embs = _embs(10)
+    embs[1] = embs[0] + 1e-4
+    embs[1] /= np.linalg.norm(embs[1])
+    keys = [f"k{i}" for i in range(10)]
+    pairs = mine_pairs(embs, keys, PairingSpec(min_similarity=-1, max_similarity=0.95, max_rank=9), 0)
+    assert not any({p.ref, p.tgt} == {0, 1} for p in pairs)
+
+
+def test_deterministic_and_bucketed():
+    embs = _embs(30)
+    keys = [f"k{i:02d}" for i in range(30)]
+    spec = PairingSpec(min_similarity=-1, max_similarity=1, max_rank=5)
+    assert mine_pairs(embs, keys, spec, 7) == mine_pairs(embs, keys, spec, 7)
+    bucketed = mine_pairs(embs, keys, PairingSpec(min_similarity=-1, max_similarity=1, max_rank=5, bucket_size=10), 7)
+    assert bucketed and all(p.ref // 10 == p.tgt // 10 for p in bucketed)
+
+
+def test_tiny_pool_gives_no_pairs():
+    assert mine_pairs(_embs(1), ["a"], PairingSpec(), 0) == []

@@ -1,0 +1,150 @@
+"""`m3t-gen plan`: a dry run (no model, no Ray) estimating tokens and GPU-hours per stage."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from m3t_gen.cli import main
+from m3t_gen.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+M3T = str(ROOT / "pipelines" / "m3t.yaml")
+SMOKE = str(ROOT / "pipelines" / "smoke.yaml")
+GPU_STAGES = ("caption", "dialogue", "reward")
+
+
+def plan(*args: str) -> dict:
+    result = CliRunner().invoke(main, ["plan", *args, "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    lines = result.stdout.strip().splitlines()
+    data = json.loads(lines[-1])
+    data["_text"] = "\n".join(lines[:-1])
+    return data
+
+
+def by_stage(data: dict) -> dict:
+    return {s["stage"]: s for s in data["stages"]}
+
+
+def test_m3t_5m_images_gives_finite_positive_gpu_hours_per_gpu_stage():
+    data = plan(M3T, "--images", "5000000")
+    stages = by_stage(data)
+    for name in GPU_STAGES:
+        s = stages[name]
+        assert s["device"] == "gpu"
+        assert math.isfinite(s["gpu_hours"]) and s["gpu_hours"] > 0, s
+        assert s["images"] == 5_000_000
+        assert s["prompt_tokens_per_image"] > 0
+    for name in ("caption", "dialogue"):
+        assert stages[name]["output_tokens_per_image"] > 0
+        assert stages[name]["output_tokens"] == pytest.approx(5_000_000 * stages[name]["output_tokens_per_image"])
+    # Caption: the rendered template plus the vision tokens of a 1344x1008 image in 28-px tokens (48 x 36).
+    assert stages["caption"]["prompt_tokens_per_image"] > 48 * 36
+    # Output bound: the caption's max_tokens; the dialogue's schema bound is under its max_tokens.
+    cfg = load_config(M3T)
+    assert stages["caption"]["output_tokens_per_image"] == cfg.caption.sampling.max_tokens
+    assert 0 < stages["dialogue"]["output_tokens_per_image"] <= cfg.dialogue.sampling.max_tokens
+    assert data["total_gpu_hours"] == pytest.approx(sum(stages[n]["gpu_hours"] for n in GPU_STAGES))
+    # Wall clock: GPU-hours over the configured GPUs (num_gpus x concurrency); the slowest stage sets it.
+    for name in GPU_STAGES:
+        res = getattr(cfg, name).resources
+        assert stages[name]["wall_hours"] == pytest.approx(stages[name]["gpu_hours"] / (res.num_gpus * res.concurrency))
+    assert data["wall_hours"] == pytest.approx(max(stages[n]["wall_hours"] for n in GPU_STAGES))
+    assert data["total_gpus"] == 7
+    assert stages["read"]["device"] == "cpu" and stages["read"]["device_hours"] > 0
+    assert "GPU-hours" in data["_text"] and "caption" in data["_text"]
+
+
+def test_estimate_scales_linearly_with_images():
+    small, big = (by_stage(plan(M3T, "--images", n)) for n in ("1000000", "5000000"))
+    for name in GPU_STAGES:
+        assert big[name]["gpu_hours"] == pytest.approx(5 * small[name]["gpu_hours"])
+        assert big[name]["prompt_tokens"] == pytest.approx(5 * small[name]["prompt_tokens"])
+    assert big["read"]["device_hours"] == pytest.approx(5 * small["read"]["device_hours"])
+
+
+def test_throughput_override_changes_the_estimate_inversely():
+    base = by_stage(plan(M3T, "--images", "5000000"))
+    fast = by_stage(plan(M3T, "--images", "5000000", "--throughput", f"caption={base['caption']['throughput'] * 4}",
+                         "--throughput", "reward=250"))
+    assert fast["caption"]["gpu_hours"] == pytest.approx(base["caption"]["gpu_hours"] / 4)
+    assert fast["caption"]["throughput_source"] == "--throughput"
+    assert fast["reward"]["gpu_hours"] == pytest.approx(5_000_000 / 250 / 3600)
+    assert fast["dialogue"]["gpu_hours"] == pytest.approx(base["dialogue"]["gpu_hours"])
+
+
+def test_vllm_tensor_parallel_counts_its_gpus():
+    base = by_stage(plan(M3T, "--images", "1000"))
+    tp = plan(M3T, "--images", "1000", "--set", "dialogue.model.options.tensor_parallel_size=4")
+    stages = by_stage(tp)
+    assert stages["dialogue"]["gpus_per_replica"] == 4
+    assert stages["dialogue"]["wall_hours"] == pytest.approx(base["dialogue"]["gpu_hours"] / (4 * 2))
+    assert "tensor x pipeline parallel = 4" in tp["_text"]
+
+
+def test_from_run_uses_measured_throughput_and_pass_rates(tmp_path):
+    cfg = load_config(M3T)
+    manifest = {
+        "config": cfg.model_dump(mode="json", by_alias=True),
+        "totals": {"read": 1000, "kept": 700, "rejected": 300},
+        "stages": [
+            {"stage": "read", "in": 1000, "kept": 900, "rejected": 100, "busy_seconds": 10.0},
+            {"stage": "dedupe", "in": 900, "kept": 800, "rejected": 100, "busy_seconds": 0.1},
+            {"stage": "caption", "in": 800, "kept": 800, "rejected": 0, "busy_seconds": 400.0},
+            {"stage": "dialogue", "in": 800, "kept": 780, "rejected": 20, "busy_seconds": 100.0},
+            {"stage": "reward", "in": 780, "kept": 780, "rejected": 0, "busy_seconds": 1.0},
+            {"stage": "filter", "in": 780, "kept": 700, "rejected": 80, "busy_seconds": 0.1},
+        ],
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    stages = by_stage(plan(M3T, "--images", "5000000", "--from-run", str(tmp_path)))
+    # caption: 800 images in 400 replica-seconds on 1 GPU each = 2 images/s/GPU; 80 % of the images reach it.
+    assert stages["caption"]["images"] == pytest.approx(4_000_000)
+    assert stages["caption"]["images_per_second_per_device"] == pytest.approx(2.0)
+    assert stages["caption"]["gpu_hours"] == pytest.approx(4_000_000 / 2.0 / 3600)
+    assert stages["caption"]["throughput_source"].startswith("measured")
+    assert stages["reward"]["gpu_hours"] == pytest.approx(5_000_000 * 0.78 / 780 / 3600)
+    assert stages["read"]["throughput"] == pytest.approx(0.01)  # s/image/core
+    # An explicit --throughput still wins over the measurement.
+    over = by_stage(plan(M3T, "--images", "5000000", "--from-run", str(tmp_path), "--throughput", "reward=100"))
+    assert over["reward"]["gpu_hours"] == pytest.approx(5_000_000 * 0.78 / 100 / 3600)
+
+
+def test_tiny_models_are_counted_with_their_tokenizer_when_built():
+    from m3t_gen.models import tiny_cache_dir
+    from m3t_gen.tiny_models import ensure_tiny_model
+
+    ensure_tiny_model("vlm", tiny_cache_dir())
+    ensure_tiny_model("lm", tiny_cache_dir())
+    data = plan(SMOKE, "--images", "19")
+    assert "tokenizer of tiny:vlm" in data["_text"] and "tokenizer of tiny:lm" in data["_text"]
+    stages = by_stage(data)
+    # The smoke config runs on CPU actors: no GPU-hours, but actor-hours and a wall estimate.
+    assert all(stages[n]["device"] == "cpu" and stages[n]["gpu_hours"] == 0 for n in GPU_STAGES)
+    assert all(stages[n]["device_hours"] > 0 for n in GPU_STAGES)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "caption.sampling.temperature=-1"], "caption.sampling.temperature"),
+    (["--set", "dialogue.nonsense=1"], "dialogue.nonsense: unknown key"),
+    (["--throughput", "caption=fast"], "--throughput"),
+    (["--throughput", "decode=10"], "--throughput"),
+    (["--from-run", "/nonexistent/run"], "--from-run"),
+])
+def test_bad_input_exits_2_with_one_line_error(args, needle):
+    result = CliRunner().invoke(main, ["plan", M3T, "--images", "100", *args])
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], result.stderr
+
+
+def test_bad_config_file_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ninput: {paths: [a.tar]}\ncaption: {model: {backend: nope, model: tiny:vlm}}\n")
+    result = CliRunner().invoke(main, ["plan", str(bad), "--images", "10"])
+    assert result.exit_code == 2
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0]

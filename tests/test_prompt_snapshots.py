@@ -1,0 +1,34 @@
+"""Rendered-prompt snapshots, one per template: a change to a prompt shows up as a reviewed diff.
+Refresh after an intended change with: UPDATE_SNAPSHOTS=1 pytest tests/test_prompt_snapshots.py"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from m3t_gen.config import DEFAULT_CIR_CATEGORIES, DEFAULT_MIX, ModifyStage
+from m3t_gen.stages import caption, dialogue, modify
+from m3t_gen.templates import load_template
+from m3t_gen.validate import EXAMPLE_PAIR, EXAMPLE_ROW
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+MODIFY = ModifyStage.model_construct(n=5, categories=dict(DEFAULT_CIR_CATEGORIES), max_text_chars=200)
+CASES = {
+    "caption_dense.j2": caption.template_fields(EXAMPLE_ROW),
+    "m3t_dialogue.j2": dialogue.template_fields(EXAMPLE_ROW, DEFAULT_MIX),
+    "cir_modifications.j2": modify.template_fields(EXAMPLE_PAIR, MODIFY),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rendered_prompt_matches_snapshot(name):
+    rendered = load_template(name).render(**CASES[name]) + "\n"
+    snap = SNAPSHOTS / (name.replace(".j2", ".txt"))
+    if os.environ.get("UPDATE_SNAPSHOTS") or not snap.exists():
+        snap.write_text(rendered)
+    assert rendered == snap.read_text(), f"{name} changed; review and refresh with UPDATE_SNAPSHOTS=1"
+
+
+def test_every_bundled_template_has_a_snapshot():
+    bundled = {p.name for p in (Path(__file__).resolve().parents[1] / "prompts").glob("*.j2")}
+    assert bundled == set(CASES)
