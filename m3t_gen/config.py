@@ -36,7 +36,7 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    backend: str = Field(description="registry name of the backend: transformers | vllm")
+    backend: str = Field(description="registry name of the backend: transformers | vllm | openai")
     model: str = Field(description="tiny:<kind>, a local HF checkpoint directory, or a hub id org/name")
     revision: str | None = None
     trust_remote_code: bool = False  # remote model code runs only when the config says so
