@@ -9,7 +9,7 @@ from PIL import Image
 
 from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult
 from m3t_gen.config import Sampling
-from m3t_gen.rows import reject
+from m3t_gen.rows import add_tokens, reject
 from m3t_gen.seeds import derive_seed
 
 # parse(row, result) -> (value, None) when usable, (None, reason) when not.
@@ -57,6 +57,7 @@ def generate_validated(
         results = backend.generate(requests)
         still: list[dict[str, Any]] = []
         for row, result in zip(pending, results, strict=True):
+            add_tokens(row, stage, result.output_tokens)
             value, error = parse(row, result)
             if error is None:
                 done.append((row, value, attempt + 1))

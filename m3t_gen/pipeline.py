@@ -214,16 +214,21 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
         for key, n in s["reasons"].items():
             by_stage[key.split(":", 1)[0]] += n
     seconds: Counter = Counter()
+    tokens: Counter = Counter()
     for s in stats:
         seconds.update(s["stage_seconds"])
+        tokens.update(s.get("stage_tokens", {}))
     stages = []
     rows_in = read
     for name in STAGE_ORDER:
         if name != "read" and name not in seconds and not by_stage[name]:
             continue  # a stage this recipe does not use
         out = rows_in - by_stage[name]
-        stages.append({"stage": name, "in": rows_in, "kept": out, "rejected": by_stage[name],
-                       "busy_seconds": round(seconds.get(name, 0.0), 2)})
+        entry = {"stage": name, "in": rows_in, "kept": out, "rejected": by_stage[name],
+                 "busy_seconds": round(seconds.get(name, 0.0), 2)}
+        if tokens.get(name):
+            entry["output_tokens"] = tokens[name]
+        stages.append(entry)
         rows_in = out
     reasons: Counter = Counter()
     for s in stats:
@@ -233,9 +238,10 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_summary(manifest: dict[str, Any]) -> str:
-    lines = [f"{'stage':<10} {'in':>8} {'kept':>8} {'rejected':>9} {'busy s':>9}"]
+    lines = [f"{'stage':<10} {'in':>8} {'kept':>8} {'rejected':>9} {'busy s':>9} {'out tokens':>11}"]
     for s in manifest["stages"]:
-        lines.append(f"{s['stage']:<10} {s['in']:>8} {s['kept']:>8} {s['rejected']:>9} {s['busy_seconds']:>9.2f}")
+        toks = s.get("output_tokens", "")
+        lines.append(f"{s['stage']:<10} {s['in']:>8} {s['kept']:>8} {s['rejected']:>9} {s['busy_seconds']:>9.2f} {toks:>11}")
     t = manifest["totals"]
     lines.append(f"total: read {t['read']} = kept {t['kept']} + rejected {t['rejected']}; "
                  f"wall {manifest['wall_seconds']} s")

@@ -77,6 +77,7 @@ def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
         new_stats_path = new / "stats" / path.name
         new_stats = json.loads(new_stats_path.read_text())
         new_stats["stage_seconds"] = stats["stage_seconds"]
+        new_stats["stage_tokens"] = stats.get("stage_tokens", {})
         atomic_write_bytes(new_stats_path, json.dumps(new_stats, indent=1).encode())
     if writer.incomplete():
         raise RuntimeError(f"refilter: shards incomplete: {writer.incomplete()}")

@@ -43,6 +43,7 @@ ROW_SCHEMA = pa.schema(
         ("dialogue_attempts", pa.int32()),
         ("scores", pa.string()),         # JSON {caption, turns: [...]}
         ("timings", pa.string()),        # JSON {stage: seconds attributed to this row}
+        ("tokens", pa.string()),         # JSON {stage: output tokens generated for this row, retries included}
         ("shard_rows", pa.int64()),      # marker rows only: rows the shard produced
     ]
 )
@@ -69,6 +70,12 @@ def reject(row: dict[str, Any], stage: str, reason: str, keep_image: bool = Fals
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema or ROW_SCHEMA)
+
+
+def add_tokens(row: dict[str, Any], stage: str, n: int) -> None:
+    tokens = json.loads(row.get("tokens") or "{}")
+    tokens[stage] = tokens.get(stage, 0) + int(n)
+    row["tokens"] = json.dumps(tokens)
 
 
 def add_timing(row: dict[str, Any], stage: str, seconds: float) -> None:
@@ -100,6 +107,7 @@ PAIR_SCHEMA = pa.schema(
         ("modify_attempts", pa.int32()),
         ("scores", pa.string()),         # JSON
         ("timings", pa.string()),
+        ("tokens", pa.string()),
         ("image", pa.binary()),          # unused for pairs (kept so shared helpers see the same field names)
     ]
 )

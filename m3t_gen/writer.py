@@ -148,6 +148,7 @@ class _ShardState:
     index: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     stage_seconds: Counter = field(default_factory=Counter)
+    stage_tokens: Counter = field(default_factory=Counter)
 
 
 class OutputWriter:
@@ -181,6 +182,7 @@ class OutputWriter:
                 state.seen += 1
                 for stage, seconds in json.loads(row["timings"] or "{}").items():
                     state.stage_seconds[stage] += seconds
+                state.stage_tokens.update(json.loads(row["tokens"] or "{}"))
                 if self.cir and row["image_emb"] is not None and row["image"] is not None:
                     self._write_pool(state, row)
                 if row["status"] == OK:
@@ -246,6 +248,7 @@ class OutputWriter:
             "turns_dropped": sum(r["dropped_turns"] for r in state.index),
             "tars": tars, "filtered_tars": filtered, "shard_errors": state.shard_errors,
             "stage_seconds": {k: round(v, 4) for k, v in state.stage_seconds.items()},
+            "stage_tokens": dict(state.stage_tokens),
         }
         assert stats["read"] == stats["kept"] + stats["rejected"], stats  # conservation, by construction
         atomic_write_bytes(self.out / "stats" / f"{state.shard}.json", json.dumps(stats, indent=1).encode())
