@@ -1,10 +1,12 @@
 """`m3t-gen card OUT`: write OUT/README.md, a dataset card the Hugging Face hub and `datasets` understand.
 
-The YAML header carries license, task categories, size category, pretty name, tags and a ``configs`` entry
-whose ``data_files`` point at ``shards/*.tar``, so ``datasets.load_dataset(OUT)`` (or the hub repo) loads the
-WebDataset shards. The body (``card_template.md.j2``) describes the recipe, models, prompt templates (text and
-hashes), counts, rejection reasons, plots (``OUT/card/*.png``) and a gallery of examples
-(``OUT/card/example-*.jpg``). Everything comes from the finished run: manifest, stats, index parquet, tars.
+The YAML header carries license, task categories, size category, pretty name, tags and ``configs``: the
+``default`` config's ``data_files`` point at ``shards/*.tar`` (the M3T samples), so ``datasets.load_dataset(OUT)``
+(or the hub repo) loads the WebDataset shards; a run with CIR triplets gets a ``triplets`` config on
+``triplets/*.jsonl`` (the ``default`` one when the recipe wrote no M3T samples). The body
+(``card_template.md.j2``) describes the recipe, models, prompt templates (text and hashes), counts, rejection
+reasons, plots (``OUT/card/*.png``) and a gallery of examples (``OUT/card/example-*.jpg``). Everything comes
+from the finished run: manifest, stats, index parquet, tars, triplets.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from m3t_gen.export import iter_samples, read_manifest, sorted_turns, tar_paths
+from m3t_gen.export import iter_samples, iter_triplets, read_manifest, sorted_turns, tar_paths, triplet_files
 
 TEMPLATE = "card_template.md.j2"
 GALLERY = 6
@@ -30,9 +32,14 @@ RECIPES: dict[str, str] = {
             "retrieval whose target is the dense caption, holistic / localized / creative VQA). A CLIP reward "
             "scored the caption and every turn, and a filter dropped weak turns and samples, each with its "
             "reason."),
+    "cir": ("CIR triplets (composed image retrieval, MTCIR-style): image pairs mined by CLIP image similarity "
+            "inside a band and a rank window, modification texts (reference → target, by category) written by "
+            "an LLM from the two dense captions, CLIP scores for every triplet and modification, and a filter "
+            "(score minimums, privacy) with a reason for every drop."),
 }
 TASKS: dict[str, list[str]] = {
     "m3t": ["image-text-to-text", "visual-question-answering", "feature-extraction"],
+    "cir": ["image-feature-extraction", "feature-extraction"],
 }
 DEFAULT_TASKS = ["feature-extraction"]
 SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
@@ -46,6 +53,21 @@ def size_category(n: int) -> str:
         if n < bound:
             return label
     return "n>1T"
+
+
+def recipe_parts(manifest: dict[str, Any]) -> list[str]:
+    recipe = manifest.get("recipe") or (manifest.get("config") or {}).get("recipe") or "m3t"
+    return [part for part in str(recipe).split("+") if part]
+
+
+def _stage_config(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
+    """A generation stage's config: top level (caption, dialogue) or inside a recipe section (cir.modify)."""
+    if isinstance(cfg.get(stage), dict):
+        return cfg[stage]
+    for section in cfg.values():
+        if isinstance(section, dict) and isinstance(section.get(stage), dict):
+            return section[stage]
+    return {}
 
 
 def _license(manifest: dict[str, Any]) -> str:
@@ -91,6 +113,8 @@ def _fence(text: str) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:.4g}"
     return "none" if value is None else str(value)
@@ -113,17 +137,18 @@ def _stats(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((out_dir / "stats").glob("*.json"))]
 
 
-def _templates(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def _templates(manifest: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
     from m3t_gen.resources import find_file
 
     cfg = manifest.get("config") or {}
     out = []
     for stage, recorded in (manifest.get("templates") or {}).items():
-        name = (cfg.get(stage) or {}).get("template") or "?"
+        name = _stage_config(cfg, stage).get("template") or "?"
         entry: dict[str, Any] = {"stage": stage, "name": name, "hash": recorded, "sha256": None, "text": None,
                                  "note": None, "fence": "```"}
         try:
-            text = find_file(name, "prompts").read_text()
+            snapshot = out_dir / "prompts" / Path(name).name  # a copy kept with the run, when there is one
+            text = (snapshot if snapshot.is_file() else find_file(name, "prompts")).read_text()
         except (FileNotFoundError, OSError):
             entry["note"] = "the template file is not available where this card was written"
             out.append(entry)
@@ -142,7 +167,7 @@ def _models(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     cfg = manifest.get("config") or {}
     rows = []
     for role, model in (manifest.get("models") or {}).items():
-        spec = (cfg.get(role) or {}).get("model")
+        spec = _stage_config(cfg, role).get("model")
         backend = revision = None
         if isinstance(spec, dict):
             backend, revision = spec.get("backend"), spec.get("revision")
@@ -214,8 +239,6 @@ def _plots(index: dict[str, list[Any]], mix: dict[str, int], card_dir: Path) -> 
 
 
 def _gallery(out_dir: Path, card_dir: Path, n: int) -> list[dict[str, Any]]:
-    from PIL import Image
-
     for stale in card_dir.glob("example-*.jpg"):
         stale.unlink()
     gallery = []
@@ -224,13 +247,12 @@ def _gallery(out_dir: Path, card_dir: Path, n: int) -> list[dict[str, Any]]:
             break
         if image is None:
             continue
-        with Image.open(io.BytesIO(image)) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB, THUMB))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=85)
+        try:
+            thumb = _thumb_bytes(image)
+        except Exception:  # a damaged image must not stop the card
+            continue
         name = f"example-{len(gallery)}.jpg"
-        (card_dir / name).write_bytes(buf.getvalue())
+        (card_dir / name).write_bytes(thumb)
         turns = [{"type": t.get("type"), "score": _fmt(t.get("score")), "query": _short(t.get("query"), 160),
                   "target": _short(t.get("target"), 160)} for t in sorted_turns(sample)[:2]]
         gallery.append({"key": key, "thumb": f"card/{name}", "caption": _short(sample.get("caption"), 300),
@@ -250,17 +272,130 @@ def _environment():
     return env
 
 
-def card_header(manifest: dict[str, Any]) -> dict[str, Any]:
-    recipe = manifest.get("recipe") or (manifest.get("config") or {}).get("recipe") or "unknown"
-    kept = int((manifest.get("totals") or {}).get("kept", 0))
+def card_header(manifest: dict[str, Any], has_triplets: bool = False) -> dict[str, Any]:
+    parts = recipe_parts(manifest)
+    tasks: list[str] = []
+    for part in parts:
+        tasks += [t for t in TASKS.get(part, DEFAULT_TASKS) if t not in tasks]
+    m3t = "m3t" in parts
+    shards_first = m3t or not has_triplets  # the default config: the M3T shards, else the triplets
+    configs = []
+    if shards_first:
+        configs.append({"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]})
+    if has_triplets:
+        configs.append({"config_name": "triplets" if shards_first else "default",
+                        "data_files": [{"split": "train", "path": "triplets/*.jsonl"}]})
+    rows = (manifest.get("totals") if shards_first else manifest.get("cir")) or {}
+    recipe = "+".join(parts)
+    tags = ["m3t-gen", "synthetic", "multimodal", "image-text", "webdataset" if m3t else "jsonl", *parts]
+    if "cir" in parts:
+        tags.append("composed-image-retrieval")
     return {
         "license": _license(manifest),
-        "task_categories": TASKS.get(recipe, DEFAULT_TASKS),
-        "size_categories": [size_category(kept)],
+        "task_categories": tasks,
+        "size_categories": [size_category(int(rows.get("kept") or 0))],
         "pretty_name": f"{manifest.get('name', 'm3t-gen run')} ({recipe}, m3t-gen)",
-        "tags": ["m3t-gen", "synthetic", "multimodal", "webdataset", "image-text", recipe],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],
+        "tags": tags,
+        "configs": configs,
     }
+
+
+def _flat(prefix: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(_flat(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: _fmt(value)}
+
+
+def _cir_context(out_dir: Path, manifest: dict[str, Any], card_dir: Path, n: int) -> dict[str, Any] | None:
+    """Counts, reasons, thresholds, a plot and a few examples of the CIR triplets; None without CIR."""
+    summary = manifest.get("cir")
+    files = triplet_files(out_dir)
+    if summary is None and not files:
+        return None
+    summary = {"pool": None, "pairs": None, "kept": None, "rejected": None, "reasons": {}, **(summary or {})}
+    categories: dict[str, int] = {}
+    similarity, directional, kept_mods, dropped_mods = [], [], 0, 0
+    examples = []
+    for t in iter_triplets(out_dir):
+        for m in t["modifications"]:
+            categories[str(m.get("category"))] = categories.get(str(m.get("category")), 0) + 1
+        kept_mods += len(t["modifications"])
+        dropped_mods += len(t.get("dropped_modifications") or [])
+        if isinstance(t.get("similarity"), (int, float)):
+            similarity.append(t["similarity"])
+        if isinstance((t.get("scores") or {}).get("directional"), (int, float)):
+            directional.append(t["scores"]["directional"])
+        if len(examples) < n:
+            examples.append(t)
+    plots = _cir_plots(categories, similarity, directional, card_dir) if files else []
+    gallery = _cir_gallery(out_dir, examples, card_dir)
+    cir_cfg = (manifest.get("config") or {}).get("cir") or {}
+    return {
+        "summary": summary, "files": len(files), "kept_modifications": kept_mods,
+        "dropped_modifications": dropped_mods,
+        "reasons": [{"code": code, "count": count}
+                    for code, count in sorted(summary["reasons"].items(), key=lambda kv: (-kv[1], kv[0]))],
+        "thresholds": {**_flat("pairing", cir_cfg.get("pairing") or {}), **_flat("filter", cir_cfg.get("filter") or {})},
+        "plots": plots, "gallery": gallery,
+    }
+
+
+def _cir_plots(categories: dict[str, int], similarity: list[float], directional: list[float],
+               card_dir: Path) -> list[dict[str, str]]:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    names = sorted(categories, key=lambda c: (-categories[c], c))
+    ax1.barh(names[::-1], [categories[c] for c in names[::-1]], color="#8a6bb0")
+    ax1.set_title("kept modifications by category")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax, values, title, color in ((ax2, similarity, "pair image similarity", "#4878a8"),
+                                     (ax3, directional, "directional score", "#6a9f58")):
+        ax.hist(values, bins=min(30, max(5, len(values) // 3)), color=color, edgecolor="white")
+        ax.set_title(f"{title} (n={len(values)})")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+    for ax in (ax2, ax3):
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _save(fig, card_dir / "cir.png")
+    return [{"title": "CIR triplets: modification categories, pair similarity, directional score",
+             "path": "card/cir.png"}]
+
+
+def _thumb_bytes(image: bytes) -> bytes:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image)) as im:
+        im = im.convert("RGB")
+        im.thumbnail((THUMB, THUMB))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _cir_gallery(out_dir: Path, triplets: list[dict[str, Any]], card_dir: Path) -> list[dict[str, Any]]:
+    from m3t_gen.export import find_images
+
+    for stale in card_dir.glob("triplet-*.jpg"):
+        stale.unlink()
+    keys = {t[f] for t in triplets for f in ("image", "target_image")}
+    names = {}
+    for key, image in find_images(out_dir, keys):
+        name = f"triplet-{len(names)}.jpg"
+        try:
+            (card_dir / name).write_bytes(_thumb_bytes(image))
+        except Exception:  # a damaged image must not stop the card
+            continue
+        names[key] = f"card/{name}"
+    return [{"id": t["id"], "ref": names.get(t["image"]), "tgt": names.get(t["target_image"]),
+             "ref_key": t["image"], "tgt_key": t["target_image"],
+             "mods": [{"category": m.get("category"), "text": _short(m.get("text"), 160)}
+                      for m in t["modifications"][:3]]}
+            for t in triplets]
 
 
 def write_card(out_dir: Path) -> Path:
@@ -270,11 +405,12 @@ def write_card(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     cfg = manifest.get("config") or {}
-    recipe = manifest.get("recipe") or cfg.get("recipe") or "unknown"
+    parts = recipe_parts(manifest)
+    recipe = "+".join(parts)
     card_dir = out_dir / "card"
     card_dir.mkdir(exist_ok=True)
 
-    header = card_header(manifest)
+    header = card_header(manifest, has_triplets=bool(triplet_files(out_dir)))
     totals = {"read": 0, "kept": 0, "rejected": 0, "reasons": {}, **(manifest.get("totals") or {})}
     stats = _stats(out_dir)
     mix = (cfg.get("dialogue") or {}).get("mix") or {}
@@ -284,10 +420,12 @@ def write_card(out_dir: Path) -> Path:
         share = f"{100 * count / totals['read']:.1f} %" if totals["read"] else "—"
         reasons.append({"stage": stage if reason else "—", "reason": reason or stage, "count": count,
                         "share": share})
+    description = " ".join(RECIPES.get(p, f"Data written by the m3t-gen recipe {p}.") for p in parts)
     context = {
         "header": yaml.safe_dump(header, sort_keys=False, allow_unicode=True, default_flow_style=False),
         "pretty_name": header["pretty_name"],
-        "recipe_description": md(RECIPES.get(recipe, f"Data written by the m3t-gen recipe {recipe}.")),
+        "configs": [c["config_name"] for c in header["configs"]],
+        "recipe_description": md(description),
         "name": manifest.get("name"), "recipe": recipe, "config_hash": manifest.get("config_hash"),
         "version": (manifest.get("versions") or {}).get("m3t-gen", ""), "finished": manifest.get("finished"),
         "seed": cfg.get("seed"),
@@ -301,10 +439,11 @@ def write_card(out_dir: Path) -> Path:
         "reasons": reasons,
         "models": _models(manifest),
         "mix": {k: v for k, v in mix.items() if v},
-        "filter": {k: _fmt(v) for k, v in (cfg.get("filter") or {}).items()},
-        "templates": _templates(manifest),
+        "filter": _flat("", cfg.get("filter") or {}),
+        "templates": _templates(manifest, out_dir),
         "plots": _plots(_index_columns(out_dir), mix, card_dir),
         "gallery": _gallery(out_dir, card_dir, GALLERY),
+        "cir": _cir_context(out_dir, manifest, card_dir, 3),
         "versions": manifest.get("versions") or {},
         "refilters": [", ".join(r.get("set", [])) for r in manifest.get("refilters") or []],
     }

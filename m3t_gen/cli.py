@@ -100,7 +100,8 @@ from m3t_gen.export import EXPORTERS as _EXPORTERS  # noqa: E402  (stdlib-only m
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", required=True, type=click.Choice(sorted(_EXPORTERS)),
               help="muco: parquet + images/ for the MuCo trainer; mtcir: CIR triplets as JSONL.")
-@click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Directory to write into.")
+@click.option("--to", "to", required=True, type=click.Path(),
+              help="Directory to write into (train.parquet / train.jsonl + images/), or the .parquet / .jsonl file.")
 def export_cmd(output: str, fmt: str, to: str) -> None:
     """Export the finished run OUTPUT in a trainer's format."""
     from m3t_gen.export import RunOutputError, export

@@ -1,22 +1,25 @@
 """`m3t-gen export OUT --format FMT --to PATH`: convert a finished run into the layout a trainer reads.
 
-Formats live in ``EXPORTERS`` (name -> function ``(out_dir, to) -> dict``); adding one = one function + its
-``@exporter("name")``.
+Formats live in ``EXPORTERS`` (name -> ``Format``: the file it writes and a function); adding one = one
+function + its ``@exporter(name, file_name)``. ``PATH`` is a directory (the format's file is written inside it
+under its default name) or, when it ends with the format's suffix, the file itself; JPEGs always go to
+``images/`` beside that file, and image paths in the file are relative to the file's folder.
 
-- ``muco``: the M3T parquet layout the MuCo trainer reads, self-contained in ``TO/``::
+- ``muco``: the M3T parquet layout the MuCo trainer reads, self-contained::
 
-      TO/train.parquet          one row per kept sample (row groups of at most 1000 rows)
-      TO/images/<key>.jpg       the sample's JPEG, extracted from OUT/shards
+      PATH/train.parquet        one row per kept sample (row groups of at most 1000 rows)
+      PATH/images/<key>.jpg     the sample's JPEG, extracted from OUT/shards
 
-  columns: ``key``, ``image`` (path of the JPEG relative to ``TO/``, i.e. ``images/<key>.jpg``), ``url``,
-  ``caption``, ``queries`` (query strings in turn order), ``positives`` (target strings aligned with
-  ``queries``), ``turn_types`` (aligned with ``queries``).
+  columns: ``key``, ``image`` (``images/<key>.jpg``, relative to the parquet's folder), ``url``, ``caption``,
+  ``queries`` (query strings in turn order), ``positives`` (target strings aligned with ``queries``),
+  ``turn_types`` (aligned with ``queries``).
 
-- ``mtcir``: CIR triplets as JSONL, ``TO/train.jsonl``, one ``{"id", "image", "target_image", "modifications"}``
-  object a line; ``image`` / ``target_image`` are paths relative to ``TO/`` of the reference / target JPEG
-  (extracted to ``TO/images/<key>.jpg``), ``modifications`` is the list of ``{"category", "text"}`` as the CIR
-  stage wrote them. Read from ``OUT/triplets/*.jsonl`` (fields id, image = reference key, target_image = target
-  key, modifications).
+- ``mtcir``: CIR triplets as JSONL (``PATH/train.jsonl`` or ``PATH`` itself when it ends with ``.jsonl``), one
+  ``{"id", "image", "target_image", "modifications"}`` object a line: ``image`` / ``target_image`` are the
+  reference / target JPEGs (``images/<key>.jpg``, extracted from the run's pool/shards tars) and
+  ``modifications`` the kept ``[{"category", "text"}, ...]``. Read from ``OUT/triplets/*.jsonl`` (written by
+  the CIR recipe: id, image = reference key, target_image = target key, modifications); a run without them is
+  an error ("this run has no CIR triplets; run a CIR recipe").
 
 Every file is written under a temporary name and renamed when complete.
 
@@ -30,6 +33,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 TMP = ".tmp"
@@ -96,32 +100,44 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 # ----------------------------------------------------------------------------------------- registry
-Exporter = Callable[[Path, Path], dict[str, Any]]
-EXPORTERS: dict[str, Exporter] = {}
+@dataclass(frozen=True)
+class Format:
+    name: str
+    file_name: str  # written inside a --to directory; a --to path with this suffix is taken as the file
+    write: Callable[[Path, Path], dict[str, Any]]  # (run dir, output file) -> summary
 
 
-def exporter(name: str) -> Callable[[Exporter], Exporter]:
-    def register(fn: Exporter) -> Exporter:
-        EXPORTERS[name] = fn
+EXPORTERS: dict[str, Format] = {}
+
+
+def exporter(name: str, file_name: str) -> Callable[[Callable], Callable]:
+    def register(fn: Callable[[Path, Path], dict[str, Any]]) -> Callable:
+        EXPORTERS[name] = Format(name, file_name, fn)
         return fn
     return register
 
 
 def export(out_dir: Path, fmt: str, to: Path) -> dict[str, Any]:
-    """Export the finished run in ``out_dir`` as ``fmt`` into the directory ``to``; returns a summary dict."""
+    """Export the finished run in ``out_dir`` as ``fmt`` to ``to`` (a directory, or the output file itself when
+    it ends with the format's suffix); returns a summary dict (format, rows, path, images)."""
     try:
-        fn = EXPORTERS[fmt]
+        spec = EXPORTERS[fmt]
     except KeyError:
         raise RunOutputError(f"unknown export format {fmt!r} (one of: {', '.join(sorted(EXPORTERS))})") from None
     out_dir, to = Path(out_dir), Path(to)
     read_manifest(out_dir)
-    if to.exists() and not to.is_dir():
-        raise RunOutputError(f"{to}: exists and is not a directory")
-    return fn(out_dir, to)
+    target = to if to.suffix == Path(spec.file_name).suffix else to / spec.file_name
+    if target.is_dir():
+        raise RunOutputError(f"{target}: is a directory")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise RunOutputError(f"{target.parent}: exists and is not a directory")
+    return spec.write(out_dir, target)
 
 
-def _make_dirs(to: Path) -> None:
-    (to / "images").mkdir(parents=True, exist_ok=True)
+def _make_dirs(target: Path) -> Path:
+    images = target.parent / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    return images
 
 
 # ----------------------------------------------------------------------------------------- muco
@@ -135,15 +151,14 @@ def _muco_schema():
     ])
 
 
-@exporter("muco")
-def export_muco(out_dir: Path, to: Path) -> dict[str, Any]:
+@exporter("muco", "train.parquet")
+def export_muco(out_dir: Path, target: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    _make_dirs(to)
+    images = _make_dirs(target)
     schema = _muco_schema()
-    final = to / "train.parquet"
-    tmp = final.with_name(final.name + TMP)
+    tmp = target.with_name(target.name + TMP)
     rows: list[dict[str, Any]] = []
     count = 0
     writer = pq.ParquetWriter(str(tmp), schema)
@@ -151,11 +166,10 @@ def export_muco(out_dir: Path, to: Path) -> dict[str, Any]:
         for key, image, sample in iter_samples(out_dir, "shards"):
             if image is None:
                 raise RunOutputError(f"{out_dir}: sample {key} has no JPEG in its tar")
-            rel = f"images/{key}.jpg"
-            _atomic_write(to / rel, image)
+            _atomic_write(images / f"{key}.jpg", image)
             turns = sorted_turns(sample)
             rows.append({
-                "key": key, "image": rel, "url": (sample.get("source") or {}).get("url"),
+                "key": key, "image": f"images/{key}.jpg", "url": (sample.get("source") or {}).get("url"),
                 "caption": sample.get("caption"),
                 "queries": [t["query"] for t in turns], "positives": [t["target"] for t in turns],
                 "turn_types": [t["type"] for t in turns],
@@ -172,50 +186,70 @@ def export_muco(out_dir: Path, to: Path) -> dict[str, Any]:
         tmp.unlink(missing_ok=True)
         raise
     writer.close()
-    os.replace(tmp, final)
-    return {"format": "muco", "rows": count, "path": str(final), "images": str(to / "images")}
+    os.replace(tmp, target)
+    return {"format": "muco", "rows": count, "path": str(target), "images": str(images)}
 
 
 # ----------------------------------------------------------------------------------------- mtcir
-def _read_triplets(out_dir: Path) -> list[dict[str, Any]]:
-    files = sorted((out_dir / "triplets").glob("*.jsonl"))
-    if not files:
-        raise RunOutputError(NO_TRIPLETS)
-    triplets = []
-    for path in files:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                t = json.loads(line)
-                triplet = {"id": str(t["id"]), "image": str(t["image"]), "target_image": str(t["target_image"]),
-                           "modifications": [{"category": m.get("category"), "text": m["text"]}
-                                             for m in t["modifications"]]}
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise RunOutputError(f"{path}:{n}: not a CIR triplet ({type(e).__name__}: {e})") from None
-            triplets.append(triplet)
-    return triplets
+def triplet_files(out_dir: Path) -> list[Path]:
+    return sorted((Path(out_dir) / "triplets").glob("*.jsonl"))
 
 
-@exporter("mtcir")
-def export_mtcir(out_dir: Path, to: Path) -> dict[str, Any]:
-    triplets = _read_triplets(out_dir)
-    _make_dirs(to)
-    wanted = {t[f] for t in triplets for f in ("image", "target_image")}
-    found: set[str] = set()
-    for sub in ("shards", "filtered"):
+def iter_triplets(out_dir: Path) -> Iterator[dict[str, Any]]:
+    """The kept triplets of the run, as the CIR recipe wrote them (all fields), file by file."""
+    for path in triplet_files(out_dir):
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    t = json.loads(line)
+                    for f in ("id", "image", "target_image"):
+                        if not isinstance(t[f], str) or not t[f]:
+                            raise ValueError(f"{f} must be a non-empty string")
+                    if not all(isinstance(m, dict) and isinstance(m["text"], str) for m in t["modifications"]):
+                        raise ValueError("modifications must be a list of {category, text}")
+                except (ValueError, KeyError, TypeError) as e:
+                    raise RunOutputError(f"{path}:{n}: not a CIR triplet ({type(e).__name__}: {e})") from None
+                yield t
+
+
+def find_images(out_dir: Path, keys: set[str], subs: tuple[str, ...] = ("pool", "shards", "filtered"),
+                ) -> Iterator[tuple[str, bytes]]:
+    """(key, JPEG) for each of ``keys`` found in the run's tars (the CIR image pool first), each key once."""
+    left = set(keys)
+    for sub in subs:
         for path in tar_paths(out_dir, sub):
+            if not left:
+                return
             for key, image, _ in iter_tar(path):
-                if key in wanted and key not in found and image is not None:
-                    _atomic_write(to / "images" / f"{key}.jpg", image)
-                    found.add(key)
+                if key in left and image is not None:
+                    left.discard(key)
+                    yield key, image
+
+
+@exporter("mtcir", "train.jsonl")
+def export_mtcir(out_dir: Path, target: Path) -> dict[str, Any]:
+    if not triplet_files(out_dir):
+        raise RunOutputError(NO_TRIPLETS)
+    wanted = {t[f] for t in iter_triplets(out_dir) for f in ("image", "target_image")}  # also validates
+    images = _make_dirs(target)
+    found = set()
+    for key, image in find_images(out_dir, wanted):
+        _atomic_write(images / f"{key}.jpg", image)
+        found.add(key)
     missing = sorted(wanted - found)
     if missing:
-        raise RunOutputError(f"{out_dir}: triplets reference {len(missing)} image(s) not in the run's tars, "
-                             f"e.g. {missing[0]!r}")
-    lines = [json.dumps({"id": t["id"], "image": f"images/{t['image']}.jpg",
-                         "target_image": f"images/{t['target_image']}.jpg",
-                         "modifications": t["modifications"]}, ensure_ascii=False) for t in triplets]
-    final = to / "train.jsonl"
-    _atomic_write(final, ("\n".join(lines) + "\n" if lines else "").encode())
-    return {"format": "mtcir", "rows": len(lines), "path": str(final), "images": str(to / "images")}
+        raise RunOutputError(f"{out_dir}: triplets reference {len(missing)} image(s) found in none of the run's "
+                             f"tars, e.g. {missing[0]!r}")
+    tmp = target.with_name(target.name + TMP)
+    count = 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        for t in iter_triplets(out_dir):
+            fh.write(json.dumps({"id": t["id"], "image": f"images/{t['image']}.jpg",
+                                 "target_image": f"images/{t['target_image']}.jpg",
+                                 "modifications": [{"category": m.get("category"), "text": m["text"]}
+                                                   for m in t["modifications"]]}, ensure_ascii=False) + "\n")
+            count += 1
+    os.replace(tmp, target)
+    return {"format": "mtcir", "rows": count, "path": str(target), "images": str(images)}

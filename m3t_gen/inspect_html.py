@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from m3t_gen.export import iter_samples, read_manifest
+from m3t_gen.export import find_images, iter_samples, iter_triplets, read_manifest, triplet_files
 
 THUMB = 320
 
@@ -53,6 +53,8 @@ tr.dropped td { color: #999; background: #f4f4f4; }
 tr.dropped td.why { color: #a66; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 .alt { font-size: 12px; color: #666; }
+.sample.triplet .thumb { width: 200px; } .sample.triplet .thumb img { max-width: 200px; max-height: 200px; }
+h3 { font-size: 15px; margin: 16px 0 6px; }
 </style>
 </head>
 <body>
@@ -93,6 +95,44 @@ tr.dropped td.why { color: #a66; }
 {% if filtered is not none %}
 <h2>Rejected by the filter ({{ filtered | length }} shown)</h2>
 {% for s in filtered %}{{ sample_card(s, True) }}{% else %}<p>None.</p>{% endfor %}
+{% endif %}
+{% if triplets is not none %}
+<h2>CIR triplets ({{ triplets | length }} shown{% if cir_kept is not none %} of {{ cir_kept }}{% endif %})</h2>
+{% for t in triplets %}
+<div class="sample triplet">
+  <div class="thumb">
+    {% if t.ref %}<img src="{{ t.ref }}" alt="{{ t.image }}">{% else %}<div>(no image)</div>{% endif %}
+    <div class="small">reference {{ t.image }}</div>
+  </div>
+  <div class="thumb">
+    {% if t.tgt %}<img src="{{ t.tgt }}" alt="{{ t.target_image }}">{% else %}<div>(no image)</div>{% endif %}
+    <div class="small">target {{ t.target_image }}</div>
+  </div>
+  <div class="body">
+    <div class="key">{{ t.id }}</div>
+    <div class="scores">{% for label, value in t.scores %}<span>{{ label }} <b>{{ value }}</b></span>{% endfor %}</div>
+    {% if t.reference_caption %}<div class="alt">reference caption: {{ t.reference_caption }}</div>{% endif %}
+    {% if t.target_caption %}<div class="alt">target caption: {{ t.target_caption }}</div>{% endif %}
+    <table class="turns">
+      <colgroup><col class="type"><col><col class="num"><col></colgroup>
+      <tr><th>category</th><th>modification</th><th class="num">score</th><th>dropped because</th></tr>
+      {% for m in t.mods %}
+      <tr{% if m.dropped %} class="dropped"{% endif %}><td>{{ m.category }}</td><td>{{ m.text }}</td>
+        <td class="num">{{ m.score }}</td><td class="why">{{ m.reason }}</td></tr>
+      {% endfor %}
+    </table>
+  </div>
+</div>
+{% else %}<p>No kept triplets.</p>{% endfor %}
+{% if triplet_rejects %}
+<h3>Rejected triplets ({{ triplet_rejects | length }} shown)</h3>
+<table class="turns rejects">
+  <tr><th>id</th><th>stage</th><th>reason</th><th>detail</th></tr>
+  {% for r in triplet_rejects %}
+  <tr><td>{{ r.id }}</td><td>{{ r.stage }}</td><td>{{ r.reason }}</td><td>{{ r.detail }}</td></tr>
+  {% endfor %}
+</table>
+{% endif %}
 {% endif %}
 </body>
 </html>
@@ -160,6 +200,44 @@ def _first(samples: Iterator[tuple[str, bytes | None, dict[str, Any]]], n: int) 
     return views
 
 
+def _triplet_views(out_dir: Path, n: int) -> list[dict[str, Any]]:
+    triplets = []
+    for t in iter_triplets(out_dir):
+        if len(triplets) >= n:
+            break
+        triplets.append(t)
+    thumbs = {key: _thumb(image) for key, image in
+              find_images(out_dir, {t[f] for t in triplets for f in ("image", "target_image")})}
+    views = []
+    for t in triplets:
+        extra = {k: v for k, v in (t.get("scores") or {}).items() if isinstance(v, (int, float))}
+        scores = [] if "image_similarity" in extra else [("image similarity", _num(t.get("similarity")))]
+        scores += [("rank", _num(t.get("rank")))] + [(k.replace("_", " "), _num(v)) for k, v in extra.items()]
+        mods = [dict(m, dropped=False) for m in t["modifications"]]
+        mods += [dict(m, dropped=True) for m in t.get("dropped_modifications") or []]
+        views.append({
+            "id": t["id"], "image": t["image"], "target_image": t["target_image"],
+            "ref": thumbs.get(t["image"]), "tgt": thumbs.get(t["target_image"]),
+            "reference_caption": t.get("reference_caption"), "target_caption": t.get("target_caption"),
+            "scores": [(label, value) for label, value in scores if value != ""],
+            "mods": [{"category": m.get("category"), "text": m.get("text"), "score": _num(m.get("score")),
+                      "reason": m.get("reason", "") if m["dropped"] else "", "dropped": m["dropped"]}
+                     for m in mods],
+        })
+    return views
+
+
+def _triplet_rejects(out_dir: Path, n: int) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = []
+    for path in sorted((out_dir / "triplet_rejects").glob("*.parquet")):
+        if len(rows) >= n:
+            break
+        rows += pq.read_table(path, columns=["id", "stage", "reason", "detail"]).slice(0, n - len(rows)).to_pylist()
+    return rows
+
+
 def render_html(out_dir: Path, n: int = 24) -> str:
     import jinja2
 
@@ -169,6 +247,7 @@ def render_html(out_dir: Path, n: int = 24) -> str:
     counts = [(k, totals[k]) for k in ("read", "kept", "rejected") if k in totals]
     counts += [(reason, count) for reason, count in sorted((totals.get("reasons") or {}).items())]
     has_filtered = (out_dir / "filtered").is_dir() and any((out_dir / "filtered").glob("*.tar"))
+    has_triplets = bool(triplet_files(out_dir)) or "cir" in manifest
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
     return env.from_string(PAGE).render(
@@ -176,6 +255,9 @@ def render_html(out_dir: Path, n: int = 24) -> str:
         config_hash=manifest.get("config_hash", ""), out_dir=str(out_dir), counts=counts,
         kept=_first(iter_samples(out_dir, "shards"), n), kept_total=totals.get("kept", "?"),
         filtered=_first(iter_samples(out_dir, "filtered"), n) if has_filtered else None,
+        triplets=_triplet_views(out_dir, n) if has_triplets else None,
+        cir_kept=(manifest.get("cir") or {}).get("kept"),
+        triplet_rejects=_triplet_rejects(out_dir, n) if has_triplets else [],
     )
 
 

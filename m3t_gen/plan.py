@@ -254,6 +254,7 @@ class Measured:
     images_per_s: dict[str, float]
     reach: dict[str, float]
     notes: list[str]
+    output_tokens_per_image: dict[str, float] = field(default_factory=dict)  # retries included
 
 
 def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
@@ -269,7 +270,9 @@ def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
         raise ConfigError(f"--from-run {output}: unreadable manifest.json ({e})") from None
     rates: dict[str, float] = {}
     reach: dict[str, float] = {}
+    tokens: dict[str, float] = {}
     notes: list[str] = []
+    planned_cfg = cfg.model_dump(mode="json", by_alias=True)
     for stage in STAGES:
         s = stages.get(stage)
         if not s or not s.get("in") or not s.get("busy_seconds"):
@@ -283,18 +286,30 @@ def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
         devices = float(res.get("num_gpus") or 0) or 1.0  # GPUs per replica; a CPU actor counts as one
         rates[stage] = s["in"] / s["busy_seconds"] / devices
         ran = _stage_model(run_cfg, stage)
-        planned = _stage_model(cfg.model_dump(mode="json", by_alias=True), stage)
+        planned = _stage_model(planned_cfg, stage)
         if ran != planned:
             notes.append(f"{stage}: measured with {ran}, planning for {planned}")
+        # Generated tokens per image (the manifest counts them, retries included): used when the run generated
+        # under the same model and max_tokens as planned; otherwise the configured bound stays.
+        if s.get("output_tokens"):
+            same = ran == planned and _max_tokens(run_cfg, stage) == _max_tokens(planned_cfg, stage)
+            if same:
+                tokens[stage] = s["output_tokens"] / s["in"]
+            else:
+                notes.append(f"{stage}: output tokens per image not taken from the run (other model or max_tokens)")
         if not res.get("num_gpus"):
             notes.append(f"{stage}: measured on CPU actors (num_gpus 0)")
-    return Measured(str(output), rates, reach, notes)
+    return Measured(str(output), rates, reach, notes, tokens)
 
 
 def _stage_model(cfg: dict[str, Any], stage: str) -> str | None:
     section = cfg.get(stage) or {}
     model = section.get("model")
     return model.get("model") if isinstance(model, dict) else model
+
+
+def _max_tokens(cfg: dict[str, Any], stage: str) -> int | None:
+    return ((cfg.get(stage) or {}).get("sampling") or {}).get("max_tokens")
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -337,8 +352,9 @@ def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs:
 
     count_caption = TokenCounter(cfg.caption.model.model)
     count_dialogue = TokenCounter(cfg.dialogue.model.model)
-    caption_out = cfg.caption.sampling.max_tokens * fill
-    dialogue_out = dialogue_output_bound(cfg) * fill
+    measured_tokens = measured.output_tokens_per_image if measured else {}
+    caption_out = measured_tokens.get("caption", cfg.caption.sampling.max_tokens * fill)
+    dialogue_out = measured_tokens.get("dialogue", dialogue_output_bound(cfg) * fill)
     vis = vision_tokens(cfg.caption.model.model, side, vision_px)
     caption_text, dialogue_prompt = _example_prompts(cfg, caption_out, count_caption, count_dialogue)
     n_turns = sum(cfg.dialogue.mix.values())
@@ -411,7 +427,8 @@ def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs:
         f"{vis} vision tokens per image ({vision_px} px per token)" + (" (tiny:vlm)" if vis == TINY_VLM_IMAGE_TOKENS
                                                                           else ""),
         f"output tokens are {'the upper bound' if fill == 1 else f'{fill:g} x the upper bound'}: caption "
-        f"max_tokens {cfg.caption.sampling.max_tokens}, dialogue {dialogue_output_bound(cfg)} for {n_turns} turns",
+        f"max_tokens {cfg.caption.sampling.max_tokens}, dialogue {dialogue_output_bound(cfg)} for {n_turns} turns"
+        + (f"; measured per image in the run for {', '.join(sorted(measured_tokens))}" if measured_tokens else ""),
         f"prompt tokens: templates rendered with the validate example row, counted by {count_caption.source} "
         f"(caption) / {count_dialogue.source} (dialogue), + {CHAT_OVERHEAD} chat tokens",
         "one attempt per image (retries after invalid output cost more; a measured run includes them)",

@@ -39,6 +39,14 @@ def manifest(run_out):
 
 
 @pytest.fixture(scope="module")
+def triplets(run_out):
+    """The kept CIR triplets of the run (the smoke recipe is m3t+cir); [] for an M3T-only run."""
+    from m3t_gen.export import iter_triplets
+
+    return list(iter_triplets(run_out))
+
+
+@pytest.fixture(scope="module")
 def card(run_out):
     proc = _cli("card", run_out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,14 +56,17 @@ def card(run_out):
 
 
 # ----------------------------------------------------------------------------------------- card
-def test_card_parses_as_a_dataset_card_with_the_configs_entry(card, manifest):
+def test_card_parses_as_a_dataset_card_with_the_configs_entry(card, manifest, triplets):
     from huggingface_hub import DatasetCard
 
     from m3t_gen.card import md
 
     parsed = DatasetCard.load(card)
     data = parsed.data.to_dict()
-    assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}]
+    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}]
+    if triplets:
+        configs.append({"config_name": "triplets", "data_files": [{"split": "train", "path": "triplets/*.jsonl"}]})
+    assert data["configs"] == configs
     assert data["license"] == "other"  # the smoke config names none
     assert data["size_categories"] == ["n<1K"]
     assert "visual-question-answering" in data["task_categories"]
@@ -71,6 +82,9 @@ def test_card_parses_as_a_dataset_card_with_the_configs_entry(card, manifest):
         stage, reason = code.split(":", 1)
         assert f"| {md(stage)} | {md(reason)} | {count} |" in text, code
     assert f"| kept samples | {manifest['totals']['kept']} |" in text
+    if triplets:
+        assert f"| kept triplets | {len(triplets)} |" in text
+        assert "composed-image-retrieval" in data["tags"]
 
 
 @pytest.mark.parametrize("kept,label", [(0, "n<1K"), (999, "n<1K"), (1000, "1K<n<10K"), (54_321, "10K<n<100K"),
@@ -81,7 +95,7 @@ def test_size_category(kept, label):
     assert size_category(kept) == label
 
 
-def test_load_dataset_reads_the_shards_through_the_card(card, manifest, tmp_path):
+def test_load_dataset_reads_the_shards_through_the_card(card, manifest, triplets, tmp_path):
     from datasets import load_dataset
 
     ds = load_dataset(str(card.parent), split="train", cache_dir=str(tmp_path / "hf"))
@@ -89,12 +103,17 @@ def test_load_dataset_reads_the_shards_through_the_card(card, manifest, tmp_path
     assert {"jpg", "json"} <= set(ds.column_names)
     row = ds[0]
     assert row["jpg"].size[0] > 0 and row["json"]["turns"]
+    if triplets:
+        cir = load_dataset(str(card.parent), "triplets", split="train", cache_dir=str(tmp_path / "hf"))
+        assert cir.num_rows == len(triplets) == manifest["cir"]["kept"]
+        assert cir[0]["modifications"][0]["text"]
 
 
-def test_plots_and_gallery_exist_and_are_valid_images(card, manifest):
+def test_plots_and_gallery_exist_and_are_valid_images(card, manifest, triplets):
     text = card.read_text()
     pngs = re.findall(r"\]\((card/[^)]+\.png)\)", text)
-    assert set(pngs) == {"card/scores.png", "card/turn_types.png", "card/image_sizes.png"}
+    expected = {"card/scores.png", "card/turn_types.png", "card/image_sizes.png"}
+    assert set(pngs) == (expected | {"card/cir.png"} if triplets else expected)
     for rel in pngs:
         path = card.parent / rel
         assert path.is_file() and path.stat().st_size > 0, rel
@@ -115,6 +134,7 @@ def test_card_escapes_untrusted_text(tmp_path):
     text = write_card(out).read_text()
     assert "<script" not in text and "<img" not in text and "](javascript" not in text
     assert "&lt;script&gt;" in text
+    assert "&lt;script&gt;alert(5)&lt;/script&gt;" in text  # the triplet gallery
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -150,19 +170,40 @@ def test_muco_export(run_out, manifest, tmp_path):
 def test_mtcir_export_without_triplets_is_a_clear_error(run_out, tmp_path):
     from m3t_gen.export import RunOutputError, export
 
+    m3t_only = tmp_path / "run"  # the run as an M3T-only recipe leaves it: no triplets/
+    shutil.copytree(run_out, m3t_only, ignore=shutil.ignore_patterns("triplets", "card", "README.md"))
     with pytest.raises(RunOutputError, match="this run has no CIR triplets; run a CIR recipe"):
-        export(run_out, "mtcir", tmp_path / "cir")
-    proc = _cli("export", run_out, "--format", "mtcir", "--to", tmp_path / "cir")
+        export(m3t_only, "mtcir", tmp_path / "cir")
+    proc = _cli("export", m3t_only, "--format", "mtcir", "--to", tmp_path / "cir")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: this run has no CIR triplets; run a CIR recipe"
     assert not (tmp_path / "cir").exists()
 
 
-def test_mtcir_export_reads_triplets(run_out, tmp_path):
+def test_mtcir_export_of_the_run_s_triplets(run_out, triplets, tmp_path):
+    if not triplets:
+        pytest.skip("the smoke recipe wrote no CIR triplets")
+    target = tmp_path / "cir" / "triplets.jsonl"  # --to FILE.jsonl: the file itself, images/ beside it
+    proc = _cli("export", run_out, "--format", "mtcir", "--to", target)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(lines) == len(triplets)
+    for line, t in zip(lines, triplets):
+        assert set(line) == {"id", "image", "target_image", "modifications"}
+        assert line["id"] == t["id"]
+        assert line["image"] == f"images/{t['image']}.jpg" and line["target_image"] == f"images/{t['target_image']}.jpg"
+        for rel in (line["image"], line["target_image"]):
+            with Image.open(target.parent / rel) as im:
+                assert im.format == "JPEG"
+        assert line["modifications"] == [{"category": m["category"], "text": m["text"]} for m in t["modifications"]]
+    assert not list(target.parent.rglob("*.tmp"))
+
+
+def test_mtcir_export_reads_triplets_written_into_a_run(run_out, tmp_path):
     from m3t_gen.export import export
 
     copy = tmp_path / "run"
-    shutil.copytree(run_out, copy)
+    shutil.copytree(run_out, copy, ignore=shutil.ignore_patterns("triplets", "card", "README.md"))
     keys = pq.read_table(copy / "index").column("key").to_pylist()
     (copy / "triplets").mkdir()
     triplet = {"id": "t0", "image": keys[0], "target_image": keys[1],
@@ -194,7 +235,7 @@ def html_page(run_out, tmp_path_factory):
     return path
 
 
-def test_html_is_self_contained(html_page, manifest, run_out):
+def test_html_is_self_contained(html_page, manifest, triplets):
     text = html_page.read_text()
     # Raw "<" only starts markup (all text is escaped): no attribute may point anywhere but at a data: URL.
     assert not re.search(r"""<[^>]*\s(?:src|href)\s*=\s*(?!["']?data:)""", text, re.I)
@@ -203,8 +244,11 @@ def test_html_is_self_contained(html_page, manifest, run_out):
     assert "url(" not in style and "@import" not in style
     kept = min(24, manifest["totals"]["kept"])
     filtered = sum(n for code, n in manifest["totals"]["reasons"].items() if code.startswith("filter:"))
-    assert text.count('<img src="data:image/jpeg;base64,') == kept + min(24, filtered)
+    shown_triplets = min(24, len(triplets))
+    assert text.count('<img src="data:image/jpeg;base64,') == kept + min(24, filtered) + 2 * shown_triplets
     assert "Rejected by the filter" in text
+    if triplets:
+        assert f"CIR triplets ({shown_triplets} shown" in text
     assert 'class="dropped"' in text  # the smoke thresholds drop some turns in kept samples
 
 
@@ -215,6 +259,7 @@ def test_html_escapes_untrusted_text(tmp_path):
     assert "<script>alert" not in text and "<img src=x" not in text and 'href="javascript' not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "&lt;img src=x onerror=alert(2)&gt;" in text
+    assert "&lt;script&gt;alert(5)&lt;/script&gt;" in text and "<svg" not in text
 
 
 def test_html_renders_in_headless_chromium(html_page, tmp_path):
@@ -259,6 +304,12 @@ def _evil_run(tmp_path: Path) -> Path:
                 info = tarfile.TarInfo(f"{s['key']}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
+    (out / "triplets").mkdir()
+    (out / "triplets" / "part-00000.jsonl").write_text(json.dumps({
+        "id": "evil_0__evil_1", "image": "evil_0", "target_image": "evil_1",
+        "modifications": [{"category": "<i>cat</i>", "text": "<script>alert(5)</script>", "score": 0.2}],
+        "dropped_modifications": [{"category": "x", "text": "[y](javascript:z)", "score": 0.0, "reason": "<b>r</b>"}],
+        "reference_caption": "<svg onload=alert(6)>", "similarity": 0.5, "rank": 1}) + "\n")
     (out / "manifest.json").write_text(json.dumps({
         "name": "<b>evil</b>", "recipe": "m3t", "config_hash": "x", "config": {"recipe": "m3t"},
         "templates": {}, "models": {"caption": "a`b|c"}, "totals": {"read": 2, "kept": 1, "rejected": 1,

@@ -142,39 +142,52 @@ def test_run_joins_a_multi_node_cluster(ray_tmpdir, tmp_path):
           f"{Counter(a['Address']['NodeID'][:8] for a in actors)}")
 
 
-def test_run_survives_losing_a_worker_node(ray_tmpdir, tmp_path):
+def pick_victim(cluster, workers, proc, when: str, timeout: float = 600):
+    """The worker node to kill: one holding a stage actor that is ALIVE (``running``: its model is loaded and
+    batches flow to it) or still in its constructor for at least 2 s (``starting``: loading a model / starting
+    an engine, the long phase of a real GPU actor)."""
+    first_seen: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    ids = {w.node_id: w for w in workers}
+    while time.monotonic() < deadline and proc.poll() is None:
+        now = time.monotonic()
+        for a in map_workers(cluster):
+            node = a["Address"]["NodeID"]
+            if node not in ids:
+                continue
+            if when == "running" and a["State"] == "ALIVE":
+                return ids[node], a["ActorClassName"]
+            if when == "starting" and a["State"] == "PENDING_CREATION":
+                since = first_seen.setdefault(a["ActorID"], now)
+                if now - since >= 2.0:
+                    return ids[node], a["ActorClassName"]
+        time.sleep(0.2)
+    return None, None
+
+
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_run_survives_losing_a_worker_node(ray_tmpdir, tmp_path, when):
     out, log = tmp_path / "out", tmp_path / "run.log"
     t0 = time.perf_counter()
-    # Head 1 CPU + two workers of 1 CPU. Ray Data spreads actors over the nodes; the victim is killed once it
-    # holds a live stage actor and before any input shard has finished. The survivors (2 CPUs) still fit
-    # every actor (1.75 CPUs) plus a 0.25-CPU task, as a local 2-CPU run does.
+    # Head 1 CPU + two workers of 1 CPU. The stage actors ask for more CPUs than one node has, so some land on
+    # a worker; the victim is killed (no graceful shutdown) while one of them runs or starts, before any input
+    # shard has finished. The survivors (2 CPUs) still fit the pipeline, as a local 2-CPU run does.
     with local_cluster(ray_tmpdir, head_cpus=1, worker_cpus=[1, 1]) as (cluster, workers):
         proc = start_run(cluster, out, log)
-        victim = None
-        deadline = time.monotonic() + 600
-        while victim is None and time.monotonic() < deadline and proc.poll() is None:
-            alive = [a for a in map_workers(cluster) if a["State"] == "ALIVE"]
-            by_node = Counter(a["Address"]["NodeID"] for a in alive)
-            for w in workers:
-                if by_node[w.node_id]:
-                    victim = w
-                    break
-            time.sleep(0.5)
-        assert victim is not None, "no stage actor ever ran on a worker node:\n" + log.read_text()[-4000:]
-        on_victim = sorted(a["ActorClassName"] for a in map_workers(cluster)
-                           if a["State"] == "ALIVE" and a["Address"]["NodeID"] == victim.node_id)
+        victim, actor = pick_victim(cluster, workers, proc, when)
+        assert victim is not None, f"no stage actor {when} on a worker node:\n" + log.read_text()[-4000:]
         done_before = len(list((out / "stats").glob("*.json")))
         assert proc.poll() is None and done_before < SMOKE_SHARDS, "the run ended before the kill"
         cluster.remove_node(victim, allow_graceful=False)
         killed_at = time.perf_counter() - t0
         text = wait_run(proc, log)
         actors = map_workers(cluster)
-    check_output(out)
+    manifest = check_output(out)
     assert "total: read 19 = kept" in text
     # The actors that were on the dead node came back elsewhere (Ray Data's default: max_restarts=-1).
     restarted = [a for a in actors if a["NumRestarts"] > 0]
     assert restarted, actors
     assert all(a["Address"]["NodeID"] != victim.node_id for a in restarted)
-    print(f"fault run: {time.perf_counter() - t0:.0f} s; killed the node holding {on_victim} at {killed_at:.0f} s "
+    print(f"fault run ({when}): {time.perf_counter() - t0:.0f} s; killed the node of {actor} at {killed_at:.0f} s "
           f"with {done_before}/{SMOKE_SHARDS} shards done; restarted: "
-          f"{[(a['ActorClassName'], a['NumRestarts']) for a in restarted]}")
+          f"{[(a['ActorClassName'], a['NumRestarts']) for a in restarted]}; reasons: {manifest['totals']['reasons']}")
