@@ -2,8 +2,8 @@
 
 The YAML header carries license, task categories, size category, pretty name, tags and ``configs``: the
 ``default`` config's ``data_files`` point at ``shards/*.tar`` (the M3T samples), so ``datasets.load_dataset(OUT)``
-(or the hub repo) loads the WebDataset shards; a run with CIR triplets gets a ``triplets`` config on
-``triplets/*.jsonl`` (the ``default`` one when the recipe wrote no M3T samples). The body
+(or the hub repo) loads the WebDataset shards; a CIR-only run points it at ``triplets/*.jsonl`` instead
+(``datasets`` infers one builder per folder, so tars and JSONL cannot be two configs of one card). The body
 (``card_template.md.j2``) describes the recipe, models, prompt templates (text and hashes), counts, rejection
 reasons, plots (``OUT/card/*.png``) and a gallery of examples (``OUT/card/example-*.jpg``). Everything comes
 from the finished run: manifest, stats, index parquet, tars, triplets.
@@ -277,17 +277,14 @@ def card_header(manifest: dict[str, Any], has_triplets: bool = False) -> dict[st
     tasks: list[str] = []
     for part in parts:
         tasks += [t for t in TASKS.get(part, DEFAULT_TASKS) if t not in tasks]
-    m3t = "m3t" in parts
-    shards_first = m3t or not has_triplets  # the default config: the M3T shards, else the triplets
-    configs = []
-    if shards_first:
-        configs.append({"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]})
-    if has_triplets:
-        configs.append({"config_name": "triplets" if shards_first else "default",
-                        "data_files": [{"split": "train", "path": "triplets/*.jsonl"}]})
+    # `datasets` infers one builder for a folder from all its configs' files: tars and JSONL cannot be two
+    # configs of one card. The M3T shards are the default config; the triplets are, when there are no shards.
+    shards_first = "m3t" in parts or not has_triplets
+    path = "shards/*.tar" if shards_first else "triplets/*.jsonl"
+    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": path}]}]
     rows = (manifest.get("totals") if shards_first else manifest.get("cir")) or {}
     recipe = "+".join(parts)
-    tags = ["m3t-gen", "synthetic", "multimodal", "image-text", "webdataset" if m3t else "jsonl", *parts]
+    tags = ["m3t-gen", "synthetic", "multimodal", "image-text", "webdataset" if shards_first else "jsonl", *parts]
     if "cir" in parts:
         tags.append("composed-image-retrieval")
     return {
@@ -338,7 +335,8 @@ def _cir_context(out_dir: Path, manifest: dict[str, Any], card_dir: Path, n: int
         "dropped_modifications": dropped_mods,
         "reasons": [{"code": code, "count": count}
                     for code, count in sorted(summary["reasons"].items(), key=lambda kv: (-kv[1], kv[0]))],
-        "thresholds": {**_flat("pairing", cir_cfg.get("pairing") or {}), **_flat("filter", cir_cfg.get("filter") or {})},
+        "thresholds": {**_flat("pairing", cir_cfg.get("pairing") or {}),
+                       **_flat("filter", cir_cfg.get("filter") or {})},
         "plots": plots, "gallery": gallery,
     }
 
@@ -424,7 +422,7 @@ def write_card(out_dir: Path) -> Path:
     context = {
         "header": yaml.safe_dump(header, sort_keys=False, allow_unicode=True, default_flow_style=False),
         "pretty_name": header["pretty_name"],
-        "configs": [c["config_name"] for c in header["configs"]],
+        "data_path": header["configs"][0]["data_files"][0]["path"],
         "recipe_description": md(description),
         "name": manifest.get("name"), "recipe": recipe, "config_hash": manifest.get("config_hash"),
         "version": (manifest.get("versions") or {}).get("m3t-gen", ""), "finished": manifest.get("finished"),

@@ -12,7 +12,8 @@ Nothing loads a model or starts Ray. Per image and stage:
 - output tokens: an upper bound: caption ``sampling.max_tokens``; dialogue the smaller of
   ``sampling.max_tokens`` and what the schema allows (per turn a query and a target of at most
   ``dialogue.max_text_chars`` characters, no target for retrieval, plus JSON markup). ``--fill F`` budgets for
-  a share F of that bound instead.
+  a share F of that bound instead; ``--from-run`` uses the tokens the run actually generated per image
+  (retries included) when it ran the same model with the same max_tokens.
 - reward: CLIP has no generated tokens; its texts (caption + every turn, each at most 77 tokens) are its
   prompt tokens and its throughput is in images per second.
 
@@ -36,7 +37,10 @@ from typing import Any
 
 from m3t_gen.config import ConfigError, PipelineConfig
 
-GPU_STAGES = ("caption", "dialogue", "reward")
+# Model stages a plan can hold (which ones depends on the recipe: planned_stages).
+GPU_STAGES = ("caption", "embed", "dialogue", "reward", "modify", "triplet_reward")
+SAMPLE_PASS = ("caption", "embed", "dialogue", "reward")
+CIR_PASS = ("modify", "triplet_reward")  # a second pass over the mined pairs, after the sample pass
 STAGES = ("read",) + GPU_STAGES
 
 CHAT_OVERHEAD = 10  # role markers and generation prompt of a chat template, in tokens
@@ -282,7 +286,7 @@ def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
         if stage == "read":
             rates[stage] = s["in"] / s["busy_seconds"]  # images per second of one read task (one core)
             continue
-        res = (run_cfg.get(stage) or {}).get("resources") or {}
+        res = (stage_section(run_cfg, stage) or {}).get("resources") or {}
         devices = float(res.get("num_gpus") or 0) or 1.0  # GPUs per replica; a CPU actor counts as one
         rates[stage] = s["in"] / s["busy_seconds"] / devices
         ran = _stage_model(run_cfg, stage)
@@ -303,69 +307,152 @@ def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
 
 
 def _stage_model(cfg: dict[str, Any], stage: str) -> str | None:
-    section = cfg.get(stage) or {}
-    model = section.get("model")
+    model = (stage_section(cfg, stage) or {}).get("model")
     return model.get("model") if isinstance(model, dict) else model
 
 
 def _max_tokens(cfg: dict[str, Any], stage: str) -> int | None:
-    return ((cfg.get(stage) or {}).get("sampling") or {}).get("max_tokens")
+    return ((stage_section(cfg, stage) or {}).get("sampling") or {}).get("max_tokens")
 
 
 # ---------------------------------------------------------------------------------------------- the plan
 
 
-def _example_prompts(cfg: PipelineConfig, caption_tokens: float, count_caption, count_dialogue) -> tuple[int, int]:
-    from m3t_gen.stages import caption, dialogue
-    from m3t_gen.templates import load_template
-    from m3t_gen.validate import EXAMPLE_ROW
+def stage_section(cfg: Any, stage: str) -> Any:
+    """The config section that holds a stage's model and resources (a PipelineConfig or its JSON dump)."""
+    path = {"embed": "reward", "triplet_reward": "reward", "modify": "cir.modify"}.get(stage, stage)
+    node = cfg
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+        if node is None:
+            return None
+    return node
 
-    cap = load_template(cfg.caption.template, cfg.base_dir).render(**caption.template_fields(EXAMPLE_ROW))
-    dia = load_template(cfg.dialogue.template, cfg.base_dir).render(
-        **dialogue.template_fields(EXAMPLE_ROW, cfg.dialogue.mix))
-    caption_prompt = count_caption(cap) + CHAT_OVERHEAD
-    dialogue_prompt = count_dialogue(dia) - count_dialogue(EXAMPLE_ROW["caption"]) + caption_tokens + CHAT_OVERHEAD
-    return caption_prompt, math.ceil(dialogue_prompt)
+
+def planned_stages(cfg: PipelineConfig) -> list[str]:
+    """The model stages this config runs, in pipeline order."""
+    from m3t_gen.stages.dialogue import DialogueStage
+    from m3t_gen.stages.embed import EmbedStage
+    from m3t_gen.stages.reward import RewardStage
+
+    stages = ["caption"]
+    if EmbedStage.enabled(cfg):
+        stages.append("embed")
+    if DialogueStage.enabled(cfg):
+        stages.append("dialogue")
+    if RewardStage.enabled(cfg):
+        stages.append("reward")
+    if cfg.wants("cir"):
+        stages += ["modify", "triplet_reward"]
+    return stages
+
+
+def modify_output_bound(cfg: PipelineConfig) -> int:
+    spec = cfg.cir.modify
+    per_item = math.ceil(spec.max_text_chars / CHARS_PER_TOKEN) + JSON_TURN_OVERHEAD
+    return min(4 + spec.n * per_item, spec.sampling.max_tokens)
+
+
+def _rendered(name: str, cfg: PipelineConfig, fields: dict[str, Any]) -> str:
+    from m3t_gen.templates import load_template
+
+    return load_template(name, cfg.base_dir).render(**fields)
 
 
 def gpus_per_replica(cfg: PipelineConfig, stage: str) -> tuple[float, list[str]]:
-    section = getattr(cfg, stage)
+    section = stage_section(cfg, stage)
     gpus = section.resources.num_gpus
     notes: list[str] = []
     model = getattr(section, "model", None)
-    if gpus > 0 and model is not None and getattr(model, "backend", None) == "vllm":
+    if gpus > 0 and getattr(model, "backend", None) == "vllm":
         opts = model.options
         parallel = int(opts.get("tensor_parallel_size", 1)) * int(opts.get("pipeline_parallel_size", 1))
         if parallel > gpus:
             notes.append(f"vLLM tensor x pipeline parallel = {parallel} GPUs per engine but "
-                         f"{stage}.resources.num_gpus = {gpus:g}: planned with {parallel}")
+                         f"resources.num_gpus = {gpus:g}: planned with {parallel}")
             gpus = parallel
     return gpus, notes
+
+
+@dataclass
+class _Work:
+    """What one stage does per input image: requests (pairs for CIR), prompt and output tokens per request."""
+
+    items_per_image: float
+    prompt: float
+    output: float
+    generates: bool
+
+
+def _work(cfg: PipelineConfig, stages: list[str], side: int, vision_px: int, fill: float,
+          measured_tokens: dict[str, float]) -> tuple[dict[str, _Work], list[str]]:
+    from m3t_gen.stages import caption, dialogue
+    from m3t_gen.validate import EXAMPLE_ROW
+
+    notes: list[str] = []
+    count = {s: TokenCounter(stage_section(cfg, s).model.model) for s in stages
+             if s in ("caption", "dialogue", "modify")}
+    work: dict[str, _Work] = {}
+    cap_out = measured_tokens.get("caption", cfg.caption.sampling.max_tokens * fill)
+    vis = vision_tokens(cfg.caption.model.model, side, vision_px)
+    cap_prompt = count["caption"](_rendered(cfg.caption.template, cfg, caption.template_fields(EXAMPLE_ROW)))
+    work["caption"] = _Work(1, cap_prompt + CHAT_OVERHEAD + vis, cap_out, True)
+    notes.append(f"images at {side} px on the longer side, 4:3 "
+                 f"({'read.max_side' if cfg.read.max_side else '--image-side'}): {vis} vision tokens per image"
+                 + (" (tiny:vlm)" if cfg.caption.model.model == "tiny:vlm" else f" ({vision_px} px per token)"))
+    bounds = [f"caption max_tokens {cfg.caption.sampling.max_tokens}"]
+    clip_caption = min(cap_out, CLIP_MAX_TOKENS)
+    if "embed" in stages:
+        work["embed"] = _Work(1, 0, 0, False)  # image tower only
+    if "dialogue" in stages:
+        c = count["dialogue"]
+        text = _rendered(cfg.dialogue.template, cfg, dialogue.template_fields(EXAMPLE_ROW, cfg.dialogue.mix))
+        prompt = c(text) - c(EXAMPLE_ROW["caption"]) + cap_out + CHAT_OVERHEAD
+        out = measured_tokens.get("dialogue", dialogue_output_bound(cfg) * fill)
+        work["dialogue"] = _Work(1, prompt, out, True)
+        n_turns = sum(cfg.dialogue.mix.values())
+        bounds.append(f"dialogue {dialogue_output_bound(cfg)} for {n_turns} turns")
+        if "reward" in stages:
+            work["reward"] = _Work(1, clip_caption + n_turns * min(out / n_turns, CLIP_MAX_TOKENS), 0, False)
+    elif "reward" in stages:
+        work["reward"] = _Work(1, clip_caption, 0, False)
+    if "modify" in stages:
+        from m3t_gen.stages import modify
+        from m3t_gen.validate import EXAMPLE_PAIR
+
+        spec = cfg.cir.modify
+        c = count["modify"]
+        text = _rendered(spec.template, cfg, modify.template_fields(EXAMPLE_PAIR, spec))
+        prompt = (c(text) - c(EXAMPLE_PAIR["ref_caption"]) - c(EXAMPLE_PAIR["tgt_caption"]) + 2 * cap_out
+                  + CHAT_OVERHEAD)
+        pairs = cfg.cir.pairing.pairs_per_image
+        out = measured_tokens.get("modify", modify_output_bound(cfg) * fill)
+        work["modify"] = _Work(pairs, prompt, out, True)
+        work["triplet_reward"] = _Work(pairs, clip_caption + spec.n * min(out / spec.n, CLIP_MAX_TOKENS), 0, False)
+        bounds.append(f"modify {modify_output_bound(cfg)} for {spec.n} texts per pair, "
+                      f"{pairs} pair(s) per image (every image paired: an upper bound)")
+    notes.append(f"output tokens are {'the upper bound' if fill == 1 else f'{fill:g} x the upper bound'}: "
+                 + ", ".join(bounds)
+                 + (f"; measured per image in the run for {', '.join(sorted(measured_tokens))}"
+                    if measured_tokens else ""))
+    notes.append("prompt tokens: templates rendered with the validate example row, counted by "
+                 + ", ".join(f"{c.source} ({s})" for s, c in count.items()) + f", + {CHAT_OVERHEAD} chat tokens")
+    return work, notes
 
 
 def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs: dict[str, float] | None = None,
               measured: Measured | None = None, image_side: int = 1024, vision_px: int = 28,
               fill: float = 1.0) -> Plan:
     throughputs = throughputs or {}
+    stages = planned_stages(cfg)
+    unknown = sorted(set(throughputs) - set(stages) - {"read"})
+    if unknown:
+        raise ConfigError(f"--throughput {unknown[0]}=...: this config has no {unknown[0]} stage "
+                          f"(stages: read, {', '.join(stages)})")
     reach = measured.reach if measured else {}
     side = cfg.read.max_side or image_side
-
-    count_caption = TokenCounter(cfg.caption.model.model)
-    count_dialogue = TokenCounter(cfg.dialogue.model.model)
-    measured_tokens = measured.output_tokens_per_image if measured else {}
-    caption_out = measured_tokens.get("caption", cfg.caption.sampling.max_tokens * fill)
-    dialogue_out = measured_tokens.get("dialogue", dialogue_output_bound(cfg) * fill)
-    vis = vision_tokens(cfg.caption.model.model, side, vision_px)
-    caption_text, dialogue_prompt = _example_prompts(cfg, caption_out, count_caption, count_dialogue)
-    n_turns = sum(cfg.dialogue.mix.values())
-    reward_text = min(caption_out, CLIP_MAX_TOKENS) + n_turns * min(
-        dialogue_out / n_turns, CLIP_MAX_TOKENS)
-
-    per_image = {
-        "caption": (caption_text + vis, caption_out),
-        "dialogue": (dialogue_prompt, dialogue_out),
-        "reward": (reward_text, 0.0),
-    }
+    work, assumptions = _work(cfg, stages, side, vision_px, fill,
+                              measured.output_tokens_per_image if measured else {})
     plans: list[StagePlan] = []
 
     # read: CPU tasks, one core each.
@@ -380,65 +467,73 @@ def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs:
     plans.append(StagePlan("read", "cpu", read_images, 0, 0, 0, 0, sec, "s/image/core", src, 1 / sec, 0, 0, 0.0,
                            read_hours, None))
 
-    for stage in GPU_STAGES:
-        section = getattr(cfg, stage)
+    for stage in stages:
+        w = work[stage]
+        section = stage_section(cfg, stage)
         gpus, notes = gpus_per_replica(cfg, stage)
         device = "gpu" if gpus > 0 else "cpu"
+        per = "GPU" if device == "gpu" else "actor"
         replicas = section.resources.concurrency
-        prompt_pi, out_pi = per_image[stage]
-        n = images * reach.get(stage, 1.0)
-        if stage == "reward":
-            unit = "images/s/" + ("GPU" if device == "gpu" else "actor")
+        items = images * w.items_per_image * reach.get(stage, reach.get("caption", 1.0))
+        if w.generates:
+            unit = f"output tok/s/{per}"
+            if stage in throughputs:
+                value, src = throughputs[stage], "--throughput"
+            elif measured and stage in measured.images_per_s:
+                value, src = measured.images_per_s[stage] * w.output, f"measured: {measured.run}"
+            else:
+                value, src = default_generation_throughput(section.model.model, vision=stage == "caption")
+                if device == "cpu":
+                    value, src = value / CPU_SLOWDOWN, src + f", CPU /{CPU_SLOWDOWN:g}"
+            items_s = value / w.output
+        else:
+            unit = f"{'pairs' if w.items_per_image != 1 or stage == 'triplet_reward' else 'images'}/s/{per}"
             if stage in throughputs:
                 value, src = throughputs[stage], "--throughput"
             elif measured and stage in measured.images_per_s:
                 value, src = measured.images_per_s[stage], f"measured: {measured.run}"
             else:
                 value, src = default_clip_throughput(section.model)
+                if stage == "embed":
+                    value, src = value * 2, src + ", image tower only (x2)"
                 if device == "cpu":
                     value, src = value / CPU_SLOWDOWN, src + f", CPU /{CPU_SLOWDOWN:g}"
-            img_s = value
-        else:
-            unit = "output tok/s/" + ("GPU" if device == "gpu" else "actor")
-            if stage in throughputs:
-                value, src = throughputs[stage], "--throughput"
-            elif measured and stage in measured.images_per_s:
-                value, src = measured.images_per_s[stage] * out_pi, f"measured: {measured.run}"
-            else:
-                value, src = default_generation_throughput(section.model.model, vision=stage == "caption")
-                if device == "cpu":
-                    value, src = value / CPU_SLOWDOWN, src + f", CPU /{CPU_SLOWDOWN:g}"
-            img_s = value / out_pi
-        hours = n / img_s / 3600
+            items_s = value
+        hours = items / items_s / 3600
         units = (gpus if device == "gpu" else 1.0) * replicas
         plans.append(StagePlan(
-            stage, device, n, prompt_pi, out_pi, n * prompt_pi, n * out_pi, value, unit, src, img_s,
-            gpus, replicas, hours if device == "gpu" else 0.0, hours, hours / units, notes))
+            stage, device, items, w.prompt, w.output, items * w.prompt, items * w.output, value, unit, src,
+            items_s, gpus, replicas, hours if device == "gpu" else 0.0, hours, hours / units, notes))
 
-    gen = [p for p in plans if p.stage != "read"]
-    bottleneck = max(gen, key=lambda p: p.wall_hours or 0.0)
-    wall = bottleneck.wall_hours or 0.0
-    total_gpus = sum(p.gpus_per_replica * p.replicas for p in gen if p.device == "gpu")
-    total_gpu_hours = sum(p.gpu_hours for p in gen)
-    balanced = {p.stage: round(total_gpus * p.gpu_hours / total_gpu_hours, 2)
-                for p in gen if p.device == "gpu" and total_gpu_hours > 0}
-    assumptions = [
-        f"images at {side} px on the longer side, 4:3 ({'read.max_side' if cfg.read.max_side else '--image-side'}); "
-        f"{vis} vision tokens per image ({vision_px} px per token)" + (" (tiny:vlm)" if vis == TINY_VLM_IMAGE_TOKENS
-                                                                          else ""),
-        f"output tokens are {'the upper bound' if fill == 1 else f'{fill:g} x the upper bound'}: caption "
-        f"max_tokens {cfg.caption.sampling.max_tokens}, dialogue {dialogue_output_bound(cfg)} for {n_turns} turns"
-        + (f"; measured per image in the run for {', '.join(sorted(measured_tokens))}" if measured_tokens else ""),
-        f"prompt tokens: templates rendered with the validate example row, counted by {count_caption.source} "
-        f"(caption) / {count_dialogue.source} (dialogue), + {CHAT_OVERHEAD} chat tokens",
-        "one attempt per image (retries after invalid output cost more; a measured run includes them)",
+    # Stages of one pass stream concurrently: a pass takes as long as its slowest stage. The CIR stages run in
+    # a second pass once the sample pass is done, on the GPUs the first pass gave back.
+    wall, total_gpus, total_gpu_hours, bottlenecks, first_pass = 0.0, 0.0, 0.0, [], None
+    balanced: dict[str, float] = {}
+    for pass_stages in (SAMPLE_PASS, CIR_PASS):
+        gen = [p for p in plans if p.stage in pass_stages]
+        if not gen:
+            continue
+        slowest = max(gen, key=lambda p: p.wall_hours or 0.0)
+        bottlenecks.append(slowest.stage)
+        wall += slowest.wall_hours or 0.0
+        first_pass = slowest.wall_hours if first_pass is None else first_pass
+        gpus = sum(p.gpus_per_replica * p.replicas for p in gen if p.device == "gpu")
+        hours = sum(p.gpu_hours for p in gen)
+        total_gpus = max(total_gpus, gpus)
+        total_gpu_hours += hours
+        balanced.update({p.stage: round(gpus * p.gpu_hours / hours, 2)
+                         for p in gen if p.device == "gpu" and hours > 0})
+    assumptions += [
+        "one attempt per request (retries after invalid output cost more; a measured run includes them)",
         "shares of images reaching each stage: " + (f"measured in {measured.run}" if measured else
                                                     "all (read and dedupe rejections not subtracted)"),
     ]
+    if cfg.wants("cir"):
+        assumptions.append("CIR: the pair mining between the two passes (CPU/FAISS) is not planned")
     if measured:
         assumptions.extend(measured.notes)
-    return Plan(cfg.name, pipeline, images, plans, total_gpu_hours, total_gpus, wall, bottleneck.stage,
-                read_hours, read_hours / wall if wall > 0 else 0.0, balanced, assumptions)
+    return Plan(cfg.name, pipeline, images, plans, total_gpu_hours, total_gpus, wall, " + ".join(bottlenecks),
+                read_hours, read_hours / first_pass if first_pass else 0.0, balanced, assumptions)
 
 
 # ---------------------------------------------------------------------------------------------- printing
@@ -463,29 +558,32 @@ def _hours(x: float | None) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    lines = [f"plan: {plan.name} ({plan.pipeline}) for {plan.images:,} images"]
-    head = (f"{'stage':<9} {'device':<6} {'images':>8} {'prompt/img':>10} {'output/img':>10} {'prompt tok':>10} "
+    lines = [f"plan: {plan.name} ({plan.pipeline}) for {plan.images:,} images; items are images (CIR stages: "
+             f"pairs), tokens per item"]
+    head = (f"{'stage':<14} {'device':<6} {'items':>8} {'prompt/it':>10} {'output/it':>10} {'prompt tok':>10} "
             f"{'output tok':>10} {'throughput':>28} {'GPU-h':>9} {'GPUs':>5} {'wall h':>8}")
     lines.append(head)
     for p in plan.stages:
         if p.stage == "read":
             tput = f"{p.throughput * 1000:.0f} ms/image/core"
-            lines.append(f"{p.stage:<9} {'cpu':<6} {_num(p.images):>8} {'-':>10} {'-':>10} {'-':>10} {'-':>10} "
+            lines.append(f"{p.stage:<14} {'cpu':<6} {_num(p.images):>8} {'-':>10} {'-':>10} {'-':>10} {'-':>10} "
                          f"{tput:>28} {'-':>9} {'-':>5} {'-':>8}   CPU core-h {_hours(p.device_hours)}")
             continue
         tput = f"{_num(p.throughput)} {p.throughput_unit}"
         gpus = p.gpus_per_replica * p.replicas
         lines.append(
-            f"{p.stage:<9} {p.device:<6} {_num(p.images):>8} {_num(p.prompt_tokens_per_image):>10} "
+            f"{p.stage:<14} {p.device:<6} {_num(p.images):>8} {_num(p.prompt_tokens_per_image):>10} "
             f"{_num(p.output_tokens_per_image):>10} {_num(p.prompt_tokens):>10} {_num(p.output_tokens):>10} "
             f"{tput:>28} {_hours(p.gpu_hours) if p.device == 'gpu' else '-':>9} "
             f"{f'{gpus:g}' if p.device == 'gpu' else '-':>5} {_hours(p.wall_hours):>8}"
             + ("" if p.device == "gpu" else f"   CPU actor-h {_hours(p.device_hours)}"))
+    two = "+" in plan.bottleneck
     lines.append(f"total: {_hours(plan.total_gpu_hours)} GPU-hours on {plan.total_gpus:g} GPUs; wall about "
-                 f"{_hours(plan.wall_hours)} h (stages stream concurrently; slowest: {plan.bottleneck})")
+                 f"{_hours(plan.wall_hours)} h (stages stream concurrently{' within each pass' if two else ''}; "
+                 f"slowest: {plan.bottleneck})")
     if plan.wall_hours > 0:
         lines.append(f"read: {_hours(plan.read_cpu_hours)} CPU core-hours; {plan.read_cores_needed:.2g} cores keep "
-                     f"up with the slowest stage")
+                     f"up with the slowest stage of its pass")
     if plan.balanced_gpus:
         lines.append("balanced split of these GPUs (by GPU-hours): "
                      + ", ".join(f"{k} {v:g}" for k, v in plan.balanced_gpus.items()))

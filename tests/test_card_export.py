@@ -63,10 +63,8 @@ def test_card_parses_as_a_dataset_card_with_the_configs_entry(card, manifest, tr
 
     parsed = DatasetCard.load(card)
     data = parsed.data.to_dict()
-    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}]
-    if triplets:
-        configs.append({"config_name": "triplets", "data_files": [{"split": "train", "path": "triplets/*.jsonl"}]})
-    assert data["configs"] == configs
+    assert data["configs"] == [{"config_name": "default",
+                                "data_files": [{"split": "train", "path": "shards/*.tar"}]}]
     assert data["license"] == "other"  # the smoke config names none
     assert data["size_categories"] == ["n<1K"]
     assert "visual-question-answering" in data["task_categories"]
@@ -103,10 +101,34 @@ def test_load_dataset_reads_the_shards_through_the_card(card, manifest, triplets
     assert {"jpg", "json"} <= set(ds.column_names)
     row = ds[0]
     assert row["jpg"].size[0] > 0 and row["json"]["turns"]
-    if triplets:
-        cir = load_dataset(str(card.parent), "triplets", split="train", cache_dir=str(tmp_path / "hf"))
+    if triplets:  # as the card says to load them
+        files = str(card.parent / "triplets" / "*.jsonl")
+        cir = load_dataset("json", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
         assert cir.num_rows == len(triplets) == manifest["cir"]["kept"]
         assert cir[0]["modifications"][0]["text"]
+        assert 'load_dataset("json", data_files=' in card.read_text()
+
+
+def test_card_of_a_cir_only_run_points_at_the_triplets(run_out, triplets, tmp_path):
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    from m3t_gen.card import write_card
+
+    if not triplets:
+        pytest.skip("the smoke recipe wrote no CIR triplets")
+    cir_only = tmp_path / "run"  # what a `recipe: cir` run leaves: the pool and triplets, no M3T shards
+    shutil.copytree(run_out, cir_only, ignore=shutil.ignore_patterns("shards", "index", "filtered", "card",
+                                                                       "README.md"))
+    manifest = json.loads((cir_only / "manifest.json").read_text())
+    manifest["recipe"] = manifest["config"]["recipe"] = "cir"
+    (cir_only / "manifest.json").write_text(json.dumps(manifest))
+    data = DatasetCard.load(write_card(cir_only)).data.to_dict()
+    assert data["configs"] == [{"config_name": "default",
+                                "data_files": [{"split": "train", "path": "triplets/*.jsonl"}]}]
+    assert data["task_categories"] == ["image-feature-extraction", "feature-extraction"]
+    ds = load_dataset(str(cir_only), split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == len(triplets)
 
 
 def test_plots_and_gallery_exist_and_are_valid_images(card, manifest, triplets):

@@ -26,7 +26,7 @@ SMOKE = ROOT / "pipelines" / "smoke.yaml"
 SMOKE_READ = 19
 SMOKE_SHARDS = 2
 OBJECT_STORE = 200 * 1024 * 1024  # per node; the smoke run moves a few MB
-RUN_TIMEOUT = 1500
+RUN_TIMEOUT = 900  # a smoke run takes 1-3 min here; a hang (e.g. an actor with no room to restart) fails
 
 pytestmark = pytest.mark.slow
 
@@ -142,40 +142,39 @@ def test_run_joins_a_multi_node_cluster(ray_tmpdir, tmp_path):
           f"{Counter(a['Address']['NodeID'][:8] for a in actors)}")
 
 
-def pick_victim(cluster, workers, proc, when: str, timeout: float = 600):
-    """The worker node to kill: one holding a stage actor that is ALIVE (``running``: its model is loaded and
-    batches flow to it) or still in its constructor for at least 2 s (``starting``: loading a model / starting
-    an engine, the long phase of a real GPU actor)."""
+def wait_for_actor_on(cluster, node, proc, when: str, timeout: float = 600) -> str | None:
+    """Wait until a stage actor on ``node`` is ALIVE (``running``: its model is loaded and batches flow to it)
+    or has been in its constructor for 2 s (``starting``: loading a model / starting an engine, the long phase
+    of a real GPU actor). Returns the actor's class name."""
     first_seen: dict[str, float] = {}
     deadline = time.monotonic() + timeout
-    ids = {w.node_id: w for w in workers}
     while time.monotonic() < deadline and proc.poll() is None:
         now = time.monotonic()
         for a in map_workers(cluster):
-            node = a["Address"]["NodeID"]
-            if node not in ids:
+            if a["Address"]["NodeID"] != node.node_id:
                 continue
             if when == "running" and a["State"] == "ALIVE":
-                return ids[node], a["ActorClassName"]
+                return a["ActorClassName"]
             if when == "starting" and a["State"] == "PENDING_CREATION":
-                since = first_seen.setdefault(a["ActorID"], now)
-                if now - since >= 2.0:
-                    return ids[node], a["ActorClassName"]
+                if now - first_seen.setdefault(a["ActorID"], now) >= 2.0:
+                    return a["ActorClassName"]
         time.sleep(0.2)
-    return None, None
+    return None
 
 
 @pytest.mark.parametrize("when", ["running", "starting"])
 def test_run_survives_losing_a_worker_node(ray_tmpdir, tmp_path, when):
     out, log = tmp_path / "out", tmp_path / "run.log"
     t0 = time.perf_counter()
-    # Head 1 CPU + two workers of 1 CPU. The stage actors ask for more CPUs than one node has, so some land on
-    # a worker; the victim is killed (no graceful shutdown) while one of them runs or starts, before any input
-    # shard has finished. The survivors (2 CPUs) still fit the pipeline, as a local 2-CPU run does.
-    with local_cluster(ray_tmpdir, head_cpus=1, worker_cpus=[1, 1]) as (cluster, workers):
+    # Head 1 CPU, a worker of 2 CPUs and the victim of 1 CPU. Ray Data spreads the stage actors over the nodes
+    # (SPREAD); the victim is killed (no graceful shutdown) while one of them runs or starts there, before any
+    # input shard has finished. The survivors (3 CPUs) have room for every stage actor at once: an actor lost
+    # with its node is only restarted where its resources are free (see docs/cluster.md).
+    with local_cluster(ray_tmpdir, head_cpus=1, worker_cpus=[2, 1]) as (cluster, workers):
+        victim = workers[1]
         proc = start_run(cluster, out, log)
-        victim, actor = pick_victim(cluster, workers, proc, when)
-        assert victim is not None, f"no stage actor {when} on a worker node:\n" + log.read_text()[-4000:]
+        actor = wait_for_actor_on(cluster, victim, proc, when)
+        assert actor is not None, f"no stage actor {when} on the victim node:\n" + log.read_text()[-4000:]
         done_before = len(list((out / "stats").glob("*.json")))
         assert proc.poll() is None and done_before < SMOKE_SHARDS, "the run ended before the kill"
         cluster.remove_node(victim, allow_graceful=False)

@@ -47,13 +47,14 @@ def test_m3t_5m_images_gives_finite_positive_gpu_hours_per_gpu_stage():
     cfg = load_config(M3T)
     assert stages["caption"]["output_tokens_per_image"] == cfg.caption.sampling.max_tokens
     assert 0 < stages["dialogue"]["output_tokens_per_image"] <= cfg.dialogue.sampling.max_tokens
-    assert data["total_gpu_hours"] == pytest.approx(sum(stages[n]["gpu_hours"] for n in GPU_STAGES))
+    assert data["total_gpu_hours"] == pytest.approx(sum(s["gpu_hours"] for s in data["stages"]))
     # Wall clock: GPU-hours over the configured GPUs (num_gpus x concurrency); the slowest stage sets it.
     for name in GPU_STAGES:
         res = getattr(cfg, name).resources
         assert stages[name]["wall_hours"] == pytest.approx(stages[name]["gpu_hours"] / (res.num_gpus * res.concurrency))
-    assert data["wall_hours"] == pytest.approx(max(stages[n]["wall_hours"] for n in GPU_STAGES))
-    assert data["total_gpus"] == 7
+    model_stages = [s for s in data["stages"] if s["stage"] != "read"]
+    assert data["wall_hours"] == pytest.approx(max(s["wall_hours"] for s in model_stages))
+    assert data["total_gpus"] == sum(s["gpus_per_replica"] * s["replicas"] for s in model_stages)
     assert stages["read"]["device"] == "cpu" and stages["read"]["device_hours"] > 0
     assert "GPU-hours" in data["_text"] and "caption" in data["_text"]
 
@@ -85,6 +86,18 @@ def test_vllm_tensor_parallel_counts_its_gpus():
     assert "tensor x pipeline parallel = 4" in tp["_text"]
 
 
+def test_cir_recipe_plans_the_pair_pass_after_the_sample_pass():
+    data = plan(str(ROOT / "pipelines" / "cir.yaml"), "--images", "1000000")
+    stages = by_stage(data)
+    assert "dialogue" not in stages and {"caption", "modify", "triplet_reward"} <= set(stages)
+    cfg = load_config(ROOT / "pipelines" / "cir.yaml")
+    assert stages["modify"]["images"] == 1_000_000 * cfg.cir.pairing.pairs_per_image  # pairs
+    assert stages["modify"]["gpu_hours"] > 0
+    first = max(stages[n]["wall_hours"] for n in ("caption", "embed"))
+    second = max(stages[n]["wall_hours"] for n in ("modify", "triplet_reward"))
+    assert data["wall_hours"] == pytest.approx(first + second)
+
+
 def test_from_run_uses_measured_throughput_and_pass_rates(tmp_path):
     cfg = load_config(M3T)
     manifest = {
@@ -93,8 +106,10 @@ def test_from_run_uses_measured_throughput_and_pass_rates(tmp_path):
         "stages": [
             {"stage": "read", "in": 1000, "kept": 900, "rejected": 100, "busy_seconds": 10.0},
             {"stage": "dedupe", "in": 900, "kept": 800, "rejected": 100, "busy_seconds": 0.1},
-            {"stage": "caption", "in": 800, "kept": 800, "rejected": 0, "busy_seconds": 400.0},
-            {"stage": "dialogue", "in": 800, "kept": 780, "rejected": 20, "busy_seconds": 100.0},
+            {"stage": "caption", "in": 800, "kept": 800, "rejected": 0, "busy_seconds": 400.0,
+             "output_tokens": 800 * 200},
+            {"stage": "dialogue", "in": 800, "kept": 780, "rejected": 20, "busy_seconds": 100.0,
+             "output_tokens": 800 * 450},
             {"stage": "reward", "in": 780, "kept": 780, "rejected": 0, "busy_seconds": 1.0},
             {"stage": "filter", "in": 780, "kept": 700, "rejected": 80, "busy_seconds": 0.1},
         ],
@@ -106,6 +121,15 @@ def test_from_run_uses_measured_throughput_and_pass_rates(tmp_path):
     assert stages["caption"]["images_per_second_per_device"] == pytest.approx(2.0)
     assert stages["caption"]["gpu_hours"] == pytest.approx(4_000_000 / 2.0 / 3600)
     assert stages["caption"]["throughput_source"].startswith("measured")
+    # The run counted its generated tokens: 200 per image at 2 images/s = 400 tok/s per GPU.
+    assert stages["caption"]["output_tokens_per_image"] == pytest.approx(200)
+    assert stages["caption"]["throughput"] == pytest.approx(400)
+    assert stages["dialogue"]["output_tokens_per_image"] == pytest.approx(450)
+    # Another max_tokens than the run's: the measured rate stays, the tokens per image fall back to the bound.
+    other = by_stage(plan(M3T, "--images", "5000000", "--from-run", str(tmp_path),
+                          "--set", "dialogue.sampling.max_tokens=1000"))
+    assert other["dialogue"]["output_tokens_per_image"] == 1000
+    assert other["dialogue"]["gpu_hours"] == pytest.approx(stages["dialogue"]["gpu_hours"])
     assert stages["reward"]["gpu_hours"] == pytest.approx(5_000_000 * 0.78 / 780 / 3600)
     assert stages["read"]["throughput"] == pytest.approx(0.01)  # s/image/core
     # An explicit --throughput still wins over the measurement.
@@ -132,6 +156,8 @@ def test_tiny_models_are_counted_with_their_tokenizer_when_built():
     (["--set", "dialogue.nonsense=1"], "dialogue.nonsense: unknown key"),
     (["--throughput", "caption=fast"], "--throughput"),
     (["--throughput", "decode=10"], "--throughput"),
+    (["--throughput", "modify=10"], "no modify stage"),
+    (["--throughput", "caption=-5"], "positive"),
     (["--from-run", "/nonexistent/run"], "--from-run"),
 ])
 def test_bad_input_exits_2_with_one_line_error(args, needle):
