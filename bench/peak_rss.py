@@ -26,19 +26,25 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def main(argv: list[str]) -> int:
-    cmd = argv[argv.index("--") + 1:] if "--" in argv else argv
+def measure(cmd: list[str], quiet: bool = False, interval: float = 0.2) -> dict:
+    """Run ``cmd``; its exit code, wall seconds and the peak RSS of its process tree in GiB."""
     start = time.perf_counter()
-    child = subprocess.Popen(cmd)
+    out = subprocess.DEVNULL if quiet else None
+    child = subprocess.Popen(cmd, stdout=out, stderr=out)
     proc = psutil.Process(child.pid)
     peak = 0
     while child.poll() is None:
         peak = max(peak, tree_rss(proc))
-        time.sleep(0.2)
-    wall = time.perf_counter() - start
-    print(json.dumps({"cmd": " ".join(cmd), "rc": child.returncode, "wall_s": round(wall, 1),
-                      "peak_rss_gib": round(peak / 2**30, 2)}))
-    return child.returncode
+        time.sleep(interval)
+    return {"rc": child.returncode, "wall_s": round(time.perf_counter() - start, 1),
+            "peak_rss_gib": round(peak / 2**30, 2)}
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[argv.index("--") + 1:] if "--" in argv else argv
+    result = measure(cmd)
+    print(json.dumps({"cmd": " ".join(cmd), **result}))
+    return result["rc"]
 
 
 if __name__ == "__main__":

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import measure  # noqa: E402
 from read_throughput import make_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,21 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(inputs: str, out: Path, recipe: str) -> dict:
     cmd = [sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"), "--input", inputs,
            "--output", str(out), "--set", "ray.progress=false", "--set", f"recipe={recipe}"]
-    t = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc, peak = psutil.Process(child.pid), 0
-    while child.poll() is None:
-        total = 0
-        try:
-            for p in [proc] + proc.children(recursive=True):
-                total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-        peak = max(peak, total)
-        time.sleep(0.2)
-    manifest = json.loads((out / "manifest.json").read_text()) if child.returncode == 0 else {}
-    return {"rc": child.returncode, "wall_s": round(time.perf_counter() - t, 1), "peak_rss_gib": round(peak / 2**30, 2),
-            "read": manifest.get("totals", {}).get("read")}
+    result = measure(cmd, quiet=True)
+    manifest = json.loads((out / "manifest.json").read_text()) if result["rc"] == 0 else {}
+    return {**result, "read": manifest.get("totals", {}).get("read")}
 
 
 def main() -> None:

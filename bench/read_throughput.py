@@ -18,7 +18,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -122,22 +121,11 @@ def memory_child(paths_file: str) -> None:
 
 
 def peak_rss(paths: list[str], tmp: Path) -> float:
-    import psutil
+    from peak_rss import measure
 
     f = tmp / f"paths-{len(paths)}.json"
     f.write_text(json.dumps(paths))
-    child = subprocess.Popen([sys.executable, __file__, "--memory-child", str(f)], stdout=subprocess.DEVNULL)
-    proc, peak = psutil.Process(child.pid), 0
-    while child.poll() is None:
-        total = 0
-        try:
-            for p in [proc] + proc.children(recursive=True):
-                total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-        peak = max(peak, total)
-        time.sleep(0.1)
-    return peak / 2**30
+    return measure([sys.executable, __file__, "--memory-child", str(f)], quiet=True, interval=0.1)["peak_rss_gib"]
 
 
 def main() -> None:

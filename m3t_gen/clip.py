@@ -10,6 +10,11 @@ from m3t_gen.models import resolve
 
 
 class ClipEmbedder:
+    @classmethod
+    def for_run(cls, reward_cfg: Any) -> "ClipEmbedder":
+        """The run's CLIP (``reward`` section), on the GPU when the stage was given one."""
+        return cls(reward_cfg.model, reward_cfg.dtype, "cuda" if reward_cfg.resources.num_gpus > 0 else "cpu")
+
     def __init__(self, model_ref: str, dtype: str = "auto", device: str | None = None) -> None:
         import torch
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from m3t_gen.models import check_reference
 
@@ -27,6 +27,16 @@ DEFAULT_MIX: dict[str, int] = {
 }
 
 
+def _check_model_ref(v: str) -> str:
+    err = check_reference(v)
+    if err:
+        raise ValueError(err)
+    return v
+
+
+ModelRef = Annotated[str, AfterValidator(_check_model_ref)]
+
+
 class ConfigError(Exception):
     """A bad pipeline config: one line, naming the YAML path and what was expected."""
 
@@ -37,19 +47,11 @@ class Strict(BaseModel):
 
 class ModelSpec(Strict):
     backend: str = Field(description="registry name of the backend: transformers | vllm | openai")
-    model: str = Field(description="tiny:<kind>, a local HF checkpoint directory, or a hub id org/name")
+    model: ModelRef = Field(description="tiny:<kind>, a local HF checkpoint directory, or a hub id org/name")
     revision: str | None = None
     trust_remote_code: bool = False  # remote model code runs only when the config says so
     dtype: str = "auto"
     options: dict[str, Any] = Field(default_factory=dict, description="the backend's own settings")
-
-    @field_validator("model")
-    @classmethod
-    def _model_ref(cls, v: str) -> str:
-        err = check_reference(v)
-        if err:
-            raise ValueError(err)
-        return v
 
     @model_validator(mode="after")
     def _backend_and_options(self) -> "ModelSpec":
@@ -162,18 +164,10 @@ class SelfRetrievalSpec(Strict):
 
 
 class RewardStage(Strict):
-    model: str = Field(description="CLIP or SigLIP checkpoint (HF format): tiny:clip, a directory, or org/name")
+    model: ModelRef = Field(description="CLIP or SigLIP checkpoint (HF format): tiny:clip, a directory, or org/name")
     dtype: str = "auto"
     self_retrieval: SelfRetrievalSpec = Field(default_factory=SelfRetrievalSpec)
     resources: Resources = Field(default_factory=lambda: Resources(batch_size=32))
-
-    @field_validator("model")
-    @classmethod
-    def _model_ref(cls, v: str) -> str:
-        err = check_reference(v)
-        if err:
-            raise ValueError(err)
-        return v
 
 
 class PrivacySpec(Strict):

@@ -69,3 +69,20 @@ def generate_validated(
         reason, _, detail = last_error[id(row)].partition(": ")
         reject(row, stage, reason, attempts=max_attempts, detail=detail or None)
     return done
+
+
+def parse_json_answer(result: GenerationResult, schemas: list[dict[str, Any]]) -> tuple[Any, str | None]:
+    """JSON that passes every schema (the file's and the narrowed decoding one), or (None, reason)."""
+    import json
+
+    from m3t_gen.schemas import validation_error
+
+    try:
+        data = json.loads(result.text)
+    except json.JSONDecodeError as e:
+        return None, f"invalid_json: {e.msg} at char {e.pos} (finish_reason={result.finish_reason})"
+    for schema in schemas:
+        error = validation_error(data, schema)
+        if error:
+            return None, f"schema_mismatch: {error}"
+    return data, None

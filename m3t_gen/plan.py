@@ -14,8 +14,10 @@ Nothing loads a model or starts Ray. Per image and stage:
   ``dialogue.max_text_chars`` characters, no target for retrieval, plus JSON markup). ``--fill F`` budgets for
   a share F of that bound instead; ``--from-run`` uses the tokens the run actually generated per image
   (retries included) when it ran the same model with the same max_tokens.
-- reward: CLIP has no generated tokens; its texts (caption + every turn, each at most 77 tokens) are its
-  prompt tokens and its throughput is in images per second.
+- reward / embed / triplet_reward (CLIP): no generated tokens; their texts (each at most 77 tokens) are their
+  prompt tokens and their throughput is in images (pairs) per second.
+- CIR recipes: ``modify`` writes ``cir.modify.n`` texts per mined pair, ``pairing.pairs_per_image`` pairs per
+  image (every image paired: an upper bound); its stages count pairs, not images, and run in a second pass.
 
 Throughput per GPU comes, in this order of precedence, from ``--throughput stage=value``, from a finished
 run's manifest (``--from-run OUTPUT``: rows in / busy seconds per stage replica, divided by the GPUs each
@@ -23,7 +25,8 @@ replica had; the same run also gives the share of images that reach each stage),
 GPU-hours = images / (images per second per GPU) / 3600, where images per second = output tokens per second
 / output tokens per image. The wall-clock estimate divides each stage's GPU-hours by its GPUs
 (``resources.num_gpus`` x ``concurrency``; for vLLM at least tensor x pipeline parallel size per replica);
-stages stream concurrently, so the run takes about as long as its slowest stage.
+the stages of a pass stream concurrently, so a pass takes about as long as its slowest stage. A stage with
+``num_gpus: 0`` (the small-shard mode) is planned in CPU actor-hours at ``1/CPU_SLOWDOWN`` of the GPU rate.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ READ_SECONDS_PER_IMAGE = 0.01
 class StagePlan:
     stage: str
     device: str  # gpu | cpu
-    images: float
+    images: float  # items: images, or pairs for the CIR stages (modify, triplet_reward)
     prompt_tokens_per_image: float
     output_tokens_per_image: float
     prompt_tokens: float

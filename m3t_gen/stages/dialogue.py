@@ -8,9 +8,9 @@ from typing import Any
 
 from m3t_gen.backends.base import GenerationResult, get_backend
 from m3t_gen.config import PipelineConfig, Resources
-from m3t_gen.generation import generate_validated
+from m3t_gen.generation import generate_validated, parse_json_answer
 from m3t_gen.quality import degenerate_reason
-from m3t_gen.schemas import dialogue_decoding_schema, load_schema, validation_error
+from m3t_gen.schemas import dialogue_decoding_schema, load_schema
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.templates import load_template
 
@@ -61,14 +61,9 @@ class DialogueStage(Stage):
         return [{"role": "user", "content": prompt}]
 
     def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[list | None, str | None]:
-        try:
-            data = json.loads(result.text)
-        except json.JSONDecodeError as e:
-            return None, f"invalid_json: {e.msg} at char {e.pos} (finish_reason={result.finish_reason})"
-        for schema in (self.schema, self.decoding_schema):
-            error = validation_error(data, schema)
-            if error:
-                return None, f"schema_mismatch: {error}"
+        data, error = parse_json_answer(result, [self.schema, self.decoding_schema])
+        if error:
+            return None, error
         turns = data["turns"]
         types = [t["type"] for t in turns]
         if types != self.expected_types:

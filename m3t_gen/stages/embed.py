@@ -30,8 +30,7 @@ class EmbedStage(Stage):
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        cfg = ctx.config.reward
-        self.clip = ClipEmbedder(cfg.model, cfg.dtype, "cuda" if cfg.resources.num_gpus > 0 else "cpu")
+        self.clip = ClipEmbedder.for_run(ctx.config.reward)
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         images = self.clip.embed_images([open_image(r) for r in rows])

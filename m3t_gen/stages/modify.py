@@ -9,10 +9,10 @@ from typing import Any
 from m3t_gen.backends.base import GenerationResult, get_backend
 from m3t_gen.config import ModifyStage as ModifyConfig
 from m3t_gen.config import PipelineConfig, Resources
-from m3t_gen.generation import generate_validated
+from m3t_gen.generation import generate_validated, parse_json_answer
 from m3t_gen.quality import degenerate_reason
 from m3t_gen.rows import PAIR_SCHEMA
-from m3t_gen.schemas import bounded_text, load_schema, validation_error
+from m3t_gen.schemas import bounded_text, load_schema
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.templates import load_template
 
@@ -57,14 +57,9 @@ class ModifyStage(Stage):
         return [{"role": "user", "content": self.template.render(**template_fields(row, self.cfg))}]
 
     def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[list | None, str | None]:
-        try:
-            data = json.loads(result.text)
-        except json.JSONDecodeError as e:
-            return None, f"invalid_json: {e.msg} at char {e.pos} (finish_reason={result.finish_reason})"
-        for schema in (self.file_schema, self.decoding_schema):
-            error = validation_error(data, schema)
-            if error:
-                return None, f"schema_mismatch: {error}"
+        data, error = parse_json_answer(result, [self.file_schema, self.decoding_schema])
+        if error:
+            return None, error
         mods = data["modifications"]
         for mod in mods:
             bad = degenerate_reason(mod["text"])

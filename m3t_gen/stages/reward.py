@@ -49,8 +49,7 @@ class RewardStage(Stage):
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         cfg = ctx.config.reward
-        device = "cuda" if cfg.resources.num_gpus > 0 else "cpu"
-        self.clip = ClipEmbedder(cfg.model, cfg.dtype, device)
+        self.clip = ClipEmbedder.for_run(cfg)
         self.sr = cfg.self_retrieval
         if self.sr.enabled:
             self.bank_shas, self.bank = self._build_bank(ctx)
