@@ -122,6 +122,7 @@ class ReadSpec(Strict):
     max_text_chars: int = Field(2000, ge=1, description="alt-text longer than this is truncated and flagged")
     jpeg_quality: int = Field(92, ge=1, le=100)
     dedupe: DedupeSpec = Field(default_factory=DedupeSpec)
+    num_cpus: float = Field(1, gt=0, description="CPUs per read task (one task per input shard at a time)")
 
 
 class GenerationStage(Strict):

@@ -84,8 +84,12 @@ def _stem(path: str) -> str:
 
 
 def result_hash(cfg: PipelineConfig) -> str:
-    """Hash of everything that changes what a run writes (not where Ray runs or where output goes)."""
-    data = cfg.model_dump(mode="json", by_alias=True, exclude={"ray": True, "output": {"dir"}})
+    """Hash of everything that changes what a run writes: not where Ray runs, where output goes, or how many
+    actors/GPUs a stage gets (so a crashed run can resume on a bigger or smaller cluster)."""
+    placement = {"resources": True}
+    data = cfg.model_dump(mode="json", by_alias=True, exclude={
+        "ray": True, "output": {"dir"}, "caption": placement, "dialogue": placement, "reward": placement,
+        "read": {"num_cpus"}, "cir": {"modify": placement}})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -115,8 +119,9 @@ def apply_stages(ds: Any, stages: list[type[Stage]], cfg: PipelineConfig, ctx: R
         res = stage.resources(cfg)
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
         if stage.uses_actor():
+            # Restart actors lost with a node and retry their batches (Ray Data's default today; pinned here).
             ds = ds.map_batches(stage, fn_constructor_kwargs={"ctx": ctx}, compute=ActorPoolStrategy(size=res.concurrency),
-                                num_gpus=res.num_gpus or None, **common)
+                                num_gpus=res.num_gpus or None, max_restarts=-1, max_task_retries=-1, **common)
         else:
             ds = ds.map_batches(_run_stateless, fn_kwargs={"stage_cls": stage, "ctx": ctx}, **common)
     return ds
@@ -127,7 +132,8 @@ def build_dataset(cfg: PipelineConfig, ctx: RunContext, shards: list[InputShard]
 
     items = [{"shard": s.shard, "path": s.path} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+    # Its own num_cpus also keeps Ray Data from fusing the read tasks into the single dedupe actor.
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=cfg.read.num_cpus,
                         fn_kwargs={"input_spec": cfg.input, "spec": cfg.read, "limit": cfg.limit})
     return apply_stages(ds, SAMPLE_STAGES, cfg, ctx)
 

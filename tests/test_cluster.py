@@ -125,15 +125,16 @@ def check_output(out: Path) -> dict:
 def test_run_joins_a_multi_node_cluster(ray_tmpdir, tmp_path):
     out, log = tmp_path / "out", tmp_path / "run.log"
     t0 = time.perf_counter()
-    # 1 + 1 CPUs: the smoke run's actors ask for 0.25 + 3 x 0.5 = 1.75 CPUs, more than one node has,
-    # so the pool must span both nodes (as a local `ray.num_cpus: 2` run would hold them on one).
+    # 1 + 1 CPUs: the smoke run's stage actors ask for more CPUs (0.25 dedupe + 0.5 per model stage) than one
+    # node has, so they must span both nodes. `ray.num_cpus: 2` in smoke.yaml applies to a local Ray only.
     with local_cluster(ray_tmpdir, head_cpus=1, worker_cpus=[1]) as (cluster, workers):
-        head_id = cluster.head_node.node_id
+        head_id, address = cluster.head_node.node_id, cluster.address
         proc = start_run(cluster, out, log)
         text = wait_run(proc, log)
         actors = map_workers(cluster)
     check_output(out)
     assert "total: read 19 = kept" in text
+    assert f"Connecting to existing Ray cluster at address: {address}" in text  # joined, no local Ray
     stages = {a["ActorClassName"] for a in actors}
     assert {f"MapWorker(MapBatches({s}))" for s in ("CaptionStage", "DialogueStage", "RewardStage")} <= stages
     nodes = {a["Address"]["NodeID"] for a in actors}
@@ -144,7 +145,7 @@ def test_run_joins_a_multi_node_cluster(ray_tmpdir, tmp_path):
 
 def wait_for_actor_on(cluster, node, proc, when: str, timeout: float = 600) -> str | None:
     """Wait until a stage actor on ``node`` is ALIVE (``running``: its model is loaded and batches flow to it)
-    or has been in its constructor for 2 s (``starting``: loading a model / starting an engine, the long phase
+    or has been in its constructor for 1 s (``starting``: loading a model / starting an engine, the long phase
     of a real GPU actor). Returns the actor's class name."""
     first_seen: dict[str, float] = {}
     deadline = time.monotonic() + timeout
@@ -156,7 +157,7 @@ def wait_for_actor_on(cluster, node, proc, when: str, timeout: float = 600) -> s
             if when == "running" and a["State"] == "ALIVE":
                 return a["ActorClassName"]
             if when == "starting" and a["State"] == "PENDING_CREATION":
-                if now - first_seen.setdefault(a["ActorID"], now) >= 2.0:
+                if now - first_seen.setdefault(a["ActorID"], now) >= 1.0:
                     return a["ActorClassName"]
         time.sleep(0.2)
     return None
