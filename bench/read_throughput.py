@@ -4,7 +4,8 @@
 
 1. bare:   one process, a plain loop over the same tars doing the same per-image work (tarfile, Pillow decode,
            EXIF check, RGB, min side, re-encode when needed, sha256, perceptual hash);
-2. ray x1: the pipeline's read stage (Ray Data map_batches over input shards) with one task at a time;
+2. ray x1: the pipeline's read stage (Ray Data map_batches over input shards) with one task at a time; the
+           driver consumes the rows (on 2 cores it competes with the read tasks: that is part of the figure);
 3. ray x2: the same with two tasks at a time (2 cores);
 4. memory: peak RSS of the whole process tree (driver + Ray) reading N shards vs 10N shards.
 Prints one JSON line: medians with min and max over the repeats, and the ratios.

@@ -17,6 +17,7 @@ Notes on running inside a Ray actor (Ray Data ``map_batches`` with a callable cl
 from __future__ import annotations
 
 import dataclasses
+import os
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -181,6 +182,9 @@ class VLLMBackend(Backend):
 
     def __init__(self, spec: "ModelSpec") -> None:
         super().__init__(spec)
+        # vLLM logs every engine setting at INFO from each actor; keep the run's console readable unless the
+        # user asked for more.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM, EngineArgs
 
         from m3t_gen.models import resolve

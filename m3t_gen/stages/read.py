@@ -22,7 +22,7 @@ from m3t_gen.rows import MARKER, add_timing, new_row, reject, to_table
 from m3t_gen.sources import FORMATS, parse_meta
 
 NAME = "read"
-ROWS_PER_BATCH = 32
+ROWS_PER_BATCH = 128
 
 
 def decode_text(raw: bytes | str | None, max_chars: int, flags: list[str]) -> str | None:
