@@ -143,6 +143,18 @@ class DialogueStage(GenerationStage):
     schema_: str = Field("m3t_dialogue.schema.json", alias="schema")
     mix: dict[TurnType, int] = Field(default_factory=lambda: dict(DEFAULT_MIX))
     max_text_chars: int = Field(300, ge=8, le=4000, description="bound on every generated string")
+    source: Literal["caption", "image"] = Field(
+        "caption", description="caption: two-stage MuCo recipe (an LLM reads the dense caption); image: single "
+        "stage (an MLLM writes the turns straight from the image; its retrieval target is the dense description)")
+
+    @model_validator(mode="after")
+    def _single_stage(self) -> "DialogueStage":
+        if self.source == "image":
+            if not self.mix.get("retrieval"):
+                raise ValueError("source: image needs a retrieval turn in the mix (its target is the description)")
+            if self.template == "m3t_dialogue.j2":
+                self.template = "m3t_dialogue_image.j2"
+        return self
 
     @field_validator("mix")
     @classmethod
@@ -288,7 +300,13 @@ class PipelineConfig(Strict):
             raise ValueError("recipe m3t needs a dialogue: section")
         if self.wants("cir") and self.cir is None:
             raise ValueError("recipe cir needs a cir: section")
+        if self.wants("cir") and self.dialogue is not None and self.wants("m3t") and self.dialogue.source == "image":
+            raise ValueError("dialogue.source: image skips the caption stage, which the cir recipe needs")
         return self
+
+    def single_stage(self) -> bool:
+        """M3T without a separate caption call: the MLLM writes the turns from the image."""
+        return self.wants("m3t") and not self.wants("cir") and self.dialogue.source == "image"
 
     def wants(self, recipe: str) -> bool:
         return recipe in self.recipe.split("+")

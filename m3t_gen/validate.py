@@ -62,8 +62,10 @@ def validate_config(cfg: PipelineConfig) -> list[str]:
         raise ConfigError(f"dialogue.schema: {e}") from None
     except Exception as e:  # jsonschema.SchemaError
         raise ConfigError(f"dialogue.schema: not a valid JSON schema: {str(e).splitlines()[0]}") from None
-    decoding = dialogue_decoding_schema(cfg.dialogue.mix, cfg.dialogue.max_text_chars)
-    probe = {"turns": [{"type": t["type"], "query": "q", **({} if t["type"] == "retrieval" else {"target": "t"})}
+    single = cfg.dialogue.source == "image"
+    decoding = dialogue_decoding_schema(cfg.dialogue.mix, cfg.dialogue.max_text_chars, retrieval_target=single)
+    probe = {"turns": [{"type": t["type"], "query": "q",
+                        **({} if t["type"] == "retrieval" and not single else {"target": "t"})}
                        for t in dialogue.turn_plan(cfg.dialogue.mix)]}
     for label, s in (("schema file", schema), ("decoding schema", decoding)):
         err = validation_error(probe, s)

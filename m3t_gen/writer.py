@@ -57,7 +57,8 @@ def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             "models": ctx.model_names,
             "templates": ctx.template_hashes,
             "seed": ctx.config.seed,
-            "attempts": {"caption": row["caption_attempts"], "dialogue": row["dialogue_attempts"]},
+            "attempts": {k: v for k, v in (("caption", row["caption_attempts"]),
+                                           ("dialogue", row["dialogue_attempts"])) if v is not None},
             "m3t_gen_version": __version__,
             "config_hash": ctx.config_hash,
         },
@@ -86,7 +87,7 @@ def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[st
         meta=json.dumps(src["meta"]) if src.get("meta") else None,
         width=img["width"], height=img["height"], image_sha256=img["sha256"], reencoded=img["reencoded"],
         source_sha256=img.get("source_sha256"), phash=img.get("phash"), caption=sample["caption"],
-        caption_attempts=lin["attempts"]["caption"], dialogue_attempts=lin["attempts"]["dialogue"],
+        caption_attempts=lin["attempts"].get("caption"), dialogue_attempts=lin["attempts"].get("dialogue"),
         turns=json.dumps([{k: t[k] for k in ("type", "query", "target")} for t in turns]),
         scores=json.dumps(scores),
     )

@@ -16,6 +16,7 @@ MODIFY = ModifyStage.model_construct(n=5, categories=dict(DEFAULT_CIR_CATEGORIES
 CASES = {
     "caption_dense.j2": caption.template_fields(EXAMPLE_ROW),
     "m3t_dialogue.j2": dialogue.template_fields(EXAMPLE_ROW, DEFAULT_MIX),
+    "m3t_dialogue_image.j2": dialogue.template_fields(dict(EXAMPLE_ROW, caption=None), DEFAULT_MIX),
     "cir_modifications.j2": modify.template_fields(EXAMPLE_PAIR, MODIFY),
 }
 

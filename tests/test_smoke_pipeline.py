@@ -165,3 +165,27 @@ def test_cir_triplets_have_the_configured_modifications_and_validate(smoke_run):
         s = json.loads(p.read_text())
         assert s["pairs"] == s["kept"] + s["rejected"]
     assert "cir: pool" in proc.stdout
+
+
+def test_single_stage_variant_mllm_writes_turns_from_the_image(tmp_path):
+    """dialogue.source=image: no caption call; the tiny VLM writes every turn (transformers backend) and its
+    retrieval target becomes the sample's caption."""
+    out = tmp_path / "single"
+    sets = ["recipe=m3t", "dialogue.source=image", "dialogue.model.backend=transformers",
+            "dialogue.model.model=tiny:vlm", "dialogue.model.options={}", "dialogue.sampling.max_tokens=512",
+            "filter.min_turns=1", "filter.min_turn_score=null", "limit=4"]
+    proc = subprocess.run([sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"),
+                           "--output", str(out)] + sum((["--set", s] for s in sets), []),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "caption" not in [s["stage"] for s in manifest["stages"]]
+    schema = json.loads((ROOT / "schemas" / "m3t_sample.schema.json").read_text())
+    tars = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    samples = [json.loads(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)]
+    assert samples and len(samples) == manifest["totals"]["kept"]
+    for meta in samples:
+        jsonschema.validate(meta, schema)
+        retrieval = [t for t in meta["turns"] + meta.get("dropped_turns", []) if t["type"] == "retrieval"]
+        assert retrieval and retrieval[0]["target"] == meta["caption"]
+        assert "caption" not in meta["lineage"]["attempts"]

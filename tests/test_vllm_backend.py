@@ -263,3 +263,16 @@ def test_engine_in_ray_data_actor(engine):
     assert all(r["output_tokens"] == 12 for r in rows.values())
     # Same seed, same text as the in-process engine.
     assert rows[3]["text"] == engine.generate([_hello(3)])[0].text
+
+
+@pytest.mark.slow
+def test_engine_many_seeded_long_prompts_in_one_batch(engine):
+    """Regression: vLLM 0.32 on CPU killed the engine ("CPU Generator does not use offset") when a batch of
+    seeded requests needed chunked prefill; the backend keeps prompts whole on CPU."""
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    reqs = [GenerationRequest(messages=[{"role": "user", "content": " ".join(words[(i + j) % 8] for j in range(300))}],
+                              seed=i, max_tokens=16, temperature=0.8) for i in range(40)]  # ~12k prompt tokens
+    results = engine.generate(reqs)
+    assert len(results) == 40 and all(r.output_tokens > 0 and r.finish_reason != "error" for r in results)
+    again = engine.generate(reqs[:3])
+    assert [r.text for r in again] == [r.text for r in results[:3]]

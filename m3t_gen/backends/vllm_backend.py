@@ -217,6 +217,13 @@ class VLLMBackend(Backend):
             kwargs["max_model_len"] = opts.max_model_len
         if opts.max_num_seqs is not None:
             kwargs["max_num_seqs"] = opts.max_num_seqs
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu() and "enable_chunked_prefill" not in opts.engine_args:
+            # vLLM 0.32's CPU worker rewinds a seeded request's generator when a chunked prefill discards its
+            # sample, which CPU generators cannot do ("CPU Generator does not use offset": the engine dies as
+            # soon as a batch's prompts exceed max_num_batched_tokens). Whole prompts avoid it.
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(opts.engine_args)
         self.llm = LLM(**kwargs)
 

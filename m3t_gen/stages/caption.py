@@ -21,6 +21,10 @@ class CaptionStage(Stage):
     name = "caption"
 
     @classmethod
+    def enabled(cls, config: PipelineConfig) -> bool:
+        return not config.single_stage()
+
+    @classmethod
     def resources(cls, config: PipelineConfig) -> Resources:
         return config.caption.resources
 

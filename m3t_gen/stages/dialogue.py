@@ -8,7 +8,7 @@ from typing import Any
 
 from m3t_gen.backends.base import GenerationResult, get_backend
 from m3t_gen.config import PipelineConfig, Resources
-from m3t_gen.generation import generate_validated, parse_json_answer
+from m3t_gen.generation import generate_validated, open_image, parse_json_answer
 from m3t_gen.quality import degenerate_reason
 from m3t_gen.schemas import dialogue_decoding_schema, load_schema
 from m3t_gen.stages.base import RunContext, Stage
@@ -16,7 +16,7 @@ from m3t_gen.templates import load_template
 
 TURN_INSTRUCTIONS = {
     "classification": "a question asking what the image mainly shows; the target is a label of one to three words",
-    "retrieval": "a search query someone would type to find exactly this image; no target (it is the description)",
+    "retrieval": "a search query someone would type to find exactly this image; its target is the description",
     "vqa_holistic": "a question about the scene as a whole; the target is its short answer",
     "vqa_localized": "a question about one specific object, region or detail; the target is its short answer",
     "vqa_creative": "an imaginative question still grounded in what is visible; the target is its answer",
@@ -28,9 +28,10 @@ def turn_plan(mix: dict[str, int]) -> list[dict[str, str]]:
 
 
 def template_fields(row: dict[str, Any], mix: dict[str, int]) -> dict[str, Any]:
-    """The fields the dialogue template may use (checked by ``m3t-gen validate``)."""
+    """The fields the dialogue template may use (checked by ``m3t-gen validate``); single-stage templates get
+    no caption (there is none yet)."""
     return {
-        "caption": row["caption"],
+        "caption": row.get("caption") or "",
         "turns": turn_plan(mix),
         "sample": {"key": row["key"], "width": row["width"], "height": row["height"], "text": row["text"] or ""},
     }
@@ -52,12 +53,17 @@ class DialogueStage(Stage):
         self.cfg = ctx.config.dialogue
         self.template = load_template(self.cfg.template, ctx.config.base_dir)
         self.schema = load_schema(self.cfg.schema_, ctx.config.base_dir)
-        self.decoding_schema = dialogue_decoding_schema(self.cfg.mix, self.cfg.max_text_chars)
+        self.from_image = self.cfg.source == "image"
+        self.decoding_schema = dialogue_decoding_schema(self.cfg.mix, self.cfg.max_text_chars,
+                                                        retrieval_target=self.from_image)
         self.expected_types = [t["type"] for t in turn_plan(self.cfg.mix)]
         self.backend = get_backend(self.cfg.model.backend)(self.cfg.model)
 
     def _messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         prompt = self.template.render(**template_fields(row, self.cfg.mix))
+        if self.from_image:  # single stage: the MLLM sees the image itself
+            return [{"role": "user", "content": [{"type": "image", "image": open_image(row)},
+                                                 {"type": "text", "text": prompt}]}]
         return [{"role": "user", "content": prompt}]
 
     def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[list | None, str | None]:
@@ -73,7 +79,7 @@ class DialogueStage(Stage):
                 bad = degenerate_reason(turn.get(field, "x"))
                 if bad:
                     return None, f"{bad}_turn: {turn['type']} {field} {turn[field][:120]!r}"
-            if turn["type"] == "retrieval":
+            if turn["type"] == "retrieval" and not self.from_image:
                 turn["target"] = row["caption"]  # M3T: the retrieval target IS the dense caption
         queries = [t["query"].strip().lower() for t in turns]
         if len(set(queries)) < len(queries):
@@ -88,3 +94,5 @@ class DialogueStage(Stage):
         ):
             row["turns"] = json.dumps(turns)
             row["dialogue_attempts"] = attempts
+            if self.from_image:  # the description written in the same call serves as the dense caption
+                row["caption"] = next(t["target"] for t in turns if t["type"] == "retrieval")

@@ -34,7 +34,9 @@ class EmbedStage(Stage):
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         images = self.clip.embed_images([open_image(r) for r in rows])
-        captions = self.clip.embed_texts([r["caption"] for r in rows])
-        for row, img, cap in zip(rows, images, captions):
+        for row, img in zip(rows, images):
             row["image_emb"] = to_bytes(img)
-            row["caption_emb"] = to_bytes(cap)
+        captioned = [r for r in rows if r["caption"]]  # single-stage M3T: the caption comes later, with the turns
+        if captioned:
+            for row, cap in zip(captioned, self.clip.embed_texts([r["caption"] for r in captioned])):
+                row["caption_emb"] = to_bytes(cap)

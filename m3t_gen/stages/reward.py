@@ -84,6 +84,10 @@ class RewardStage(Stage):
         for row_turns in turns:
             texts.extend(turn_text(t) for t in row_turns)
         text_emb = self.clip.embed_texts(texts)
+        missing = [r for r in rows if r["caption_emb"] is None]  # single-stage: captioned by the dialogue call
+        if missing:
+            for row, cap in zip(missing, self.clip.embed_texts([r["caption"] for r in missing])):
+                row["caption_emb"] = cap.astype(np.float32).tobytes()
         at = 0
         for i, (row, row_turns) in enumerate(zip(rows, turns)):
             n = len(row_turns)
