@@ -48,6 +48,10 @@ def pair_rows(pool: pa.Table, ctx: RunContext) -> list[dict[str, Any]]:
     if len(keys) < 2:
         return []
     captions = pool.column("caption").to_pylist()
+    out_dir = ctx.config.output.dir
+    locs = [f"{out_dir}/pool/{t}:{o}:{n}" for t, o, n in zip(pool.column("tar").to_pylist(),
+                                                            pool.column("offset").to_pylist(),
+                                                            pool.column("size").to_pylist())]
     img = [np.frombuffer(b, dtype=np.float32) for b in pool.column("image_emb").to_pylist()]
     cap = pool.column("caption_emb").to_pylist()
     pairs = mine_pairs(np.stack(img), keys, ctx.config.cir.pairing, ctx.config.seed)
@@ -58,6 +62,7 @@ def pair_rows(pool: pa.Table, ctx: RunContext) -> list[dict[str, Any]]:
             "key": f"{keys[p.ref]}__{keys[p.tgt]}", "shard": f"part-{n // per_part:05d}",
             "ref_key": keys[p.ref], "tgt_key": keys[p.tgt], "ref_caption": captions[p.ref],
             "tgt_caption": captions[p.tgt], "similarity": p.similarity, "rank": p.rank,
+            "ref_image": locs[p.ref], "tgt_image": locs[p.tgt],
             "ref_emb": img[p.ref].tobytes(), "tgt_emb": img[p.tgt].tobytes(),
             "ref_caption_emb": cap[p.ref], "tgt_caption_emb": cap[p.tgt],
             "status": OK, "timings": "{}",

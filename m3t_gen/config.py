@@ -255,8 +255,17 @@ class ModifyStage(GenerationStage):
     template: str = "cir_modifications.j2"
     schema_: str = Field("cir_modifications.schema.json", alias="schema")
     n: int = Field(5, ge=1, le=20, description="modification texts per pair")
+    source: Literal["captions", "images"] = Field(
+        "captions", description="captions: a text LLM reads the two dense captions; images: an MLLM sees both images")
     categories: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_CIR_CATEGORIES), min_length=1)
     max_text_chars: int = Field(200, ge=8, le=2000)
+
+
+    @model_validator(mode="after")
+    def _image_template(self) -> "ModifyStage":
+        if self.source == "images" and self.template == "cir_modifications.j2":
+            self.template = "cir_modifications_images.j2"
+        return self
 
 
 class TripletFilterSpec(Strict):

@@ -162,12 +162,26 @@ def prepare_output(out: Path, cfg: PipelineConfig, overwrite: bool) -> None:
     if manifest.exists():
         previous = json.loads(manifest.read_text())
         if previous.get("config_hash") != result_hash(cfg):
+            changed = config_changes(previous.get("config", {}), cfg.model_dump(mode="json", by_alias=True))
+            shown = ", ".join(changed[:5]) + (f" (+{len(changed) - 5} more)" if len(changed) > 5 else "")
             raise ConfigError(
-                f"{out}: holds a run with a different config (hash {previous.get('config_hash')} vs "
-                f"{result_hash(cfg)}); use --overwrite to start over or another --output")
+                f"{out}: holds a run made with a different config ({shown or 'hash ' + str(previous.get('config_hash'))});"
+                " use --overwrite to start over, or another --output")
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.rglob("*.tmp"):  # leftovers of a crashed run; their shards are redone
         tmp.unlink()
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, as 'key: old -> new' (placement-only keys are not compared)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            if key in ("resources", "ray", "num_cpus") or (prefix == "output." and key == "dir"):
+                continue
+            out += config_changes(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, log=print) -> dict[str, Any]:

@@ -93,6 +93,8 @@ PAIR_SCHEMA = pa.schema(
         ("tgt_key", pa.string()),
         ("ref_caption", pa.string()),
         ("tgt_caption", pa.string()),
+        ("ref_image", pa.string()),      # "pool/<tar>:<offset>:<size>": read by seek when an MLLM sees the images
+        ("tgt_image", pa.string()),
         ("similarity", pa.float64()),    # CLIP image-image cosine
         ("rank", pa.int32()),            # the target's rank among the reference's neighbours
         ("ref_emb", pa.binary()),

@@ -236,7 +236,9 @@ class OutputWriter:
         tars = state.kept.commit()
         filtered = state.filtered.commit()
         if self.cir:
-            state.pool.commit()
+            locations = member_locations(self.out / "pool", state.pool.commit())
+            for rec in state.pool_rows:
+                rec["offset"], rec["size"] = locations[rec["key"]]
             self._write_parquet(self.out / "pool" / f"{state.shard}.parquet", state.pool_rows, POOL_SCHEMA)
         self._write_parquet(self.out / "index" / f"{state.shard}.parquet", state.index, INDEX_SCHEMA)
         self._write_parquet(self.out / "rejects" / f"{state.shard}.parquet", state.rejects, REJECT_SCHEMA)
@@ -272,7 +274,27 @@ INDEX_SCHEMA = pa.schema([
 POOL_SCHEMA = pa.schema([
     ("key", pa.string()), ("tar", pa.string()), ("caption", pa.string()), ("url", pa.string()),
     ("image_emb", pa.binary()), ("caption_emb", pa.binary()),
+    ("offset", pa.int64()), ("size", pa.int64()),  # where KEY.jpg's bytes sit in its tar: random access by seek
 ])
+
+
+def member_locations(directory: Path, tars: list[str]) -> dict[str, tuple[int, int]]:
+    """key -> (byte offset, size) of KEY.jpg in the finished tars (headers only are read)."""
+    import tarfile
+
+    out: dict[str, tuple[int, int]] = {}
+    for name in tars:
+        with tarfile.open(directory / name) as tar:
+            for info in tar:
+                if info.name.endswith(".jpg"):
+                    out[info.name[: -len(".jpg")]] = (info.offset_data, info.size)
+    return out
+
+
+def read_member(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(size)
 REJECT_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_shard", pa.string()), ("source_key", pa.string()), ("url", pa.string()),
     ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string()),

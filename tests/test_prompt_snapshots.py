@@ -18,6 +18,7 @@ CASES = {
     "m3t_dialogue.j2": dialogue.template_fields(EXAMPLE_ROW, DEFAULT_MIX),
     "m3t_dialogue_image.j2": dialogue.template_fields(dict(EXAMPLE_ROW, caption=None), DEFAULT_MIX),
     "cir_modifications.j2": modify.template_fields(EXAMPLE_PAIR, MODIFY),
+    "cir_modifications_images.j2": modify.template_fields(EXAMPLE_PAIR, MODIFY),
 }
 
 

@@ -95,7 +95,7 @@ def test_resume_with_a_changed_config_is_refused(smoke_run):
            "--set", "filter.min_turns=6"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "different config" in proc.stderr
+    assert "different config (filter.min_turns: 4 -> 6)" in proc.stderr
 
 
 def _by_key(out):
@@ -189,3 +189,22 @@ def test_single_stage_variant_mllm_writes_turns_from_the_image(tmp_path):
         retrieval = [t for t in meta["turns"] + meta.get("dropped_turns", []) if t["type"] == "retrieval"]
         assert retrieval and retrieval[0]["target"] == meta["caption"]
         assert "caption" not in meta["lineage"]["attempts"]
+
+
+def test_cir_mllm_variant_sees_both_images(tmp_path):
+    """cir.modify.source=images: the tiny VLM gets the reference and target images (read by seek from the pool
+    tars) and writes the modification texts."""
+    out = tmp_path / "cir-images"
+    sets = ["recipe=cir", "cir.modify.source=images", "cir.modify.model.model=tiny:vlm", "limit=4",
+            "cir.filter.min_modification_score=-1"]
+    proc = subprocess.run([sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"),
+                           "--output", str(out)] + sum((["--set", s] for s in sets), []),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    cir = manifest["cir"]
+    assert cir["pairs"] > 0 and cir["pairs"] == cir["kept"] + cir["rejected"]
+    assert manifest["models"]["modify"] == "tiny:vlm"
+    triplets = [json.loads(line) for p in sorted((out / "triplets").glob("*.jsonl")) for line in p.read_text().splitlines()]
+    assert len(triplets) == cir["kept"]
+    assert all(len(t["modifications"]) + len(t["dropped_modifications"]) == 3 for t in triplets)

@@ -28,6 +28,21 @@ def template_fields(row: dict[str, Any], cfg: ModifyConfig) -> dict[str, Any]:
     }
 
 
+def load_pool_image(location: str) -> Any:
+    """Read one pool image by seek from "<tar path>:<offset>:<size>" (no tar scan, no driver round trip)."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    from m3t_gen.writer import read_member
+
+    path, offset, size = location.rsplit(":", 2)
+    img = Image.open(io.BytesIO(read_member(Path(path), int(offset), int(size))))
+    img.load()
+    return img.convert("RGB")
+
+
 def decoding_schema(cfg: ModifyConfig) -> dict[str, Any]:
     item = {"type": "object", "properties": {"category": {"enum": list(cfg.categories)},
                                              "text": bounded_text(cfg.max_text_chars)},
@@ -54,7 +69,12 @@ class ModifyStage(Stage):
         self.backend = get_backend(self.cfg.model.backend)(self.cfg.model)
 
     def _messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{"role": "user", "content": self.template.render(**template_fields(row, self.cfg))}]
+        prompt = self.template.render(**template_fields(row, self.cfg))
+        if self.cfg.source == "images":  # the MLLM sees the reference image first, then the target
+            return [{"role": "user", "content": [{"type": "image", "image": load_pool_image(row["ref_image"])},
+                                                 {"type": "image", "image": load_pool_image(row["tgt_image"])},
+                                                 {"type": "text", "text": prompt}]}]
+        return [{"role": "user", "content": prompt}]
 
     def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[list | None, str | None]:
         data, error = parse_json_answer(result, [self.file_schema, self.decoding_schema])
