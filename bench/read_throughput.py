@@ -6,7 +6,8 @@
            EXIF check, RGB, min side, re-encode when needed, sha256, perceptual hash);
 2. ray x1: the pipeline's read stage (Ray Data map_batches over input shards) with one task at a time; the
            driver consumes the rows (on 2 cores it competes with the read tasks: that is part of the figure);
-3. ray x2: the same with two tasks at a time (2 cores);
+3. ray x2: the same with two tasks at a time (2 cores); bare x2: the bare loop in two processes, the ceiling
+           for "2 workers" on this machine;
 4. memory: peak RSS of the whole process tree (driver + Ray) reading N shards vs 10N shards.
 Prints one JSON line: medians with min and max over the repeats, and the ratios.
 """
@@ -86,6 +87,14 @@ def bare_loop(paths: list[str], min_side: int) -> int:
     return n
 
 
+def bare_two_processes(paths: list[str], min_side: int) -> int:
+    """The ceiling for 2 workers on this machine: the bare loop in two processes, half the shards each."""
+    from multiprocessing import get_context
+
+    with get_context("spawn").Pool(2) as pool:
+        return sum(pool.starmap(bare_loop, [(paths[0::2], min_side), (paths[1::2], min_side)]))
+
+
 def ray_read(paths: list[str], tasks: int, min_side: int) -> int:
     import ray
 
@@ -147,11 +156,12 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray_read(paths[:1], 1, 64)  # warm the workers: start-up is not throughput
-        res: dict[str, list[float]] = {"bare": [], "ray_x1": [], "ray_x2": []}
+        res: dict[str, list[float]] = {"bare": [], "bare_x2": [], "ray_x1": [], "ray_x2": []}
         counts = set()
         for _ in range(args.repeats):
-            for name, fn, extra in (("bare", bare_loop, ()), ("ray_x1", ray_read, (1,)), ("ray_x2", ray_read, (2,))):
-                if name == "bare":
+            for name, fn, extra in (("bare", bare_loop, ()), ("bare_x2", bare_two_processes, ()),
+                                    ("ray_x1", ray_read, (1,)), ("ray_x2", ray_read, (2,))):
+                if name.startswith("bare"):
                     secs, n = timed(fn, paths, 64)
                 else:
                     secs, n = timed(fn, paths, *extra, 64)
@@ -169,6 +179,7 @@ def main() -> None:
         "images_per_s": {k: summary(v) for k, v in res.items()},
         "ratio_ray_x1_vs_bare": round(med["ray_x1"] / med["bare"], 3),
         "ratio_ray_x2_vs_ray_x1": round(med["ray_x2"] / med["ray_x1"], 3),
+        "ratio_bare_x2_vs_bare": round(med["bare_x2"] / med["bare"], 3),
         "peak_rss_gib": {"2_shards": round(mem_small, 2), "20_shards": round(mem_big, 2)},
         "ratio_peak_rss_10x_input": round(mem_big / mem_small, 3),
     }))
