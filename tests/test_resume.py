@@ -42,23 +42,26 @@ def _stats_count(out: Path) -> int:
     return len(list((out / "stats").glob("*.json"))) if (out / "stats").exists() else 0
 
 
-# When to pull the plug: before Ray is even up, while a tar is half written, after one shard is done.
+# When to pull the plug (wall = the clean run's wall time): before Ray is even up; in the middle, while models
+# generate and tars are being written; late, once a shard is done or the CIR phase runs. (A file-based trigger
+# such as "a *.tmp tar exists" is too brief on this small input to be caught reliably by polling.)
 KILL_POINTS = {
-    "startup": lambda out, t: t > 3,
-    "mid_write": lambda out, t: (out / "shards").exists() and _has_tmp(out),
-    "one_shard_done": lambda out, t: _stats_count(out) >= 1,
+    "startup": lambda out, t, wall: t > 3,
+    "generating": lambda out, t, wall: t > 0.55 * wall or _has_tmp(out),
+    "late": lambda out, t, wall: _stats_count(out) >= 1 or t > 0.85 * wall,
 }
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_kill_and_resume_equals_clean_run(point, smoke_run, tmp_path):
     clean, _ = smoke_run
+    wall = json.loads((clean / "manifest.json").read_text())["wall_seconds"]
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"), "--output", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     start, killed = time.time(), False
     while proc.poll() is None and time.time() - start < 600:
-        if KILL_POINTS[point](out, time.time() - start):
+        if KILL_POINTS[point](out, time.time() - start, wall):
             _kill_tree(proc.pid)
             killed = True
             break
