@@ -12,7 +12,7 @@ Backends register themselves by name; the config picks one by that name. A backe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -55,6 +55,50 @@ class Backend:
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         raise NotImplementedError
+
+
+def convert_messages(
+    messages: list[dict[str, Any]],
+    image_part: Callable[[Any], dict[str, Any]],
+    image_kinds: tuple[str, ...] = ("image",),
+    passthrough: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """Walk chat messages and rewrite their content parts for one backend: strings and text parts become text
+    parts, image parts of ``image_kinds`` (carrying a PIL image under their own type name) go through
+    ``image_part``, part types in ``passthrough`` are copied as they are. Returns new dicts; the input is not
+    modified. Malformed messages and parts raise with the message index or part type."""
+
+    def part(p: Any) -> dict[str, Any]:
+        if isinstance(p, str):
+            return {"type": "text", "text": p}
+        if not isinstance(p, dict):
+            raise TypeError(f"content part must be a dict or str, got {type(p).__name__}")
+        kind = p.get("type")
+        if kind == "text":
+            return {"type": "text", "text": p["text"]}
+        if kind in image_kinds:
+            from PIL import Image
+
+            image = p.get(kind)
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"image part must carry a PIL.Image under {kind!r}, got {type(image).__name__}")
+            return image_part(image)
+        if kind in passthrough:
+            return dict(p)
+        raise ValueError(f"unsupported content part type {kind!r} (expected 'text' or 'image')")
+
+    out: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise ValueError(f"message {i} must be a dict with a 'role'")
+        new = dict(msg)
+        content = msg.get("content")
+        if isinstance(content, list):
+            new["content"] = [part(p) for p in content]
+        elif content is not None and not isinstance(content, str):
+            raise TypeError(f"message {i}: content must be a string or a list of parts")
+        out.append(new)
+    return out
 
 
 _REGISTRY: dict[str, type[Backend]] = {}

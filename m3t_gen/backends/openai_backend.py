@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, register
+from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, convert_messages, register
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -147,42 +147,13 @@ def image_to_data_url(image: Any, quality: int = 90) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _to_openai_part(part: Any, quality: int) -> dict[str, Any]:
-    if isinstance(part, str):
-        return {"type": "text", "text": part}
-    if not isinstance(part, dict):
-        raise TypeError(f"content part must be a dict or str, got {type(part).__name__}")
-    kind = part.get("type")
-    if kind == "text":
-        return {"type": "text", "text": part["text"]}
-    if kind in ("image", "image_pil"):
-        from PIL import Image
-
-        image = part.get(kind)
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"image part must carry a PIL.Image under {kind!r}, got {type(image).__name__}")
-        return {"type": "image_url", "image_url": {"url": image_to_data_url(image, quality)}}
-    if kind == "image_url":  # already in OpenAI form (a URL or a data URL)
-        return dict(part)
-    raise ValueError(f"unsupported content part type {kind!r} (expected 'text' or 'image')")
-
-
 def to_openai_messages(messages: list[dict[str, Any]], *, jpeg_quality: int = 90) -> list[dict[str, Any]]:
     """Convert messages with ``{"type": "image", "image": PIL.Image}`` parts to OpenAI chat messages: image
     parts become ``{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,..."}}``, string parts
     become text parts, string content passes through. Returns new dicts; the input is not modified."""
-    out: list[dict[str, Any]] = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or "role" not in msg:
-            raise ValueError(f"message {i} must be a dict with a 'role'")
-        new = dict(msg)
-        content = msg.get("content")
-        if isinstance(content, list):
-            new["content"] = [_to_openai_part(p, jpeg_quality) for p in content]
-        elif content is not None and not isinstance(content, str):
-            raise TypeError(f"message {i}: content must be a string or a list of parts")
-        out.append(new)
-    return out
+    return convert_messages(
+        messages, lambda image: {"type": "image_url", "image_url": {"url": image_to_data_url(image, jpeg_quality)}},
+        image_kinds=("image", "image_pil"), passthrough=("image_url",))  # image_url: already a URL or data URL
 
 
 def request_body(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, register
+from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, convert_messages, register
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm import SamplingParams
@@ -77,43 +77,13 @@ class VLLMOptions(BaseModel):
 # --------------------------------------------------------------------------------------- pure conversions
 
 
-def _to_vllm_part(part: Any) -> Any:
-    if isinstance(part, str):
-        return {"type": "text", "text": part}
-    if not isinstance(part, dict):
-        raise TypeError(f"content part must be a dict or str, got {type(part).__name__}")
-    kind = part.get("type")
-    if kind == "text":
-        return {"type": "text", "text": part["text"]}
-    if kind == "image":
-        from PIL import Image
-
-        image = part.get("image")
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"image part must carry a PIL.Image under 'image', got {type(image).__name__}")
-        # vLLM's own content part for an in-memory image (renderers/chat_utils.py: "image_pil").
-        return {"type": "image_pil", "image_pil": image}
-    if kind in ("image_pil", "image_url"):  # already in a form vLLM accepts
-        return dict(part)
-    raise ValueError(f"unsupported content part type {kind!r} (expected 'text' or 'image')")
-
-
 def to_vllm_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Convert OpenAI-style messages with ``{"type": "image", "image": PIL.Image}`` parts to what
-    ``vllm.LLM.chat`` accepts: image parts become ``{"type": "image_pil", "image_pil": PIL.Image}``; text parts
-    and string content pass through. Returns new dicts; the input is not modified."""
-    out: list[dict[str, Any]] = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or "role" not in msg:
-            raise ValueError(f"message {i} must be a dict with a 'role'")
-        new = dict(msg)
-        content = msg.get("content")
-        if isinstance(content, list):
-            new["content"] = [_to_vllm_part(p) for p in content]
-        elif content is not None and not isinstance(content, str):
-            raise TypeError(f"message {i}: content must be a string or a list of parts")
-        out.append(new)
-    return out
+    ``vllm.LLM.chat`` accepts: image parts become ``{"type": "image_pil", "image_pil": PIL.Image}`` (vLLM's own
+    part for an in-memory image, renderers/chat_utils.py); text parts and string content pass through, as do
+    parts already in a form vLLM accepts. Returns new dicts; the input is not modified."""
+    return convert_messages(messages, lambda image: {"type": "image_pil", "image_pil": image},
+                            image_kinds=("image",), passthrough=("image_pil", "image_url"))
 
 
 def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
