@@ -1,14 +1,16 @@
 """Generation efficiency (issue 7): output tokens/s of the dialogue stage inside a Ray Data pipeline divided by
 output tokens/s of the same engine run standalone on the same prompts and settings, in one run.
 
-    python bench/generation_efficiency.py --backend vllm [--small 128 --large 512] [--repeats 2]
-    python bench/generation_efficiency.py --backend transformers --small 16 --large 64
+    python bench/generation_efficiency.py --backend vllm [--small 128 --large 512] [--in-flight 1 2] [--repeats 2]
+    python bench/generation_efficiency.py --backend transformers --small 64 --large 256 --batch 32
 
 Engine start-up must not hide in the figures: each side is timed at two sizes and the ratio uses the marginal
 cost, (T_large - T_small) / (tokens_large - tokens_small). Standalone: the backend's engine built once in this
-process, generate() over all prompts (vLLM: one LLM.chat call, the engine's best case). Pipeline: a fresh Ray
-Data pipeline per size: rows -> DialogueStage actor (the project's stage: template, schema, validation) ->
-driver, timed end to end including the actor's engine start, which the two-size difference cancels.
+process and driven through its own API (vLLM: one LLM.chat call over all prompts, the engine's best case;
+transformers: the backend's batched generate). Pipeline: a fresh Ray Data pipeline per size and per
+``batches_in_flight`` setting: rows -> DialogueStage actor (the project's stage: template, schema, validation,
+and for vLLM its feeder thread) -> driver, timed end to end including the actor's engine start, which the
+two-size difference cancels.
 Prompts: the real dialogue template over distinct captions; sampling from pipelines/smoke.yaml; JSON schema on.
 Prints one JSON line.
 """
@@ -34,10 +36,11 @@ def rows_for(n: int) -> list[dict]:
                             f"{things[(i // 3) % 12]} in a room, photo {i}.") for i in range(n)]
 
 
-def config(backend: str, batch: int):
+def config(backend: str, batch: int, in_flight: int):
     from m3t_gen.config import load_config
 
-    sets = [f"dialogue.resources.batch_size={batch}", "dialogue.max_attempts=1", "ray.progress=false"]
+    sets = [f"dialogue.resources.batch_size={batch}", f"dialogue.resources.batches_in_flight={in_flight}",
+            "dialogue.max_attempts=1", "ray.progress=false"]
     if backend == "transformers":
         sets += ["dialogue.model.backend=transformers", "dialogue.model.options={}"]
     return load_config(ROOT / "pipelines" / "smoke.yaml", sets)
@@ -48,15 +51,33 @@ def standalone(cfg, n_small: int, n_large: int) -> dict:
     from m3t_gen.pipeline import make_context
     from m3t_gen.stages.dialogue import DialogueStage
 
-    stage = DialogueStage(make_context(cfg))  # builds the engine once; we call the backend directly below
+    stage = DialogueStage(make_context(cfg))  # builds the engine once; we drive it directly below
+    generate = _bare_engine(stage.backend)
     out = {}
-    stage.backend.generate(_requests(stage, rows_for(8)))  # warm-up
+    generate(_requests(stage, rows_for(8)))  # warm-up
     for n in (n_small, n_large):
         reqs = _requests(stage, rows_for(n))
         t = time.perf_counter()
-        results = stage.backend.generate(reqs)
-        out[n] = (time.perf_counter() - t, sum(r.output_tokens for r in results))
+        tokens = generate(reqs)
+        out[n] = (time.perf_counter() - t, tokens)
     return out
+
+
+def _bare_engine(backend):
+    """requests -> output tokens, with nothing of the project between the caller and the engine's own API."""
+    if backend.name == "vllm":
+        from m3t_gen.backends.vllm_backend import to_sampling_params, to_vllm_messages
+
+        backend.feeder.stop()  # hand the engine back to this thread: one LLM.chat over all prompts
+        llm = backend.llm
+
+        def generate(reqs):
+            outs = llm.chat([to_vllm_messages(r.messages) for r in reqs], [to_sampling_params(r) for r in reqs],
+                            use_tqdm=False)
+            return sum(len(o.outputs[0].token_ids) for o in outs)
+        return generate
+    # transformers: generate() is the engine call itself (batched model.generate under one lock)
+    return lambda reqs: sum(r.output_tokens for r in backend.generate(reqs))
 
 
 def _requests(stage, rows):
@@ -91,41 +112,47 @@ def marginal(small: tuple[float, int], large: tuple[float, int]) -> float:
     return (large[1] - small[1]) / (large[0] - small[0])
 
 
+def _summary(runs: list[dict]) -> dict:
+    tok = [x["tok_s"] for x in runs]
+    return {"median": round(statistics.median(tok), 1), "min": round(min(tok), 1), "max": round(max(tok), 1),
+            "runs": [{k: (round(v[0], 2), v[1]) if isinstance(v, tuple) else round(v, 1) for k, v in x.items()}
+                     for x in runs]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="vllm", choices=["vllm", "transformers"])
     ap.add_argument("--small", type=int, default=128)
     ap.add_argument("--large", type=int, default=512)
     ap.add_argument("--batch", type=int, default=256, help="rows per map_batches call (the stage's batch_size)")
+    ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 2],
+                    help="dialogue.resources.batches_in_flight settings to measure (1: one batch at a time)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     import ray
 
-    cfg = config(args.backend, args.batch)
     ray.init(num_cpus=2, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    pipe, alone = [], []
-    for _ in range(args.repeats):
-        small, large = in_pipeline(cfg, args.small), in_pipeline(cfg, args.large)
-        pipe.append({"small": small, "large": large, "tok_s": marginal(small, large)})
+    pipe: dict[int, list[dict]] = {n: [] for n in args.in_flight}
+    for _ in range(args.repeats):  # interleave the settings so that drift on the machine hits each alike
+        for n in args.in_flight:
+            cfg = config(args.backend, args.batch, n)
+            small, large = in_pipeline(cfg, args.small), in_pipeline(cfg, args.large)
+            pipe[n].append({"small": small, "large": large, "tok_s": marginal(small, large)})
     ray.shutdown()  # free the cores and memory for the standalone engine
+    cfg = config(args.backend, args.batch, 1)
+    alone = []
     for _ in range(args.repeats):
         sa = standalone(cfg, args.small, args.large)
         alone.append({"small": sa[args.small], "large": sa[args.large], "tok_s": marginal(sa[args.small], sa[args.large])})
-    p = statistics.median(x["tok_s"] for x in pipe)
-    a = statistics.median(x["tok_s"] for x in alone)
+    a = _summary(alone)
     print(json.dumps({
         "bench": "generation_efficiency", "backend": args.backend, "sizes": [args.small, args.large],
         "batch_size": args.batch, "max_tokens": cfg.dialogue.sampling.max_tokens,
-        "pipeline_tok_s": {"median": round(p, 1), "min": round(min(x["tok_s"] for x in pipe), 1),
-                           "max": round(max(x["tok_s"] for x in pipe), 1)},
-        "standalone_tok_s": {"median": round(a, 1), "min": round(min(x["tok_s"] for x in alone), 1),
-                             "max": round(max(x["tok_s"] for x in alone), 1)},
-        "efficiency": round(p / a, 3),
-        "runs": {"pipeline": [{k: (round(v[0], 2), v[1]) if isinstance(v, tuple) else round(v, 1)
-                               for k, v in x.items()} for x in pipe],
-                 "standalone": [{k: (round(v[0], 2), v[1]) if isinstance(v, tuple) else round(v, 1)
-                                 for k, v in x.items()} for x in alone]},
+        "standalone_tok_s": a,
+        "pipeline_tok_s": {f"batches_in_flight={n}": _summary(runs) for n, runs in pipe.items()},
+        "efficiency": {f"batches_in_flight={n}": round(_summary(runs)["median"] / a["median"], 3)
+                       for n, runs in pipe.items()},
     }))
 
 

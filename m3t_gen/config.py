@@ -81,8 +81,15 @@ class Resources(Strict):
 
     batch_size: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1)
+    batches_in_flight: int = Field(1, ge=1, description="batches one actor works on at once")
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, gt=0)
+
+
+class GenerationResources(Resources):
+    batches_in_flight: int = Field(
+        2, ge=1, description="batches one actor works on at once: with 2 the engine starts the next batch while "
+        "the last sequences of the previous one finish (vllm, openai backends; transformers takes them in turn)")
 
 
 class ParquetColumns(Strict):
@@ -129,7 +136,7 @@ class GenerationStage(Strict):
     model: ModelSpec
     template: str
     sampling: Sampling = Field(default_factory=Sampling)
-    resources: Resources = Field(default_factory=Resources)
+    resources: GenerationResources = Field(default_factory=GenerationResources)
     max_attempts: int = Field(3, ge=1, description="tries with a new seed before a sample is rejected")
 
 

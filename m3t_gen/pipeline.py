@@ -120,7 +120,11 @@ def apply_stages(ds: Any, stages: list[type[Stage]], cfg: PipelineConfig, ctx: R
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
         if stage.uses_actor():
             # Restart actors lost with a node and retry their batches (Ray Data's default today; pinned here).
-            ds = ds.map_batches(stage, fn_constructor_kwargs={"ctx": ctx}, compute=ActorPoolStrategy(size=res.concurrency),
+            # batches_in_flight > 1: that many __call__s run at once in the actor's threads (the stage and its
+            # backend are thread-safe), so an engine never waits for the next batch to arrive.
+            pool = ActorPoolStrategy(size=res.concurrency, max_concurrent_calls_per_actor=res.batches_in_flight,
+                                     enable_true_multi_threading=res.batches_in_flight > 1)
+            ds = ds.map_batches(stage, fn_constructor_kwargs={"ctx": ctx}, compute=pool,
                                 num_gpus=res.num_gpus or None, max_restarts=-1, max_task_retries=-1, **common)
         else:
             ds = ds.map_batches(_run_stateless, fn_kwargs={"stage_cls": stage, "ctx": ctx}, **common)

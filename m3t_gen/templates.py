@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,18 @@ class PromptTemplate:
     def short_hash(self) -> str:
         return self.sha256[:12]
 
+    @cached_property
+    def _compiled(self) -> jinja2.Template:
+        # Compiled once per template object: compiling on every render cost ~1 ms per row (measured), as much
+        # as a tenth of a tiny model's generation time.
+        return _environment().from_string(self.source)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}  # compiled code does not pickle
+
     def render(self, **fields: Any) -> str:
         try:
-            return _environment().from_string(self.source).render(**fields).strip()
+            return self._compiled.render(**fields).strip()
         except jinja2.UndefinedError as e:
             raise TemplateError(f"template {self.name}: {e.message}") from None
         except jinja2.TemplateError as e:

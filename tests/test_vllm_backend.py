@@ -276,3 +276,37 @@ def test_engine_many_seeded_long_prompts_in_one_batch(engine):
     assert len(results) == 40 and all(r.output_tokens > 0 and r.finish_reason != "error" for r in results)
     again = engine.generate(reqs[:3])
     assert [r.text for r in again] == [r.text for r in results[:3]]
+
+
+@pytest.mark.slow
+def test_engine_concurrent_callers_share_the_engine(engine):
+    """batches_in_flight > 1: several threads call generate at once; the feeder puts their requests into one
+    running engine (the second batch starts before the first ends) and each caller gets its own answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[_hello(seed=100 * b + i, max_tokens=24 + 8 * i) for i in range(6)] for b in range(3)]
+    serial = [engine.generate(b) for b in batches]
+    before = dict(engine.feeder.stats)
+    with ThreadPoolExecutor(3) as pool:
+        concurrent = list(pool.map(engine.generate, batches))
+    assert engine.feeder.stats["jobs"] - before["jobs"] == 3
+    assert engine.feeder.stats["peak_jobs"] >= 2  # the batches were in the engine together
+    for got, want in zip(concurrent, serial):
+        assert [r.output_tokens for r in got] == [r.output_tokens for r in want]
+        assert [r.text for r in got] == [r.text for r in want]  # per-request seeds: batching changes nothing
+
+
+@pytest.mark.slow
+def test_engine_concurrent_bad_batch_fails_alone(engine):
+    """A batch vLLM refuses while adding it fails in its own caller only (then is retried one by one there);
+    a batch running beside it is untouched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    too_long = GenerationRequest(messages=[{"role": "user", "content": "word " * 5000}], seed=1, max_tokens=4)
+    good = [_hello(seed=s, max_tokens=40) for s in range(8)]
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(engine.generate, good)
+        b = pool.submit(engine.generate, [_hello(seed=9), too_long])
+        good_out, mixed = a.result(timeout=300), b.result(timeout=300)
+    assert all(r.finish_reason == "length" and r.output_tokens == 40 for r in good_out)
+    assert mixed[0].output_tokens == 12 and mixed[1].finish_reason == "error"

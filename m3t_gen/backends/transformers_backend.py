@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -107,6 +108,8 @@ class TransformersBackend(Backend):
         from m3t_gen.models import resolve
 
         self._torch = torch
+        # One model, one forward at a time: concurrent calls (batches_in_flight > 1) take turns.
+        self._lock = threading.Lock()
         self.model_path = resolve(spec.model)
         opts: TransformersOptions = self.options
         if opts.device == "auto":
@@ -260,6 +263,10 @@ class TransformersBackend(Backend):
     # ------------------------------------------------------------------------------------------------ generate
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        with self._lock:
+            return self._generate(requests)
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
         groups: dict[tuple[str | None, int], list[int]] = {}
         for i, req in enumerate(requests):

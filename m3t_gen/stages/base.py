@@ -4,10 +4,14 @@ A stage is a callable class: ``__init__`` does the heavy setup once per Ray acto
 engine), ``process(rows)`` works on the live rows of a batch in place, and ``__call__`` adapts that to
 Ray Data's ``map_batches`` (Arrow batch in, Arrow batch out), passing rejected and marker rows through
 and attributing the batch's time to its rows. Its Ray resources come from config (``resources()``).
+
+With ``resources.batches_in_flight > 1`` several ``__call__``s run at once in one actor's threads; ``process``
+must then be thread-safe (stages keep no per-batch state on ``self``; backends handle concurrent calls).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -28,12 +32,43 @@ class RunContext:
     model_names: dict[str, str] = field(default_factory=dict)
 
 
+class SharedClock:
+    """Splits an actor's wall time among the calls running in it at once, so that busy seconds summed over rows
+    stay actor seconds (what ``m3t-gen plan`` divides by) when batches overlap."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, float] = {}  # call token -> seconds charged so far
+        self._last = time.perf_counter()
+
+    def _advance(self) -> None:
+        now = time.perf_counter()
+        if self._running:
+            share = (now - self._last) / len(self._running)
+            for token in self._running:
+                self._running[token] += share
+        self._last = now
+
+    def start(self) -> int:
+        token = threading.get_ident()
+        with self._lock:
+            self._advance()
+            self._running[token] = 0.0
+        return token
+
+    def stop(self, token: int) -> float:
+        with self._lock:
+            self._advance()
+            return self._running.pop(token)
+
+
 class Stage:
     name: ClassVar[str]
     row_schema: ClassVar[pa.Schema | None] = None  # None: the sample row schema (m3t_gen.rows.ROW_SCHEMA)
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
+        self.clock = SharedClock()
 
     @classmethod
     def resources(cls, config: PipelineConfig) -> Resources:
@@ -55,9 +90,12 @@ class Stage:
         rows = batch.to_pylist()
         live = [r for r in rows if r["status"] == OK]
         if live:
-            start = time.perf_counter()
-            self.process(live)
-            share = (time.perf_counter() - start) / len(live)
+            token = self.clock.start()
+            try:
+                self.process(live)
+            finally:
+                seconds = self.clock.stop(token)
+            share = seconds / len(live)
             for r in live:
                 add_timing(r, self.name, share)
         return to_table(rows, self.row_schema)

@@ -1,0 +1,172 @@
+"""Batches in flight: the code around the engines that lets one actor work on several batches at once.
+(The real vLLM engine under concurrent callers is tested in test_vllm_backend.py; here a scripted engine
+drives the feeder's failure paths, which a real engine cannot be made to hit on demand.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from m3t_gen.backends.vllm_backend import EngineFeeder
+from m3t_gen.stages.base import SharedClock
+
+
+class ScriptedLLM:
+    """enqueue_chat / llm_engine.step with vLLM's shapes: each request finishes after `steps` engine steps;
+    a conversation whose text is "bad" is refused when added; `fail_at_step` makes step() raise."""
+
+    def __init__(self, steps: int = 3, fail_at_step: int | None = None) -> None:
+        self.steps, self.fail_at_step = steps, fail_at_step
+        self.live: dict[str, int] = {}
+        self.count = 0
+        self.n_steps = 0
+        self.llm_engine = SimpleNamespace(step=self._step)
+
+    def enqueue_chat(self, conversations, params, use_tqdm=False):
+        if any(c[0]["content"] == "bad" for c in conversations):
+            raise ValueError("prompt too long")
+        ids = []
+        for conv in conversations:
+            self.count += 1
+            rid = f"{self.count}-abcd1234"
+            self.live[rid] = self.steps
+            ids.append(rid)
+        return ids
+
+    def _step(self):
+        self.n_steps += 1
+        if self.fail_at_step is not None and self.n_steps >= self.fail_at_step:
+            raise RuntimeError("EngineDeadError: engine core died")
+        time.sleep(0.002)
+        out = []
+        for rid in list(self.live):
+            self.live[rid] -= 1
+            if self.live[rid] == 0:
+                del self.live[rid]
+                out.append(SimpleNamespace(request_id=rid.split("-")[0], finished=True))
+            else:
+                out.append(SimpleNamespace(request_id=rid.split("-")[0], finished=False))
+        return out
+
+
+def conv(text: str = "hi"):
+    return [{"role": "user", "content": text}]
+
+
+def test_feeder_answers_each_caller_in_order_and_overlaps_jobs():
+    llm = ScriptedLLM(steps=20)
+    feeder = EngineFeeder(llm)
+    try:
+        results = {}
+
+        def call(name, n):
+            results[name] = feeder.run([conv(f"{name}{i}") for i in range(n)], [None] * n)
+
+        threads = [threading.Thread(target=call, args=(name, n)) for name, n in (("a", 3), ("b", 5), ("c", 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        assert {k: len(v) for k, v in results.items()} == {"a": 3, "b": 5, "c": 1}
+        for outs in results.values():  # a job's outputs keep its request order
+            ids = [int(o.request_id) for o in outs]
+            assert ids == sorted(ids) and all(o.finished for o in outs)
+        assert feeder.stats["jobs"] == 3 and feeder.stats["peak_jobs"] >= 2
+        assert feeder.run([], []) == []
+    finally:
+        feeder.stop()
+
+
+def test_feeder_refused_job_fails_alone():
+    feeder = EngineFeeder(ScriptedLLM())
+    try:
+        with pytest.raises(ValueError, match="prompt too long"):
+            feeder.run([conv("ok"), conv("bad")], [None, None])
+        assert len(feeder.run([conv("ok")], [None])) == 1  # the engine goes on
+    finally:
+        feeder.stop()
+
+
+def test_feeder_engine_failure_fails_every_caller_now_and_later():
+    feeder = EngineFeeder(ScriptedLLM(steps=50, fail_at_step=10))
+    errors = []
+
+    def call():
+        try:
+            feeder.run([conv()], [None])
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(errors) == 3 and all("engine core died" in str(e) for e in errors)
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        feeder.run([conv()], [None])
+    feeder.stop()
+
+
+def test_feeder_stop_releases_waiting_callers():
+    feeder = EngineFeeder(ScriptedLLM(steps=10**9))  # never finishes
+    box = {}
+
+    def call():
+        try:
+            feeder.run([conv()], [None])
+        except Exception as err:  # noqa: BLE001
+            box["err"] = err
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.1)
+    feeder.stop()
+    t.join(timeout=10)
+    assert not t.is_alive() and "closed" in str(box["err"])
+
+
+def test_shared_clock_splits_overlap():
+    """Two calls overlapping fully for 0.2 s are charged 0.1 s each; alone, a call is charged its wall time."""
+    clock = SharedClock()
+    charged = {}
+    barrier = threading.Barrier(2)
+
+    def call(name):
+        barrier.wait()
+        token = clock.start()
+        time.sleep(0.2)
+        charged[name] = clock.stop(token)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(charged.values()) == pytest.approx(0.2, abs=0.05)
+    assert charged["a"] == pytest.approx(charged["b"], abs=0.03)
+    token = clock.start()
+    time.sleep(0.1)
+    assert clock.stop(token) == pytest.approx(0.1, abs=0.03)
+
+
+def test_generation_stages_default_to_two_batches_in_flight(tmp_path):
+    from m3t_gen.config import load_config
+
+    cfg = load_config("pipelines/smoke.yaml")
+    assert cfg.dialogue.resources.batches_in_flight == 2
+    assert cfg.caption.resources.batches_in_flight == 2
+    assert cfg.reward.resources.batches_in_flight == 1  # torch models: one batch at a time
+
+
+def test_feeder_bug_in_its_own_loop_fails_callers_instead_of_hanging():
+    """Any exception in the feeder thread (here: an output whose id it never handed out) reaches the callers."""
+    llm = ScriptedLLM(steps=1)
+    llm.llm_engine = SimpleNamespace(step=lambda: [SimpleNamespace(request_id="999", finished=True)])
+    feeder = EngineFeeder(llm)
+    with pytest.raises(KeyError):
+        feeder.run([conv()], [None])
+    feeder.stop()
