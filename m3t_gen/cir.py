@@ -99,7 +99,11 @@ class TripletWriter:
 
     def consume(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            part = self.parts.setdefault(row["shard"], {"kept": [], "rejected": []})
+            part = self.parts.setdefault(row["shard"], {"kept": [], "rejected": [], "seconds": Counter(),
+                                                        "tokens": Counter()})
+            for stage, seconds in json.loads(row["timings"] or "{}").items():
+                part["seconds"][stage] += seconds
+            part["tokens"].update(json.loads(row["tokens"] or "{}"))
             if row["status"] == OK:
                 part["kept"].append(json.dumps(triplet_json(row, self.ctx), ensure_ascii=False))
             elif row["status"] == REJECTED:
@@ -117,7 +121,10 @@ class TripletWriter:
         atomic_write_bytes(self.out / "triplet_rejects" / f"{name}.parquet", buf.getvalue())
         reasons = Counter(f"{r['stage']}:{r['reason']}" for r in part["rejected"])
         stats = {"part": name, "pairs": self.expected[name], "kept": len(kept), "rejected": len(part["rejected"]),
-                 "reasons": dict(sorted(reasons.items()))}
+                 "reasons": dict(sorted(reasons.items())),
+                 # Actor seconds and generated tokens per stage (retries included): `m3t-gen plan --from-run`.
+                 "stage_seconds": {k: round(v, 4) for k, v in sorted(part["seconds"].items())},
+                 "stage_tokens": dict(sorted(part["tokens"].items()))}
         assert stats["pairs"] == stats["kept"] + stats["rejected"], stats
         atomic_write_bytes(self.out / "triplet_stats" / f"{name}.json", json.dumps(stats, indent=1).encode())
         del self.parts[name]
@@ -148,4 +155,28 @@ def run_cir(cfg: Any, ctx: RunContext, out: Path, shards: list[str], log: Callab
     for s in stats:
         reasons.update(s["reasons"])
     return {"pool": pool.num_rows, "pairs": len(rows), "kept": sum(s["kept"] for s in stats),
-            "rejected": sum(s["rejected"] for s in stats), "reasons": dict(reasons)}
+            "rejected": sum(s["rejected"] for s in stats), "reasons": dict(reasons),
+            "stages": stage_table(stats, len(rows))}
+
+
+def stage_table(stats: list[dict[str, Any]], pairs: int) -> list[dict[str, Any]]:
+    """Per CIR stage over all parts: pairs in / kept / rejected, actor seconds, generated tokens (the shape of
+    the sample stages' table in the manifest)."""
+    rejected: Counter = Counter()
+    seconds: Counter = Counter()
+    tokens: Counter = Counter()
+    for s in stats:
+        for key, n in s["reasons"].items():
+            rejected[key.split(":", 1)[0]] += n
+        seconds.update(s.get("stage_seconds", {}))  # parts written before these fields existed have none
+        tokens.update(s.get("stage_tokens", {}))
+    table, rows_in = [], pairs
+    for stage in CIR_STAGES:
+        kept = rows_in - rejected[stage.name]
+        entry = {"stage": stage.name, "in": rows_in, "kept": kept, "rejected": rejected[stage.name],
+                 "busy_seconds": round(seconds.get(stage.name, 0.0), 2)}
+        if tokens.get(stage.name):
+            entry["output_tokens"] = tokens[stage.name]
+        table.append(entry)
+        rows_in = kept
+    return table

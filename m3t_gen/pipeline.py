@@ -275,6 +275,10 @@ def format_summary(manifest: dict[str, Any]) -> str:
     if cir:
         lines.append(f"cir: pool {cir['pool']} images -> {cir['pairs']} pairs = triplets kept {cir['kept']} + "
                      f"rejected {cir['rejected']}")
+        for s in cir.get("stages", []):
+            toks = s.get("output_tokens", "")
+            lines.append(f"{s['stage']:<14} {s['in']:>8} {s['kept']:>8} {s['rejected']:>9} {s['busy_seconds']:>9.2f} "
+                         f"{toks:>11}")
         for reason, n in sorted(cir["reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"  rejected {n:>6}  {reason}")
     return "\n".join(lines)

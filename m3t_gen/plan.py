@@ -21,7 +21,8 @@ Nothing loads a model or starts Ray. Per image and stage:
 
 Throughput per GPU comes, in this order of precedence, from ``--throughput stage=value``, from a finished
 run's manifest (``--from-run OUTPUT``: rows in / busy seconds per stage replica, divided by the GPUs each
-replica had; the same run also gives the share of images that reach each stage), or from the defaults below.
+replica had; the same run also gives the share of images that reach each stage; CIR stages from its
+``cir.stages`` table, in pairs), or from the defaults below.
 GPU-hours = images / (images per second per GPU) / 3600, where images per second = output tokens per second
 / output tokens per image. The wall-clock estimate divides each stage's GPU-hours by its GPUs
 (``resources.num_gpus`` x ``concurrency``; for vLLM at least tensor x pipeline parallel size per replica);
@@ -271,6 +272,8 @@ def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
     try:
         manifest = json.loads(path.read_text())
         stages = {s["stage"]: s for s in manifest["stages"]}
+        cir_stages = {s["stage"]: s for s in (manifest.get("cir") or {}).get("stages", [])}  # pairs, not images
+        stages.update(cir_stages)
         read = manifest["totals"]["read"]
         run_cfg = manifest["config"]
     except (ValueError, KeyError, TypeError) as e:
@@ -284,7 +287,7 @@ def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
         s = stages.get(stage)
         if not s or not s.get("in") or not s.get("busy_seconds"):
             continue
-        if read:
+        if read and stage not in cir_stages:  # a CIR stage's reach is the pool's (pairs per image come from config)
             reach[stage] = s["in"] / read
         if stage == "read":
             rates[stage] = s["in"] / s["busy_seconds"]  # images per second of one read task (one core)

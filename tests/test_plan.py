@@ -12,6 +12,7 @@ from m3t_gen.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 M3T = str(ROOT / "pipelines" / "m3t.yaml")
+CIR = str(ROOT / "pipelines" / "cir.yaml")
 SMOKE = str(ROOT / "pipelines" / "smoke.yaml")
 GPU_STAGES = ("caption", "dialogue", "reward")
 
@@ -132,6 +133,9 @@ def test_from_run_uses_measured_throughput_and_pass_rates(tmp_path):
     assert other["dialogue"]["gpu_hours"] == pytest.approx(stages["dialogue"]["gpu_hours"])
     assert stages["reward"]["gpu_hours"] == pytest.approx(5_000_000 * 0.78 / 780 / 3600)
     assert stages["read"]["throughput"] == pytest.approx(0.01)  # s/image/core
+    # Without a measured CIR pass the modify stage plans from defaults.
+    cir_plan = by_stage(plan(CIR, "--images", "5000000", "--from-run", str(tmp_path)))
+    assert cir_plan["modify"]["throughput_source"].startswith("default")
     # An explicit --throughput still wins over the measurement.
     over = by_stage(plan(M3T, "--images", "5000000", "--from-run", str(tmp_path), "--throughput", "reward=100"))
     assert over["reward"]["gpu_hours"] == pytest.approx(5_000_000 * 0.78 / 100 / 3600)
@@ -174,3 +178,30 @@ def test_bad_config_file_exits_2(tmp_path):
     assert result.exit_code == 2
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0]
+
+
+def test_from_run_measures_the_cir_pass_in_pairs(tmp_path):
+    cfg = load_config(CIR)
+    manifest = {
+        "config": cfg.model_dump(mode="json", by_alias=True),
+        "totals": {"read": 1000, "kept": 1000, "rejected": 0},
+        "stages": [{"stage": "read", "in": 1000, "kept": 1000, "rejected": 0, "busy_seconds": 10.0},
+                   {"stage": "caption", "in": 1000, "kept": 1000, "rejected": 0, "busy_seconds": 500.0,
+                    "output_tokens": 1000 * 150}],
+        "cir": {"pool": 1000, "pairs": 1000, "kept": 900, "rejected": 100, "reasons": {},
+                "stages": [{"stage": "modify", "in": 1000, "kept": 950, "rejected": 50, "busy_seconds": 250.0,
+                            "output_tokens": 1000 * 120},
+                           {"stage": "triplet_reward", "in": 950, "kept": 950, "rejected": 0, "busy_seconds": 2.0},
+                           {"stage": "triplet_filter", "in": 950, "kept": 900, "rejected": 50,
+                            "busy_seconds": 0.1}]},
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    stages = by_stage(plan(CIR, "--images", "1000000", "--from-run", str(tmp_path)))
+    gpus = cfg.cir.modify.resources.num_gpus or 1
+    # 1000 pairs in 250 replica-seconds: 4 pairs/s per replica; 120 tokens per pair measured.
+    assert stages["modify"]["throughput_source"].startswith("measured")
+    assert stages["modify"]["output_tokens_per_image"] == pytest.approx(120)
+    assert stages["modify"]["throughput"] == pytest.approx(4 / gpus * 120)
+    assert stages["triplet_reward"]["throughput_source"].startswith("measured")
+    # Pairs per image still come from the config (every pooled image paired), not from the run's pair count.
+    assert stages["modify"]["images"] == pytest.approx(1_000_000 * cfg.cir.pairing.pairs_per_image)

@@ -164,6 +164,13 @@ def test_cir_triplets_have_the_configured_modifications_and_validate(smoke_run):
     for p in (out / "triplet_stats").glob("*.json"):
         s = json.loads(p.read_text())
         assert s["pairs"] == s["kept"] + s["rejected"]
+    # Per-stage accounting of the CIR pass, as for the sample stages (m3t-gen plan --from-run reads it).
+    table = {s["stage"]: s for s in cir["stages"]}
+    assert list(table) == ["modify", "triplet_reward", "triplet_filter"]
+    assert table["modify"]["in"] == cir["pairs"] and table["triplet_filter"]["kept"] == cir["kept"]
+    assert sum(s["rejected"] for s in table.values()) == cir["rejected"]
+    assert table["modify"]["busy_seconds"] > 0 and table["modify"]["output_tokens"] > 0
+    assert table["triplet_reward"]["busy_seconds"] > 0 and "output_tokens" not in table["triplet_reward"]
     assert "cir: pool" in proc.stdout
 
 
