@@ -87,9 +87,9 @@ class Resources(Strict):
 
 
 class GenerationResources(Resources):
-    batches_in_flight: int = Field(
-        2, ge=1, description="batches one actor works on at once: with 2 the engine starts the next batch while "
-        "the last sequences of the previous one finish (vllm, openai backends; transformers takes them in turn)")
+    batches_in_flight: int | None = Field(  # type: ignore[assignment]
+        None, ge=1, description="batches one actor works on at once; default: the backend's choice (vllm, openai: "
+        "2, so the engine starts the next batch while the previous one drains; transformers: 1)")
 
 
 class ParquetColumns(Strict):
@@ -138,6 +138,13 @@ class GenerationStage(Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     resources: GenerationResources = Field(default_factory=GenerationResources)
     max_attempts: int = Field(3, ge=1, description="tries with a new seed before a sample is rejected")
+
+    def stage_resources(self) -> Resources:
+        """``resources`` with ``batches_in_flight`` settled: the configured value, else the backend's own."""
+        from m3t_gen.backends.base import get_backend
+
+        n = self.resources.batches_in_flight or get_backend(self.model.backend).batches_in_flight
+        return Resources(**{**self.resources.model_dump(), "batches_in_flight": n})
 
 
 class CaptionStage(GenerationStage):

@@ -153,13 +153,26 @@ def test_shared_clock_splits_overlap():
     assert clock.stop(token) == pytest.approx(0.1, abs=0.03)
 
 
-def test_generation_stages_default_to_two_batches_in_flight(tmp_path):
+def test_batches_in_flight_default_comes_from_the_backend():
     from m3t_gen.config import load_config
+    from m3t_gen.stages.caption import CaptionStage
+    from m3t_gen.stages.dialogue import DialogueStage
+    from m3t_gen.stages.reward import RewardStage
 
     cfg = load_config("pipelines/smoke.yaml")
-    assert cfg.dialogue.resources.batches_in_flight == 2
-    assert cfg.caption.resources.batches_in_flight == 2
-    assert cfg.reward.resources.batches_in_flight == 1  # torch models: one batch at a time
+    assert cfg.dialogue.model.backend == "vllm" and cfg.caption.model.backend == "transformers"
+    assert DialogueStage.resources(cfg).batches_in_flight == 1  # measured: 2 does not pay on a CPU box
+    assert CaptionStage.resources(cfg).batches_in_flight == 1  # eager torch: one batch at a time
+    assert RewardStage.resources(cfg).batches_in_flight == 1
+    openai = load_config("pipelines/smoke.yaml", ["dialogue.model.backend=openai",
+                                                  "dialogue.model.options={base_url: 'http://127.0.0.1:9/v1'}"])
+    assert DialogueStage.resources(openai).batches_in_flight == 2  # a remote server: keep it fed
+    # An explicit setting wins, and the rest of the block is kept.
+    cfg = load_config("pipelines/smoke.yaml", ["dialogue.resources.batches_in_flight=2",
+                                              "caption.resources.batches_in_flight=3"])
+    assert DialogueStage.resources(cfg).batches_in_flight == 2
+    res = CaptionStage.resources(cfg)
+    assert res.batches_in_flight == 3 and res.batch_size == cfg.caption.resources.batch_size
 
 
 def test_feeder_bug_in_its_own_loop_fails_callers_instead_of_hanging():

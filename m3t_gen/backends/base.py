@@ -48,6 +48,10 @@ class Backend:
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
     supports_images: ClassVar[bool] = True
+    # Batches an actor should hand this backend at once (resources.batches_in_flight when unset). More than one
+    # only pays where the engine can take a second batch while the first runs (vLLM's running batch, a server);
+    # generate() must then be safe to call from several threads.
+    batches_in_flight: ClassVar[int] = 1
 
     def __init__(self, spec: "ModelSpec") -> None:  # noqa: F821 - see m3t_gen.config.ModelSpec
         self.spec = spec

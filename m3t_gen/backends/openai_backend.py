@@ -248,6 +248,7 @@ class OpenAIBackend(Backend):
     name = "openai"
     Options = OpenAIOptions
     supports_images = True  # the server decides; a text-only model answers 400 per request
+    batches_in_flight = 2  # each call runs its own event loop and connection pool: thread-safe
 
     def __init__(self, spec: "ModelSpec") -> None:
         super().__init__(spec)

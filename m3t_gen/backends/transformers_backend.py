@@ -108,7 +108,9 @@ class TransformersBackend(Backend):
         from m3t_gen.models import resolve
 
         self._torch = torch
-        # One model, one forward at a time: concurrent calls (batches_in_flight > 1) take turns.
+        # One model, one forward at a time: concurrent calls (batches_in_flight > 1) take turns. Not the default:
+        # eager generate() needs the GIL between ops, and a second batch's Python work slows it (measured,
+        # docs/BENCHMARKS.md).
         self._lock = threading.Lock()
         self.model_path = resolve(spec.model)
         opts: TransformersOptions = self.options

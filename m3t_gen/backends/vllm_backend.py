@@ -4,8 +4,8 @@ One engine per Ray actor: ``__init__`` builds ``vllm.LLM`` (minutes for a real m
 thread that owns it from then on. ``generate`` may be called from several threads at once (a stage with
 ``resources.batches_in_flight > 1``): each call's requests are queued to the feeder, which adds them to the
 running engine (``LLM.enqueue_chat``) and steps it, so the next batch starts decoding while the previous
-batch's last sequences finish and its JSON is checked. Without that, the engine idles at every batch boundary
-(measured: 0.84 of standalone throughput with one batch at a time; docs/BENCHMARKS.md).
+batch's last sequences finish and its JSON is checked. Whether that pays depends on the machine: measured in
+``bench/generation_efficiency.py`` (docs/BENCHMARKS.md).
 
 Importing this module is cheap: vLLM (and torch) are imported inside ``__init__`` / ``to_sampling_params``.
 
@@ -279,6 +279,10 @@ class VLLMBackend(Backend):
     name = "vllm"
     Options = VLLMOptions
     supports_images = True
+    # One batch at a time by default: on the 2-vCPU CPU box two in flight measured no better with 256-row batches
+    # (0.966 vs 0.955 of standalone) and worse with 64-row ones (0.66 vs 0.85); docs/BENCHMARKS.md. The feeder
+    # makes 2 possible (resources.batches_in_flight) where the engine has its own GPU and the client its cores.
+    batches_in_flight = 1
 
     def __init__(self, spec: "ModelSpec") -> None:
         super().__init__(spec)

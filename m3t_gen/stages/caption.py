@@ -26,7 +26,7 @@ class CaptionStage(Stage):
 
     @classmethod
     def resources(cls, config: PipelineConfig) -> Resources:
-        return config.caption.resources
+        return config.caption.stage_resources()
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

@@ -46,7 +46,7 @@ class DialogueStage(Stage):
 
     @classmethod
     def resources(cls, config: PipelineConfig) -> Resources:
-        return config.dialogue.resources
+        return config.dialogue.stage_resources()
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

@@ -58,7 +58,7 @@ class ModifyStage(Stage):
 
     @classmethod
     def resources(cls, config: PipelineConfig) -> Resources:
-        return config.cir.modify.resources
+        return config.cir.modify.stage_resources()
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
