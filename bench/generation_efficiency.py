@@ -36,11 +36,11 @@ def rows_for(n: int) -> list[dict]:
                             f"{things[(i // 3) % 12]} in a room, photo {i}.") for i in range(n)]
 
 
-def config(backend: str, batch: int, in_flight: int):
+def config(backend: str, batch: int, in_flight: int, actor_cpus: float):
     from m3t_gen.config import load_config
 
     sets = [f"dialogue.resources.batch_size={batch}", f"dialogue.resources.batches_in_flight={in_flight}",
-            "dialogue.max_attempts=1", "ray.progress=false"]
+            f"dialogue.resources.num_cpus={actor_cpus}", "dialogue.max_attempts=1", "ray.progress=false"]
     if backend == "transformers":
         sets += ["dialogue.model.backend=transformers", "dialogue.model.options={}"]
     return load_config(ROOT / "pipelines" / "smoke.yaml", sets)
@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 2],
                     help="dialogue.resources.batches_in_flight settings to measure (1: one batch at a time)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--actor-cpus", type=float, default=2,
+                    help="the stage actor's num_cpus. Ray sets OMP_NUM_THREADS from it (1 below 1 CPU), so the "
+                         "default gives the actor the threads the standalone process has (the whole 2-vCPU box)")
     args = ap.parse_args()
     import ray
 
@@ -136,11 +139,11 @@ def main() -> None:
     pipe: dict[int, list[dict]] = {n: [] for n in args.in_flight}
     for _ in range(args.repeats):  # interleave the settings so that drift on the machine hits each alike
         for n in args.in_flight:
-            cfg = config(args.backend, args.batch, n)
+            cfg = config(args.backend, args.batch, n, args.actor_cpus)
             small, large = in_pipeline(cfg, args.small), in_pipeline(cfg, args.large)
             pipe[n].append({"small": small, "large": large, "tok_s": marginal(small, large)})
     ray.shutdown()  # free the cores and memory for the standalone engine
-    cfg = config(args.backend, args.batch, 1)
+    cfg = config(args.backend, args.batch, 1, args.actor_cpus)
     alone = []
     for _ in range(args.repeats):
         sa = standalone(cfg, args.small, args.large)
@@ -148,7 +151,7 @@ def main() -> None:
     a = _summary(alone)
     print(json.dumps({
         "bench": "generation_efficiency", "backend": args.backend, "sizes": [args.small, args.large],
-        "batch_size": args.batch, "max_tokens": cfg.dialogue.sampling.max_tokens,
+        "batch_size": args.batch, "actor_cpus": args.actor_cpus, "max_tokens": cfg.dialogue.sampling.max_tokens,
         "standalone_tok_s": a,
         "pipeline_tok_s": {f"batches_in_flight={n}": _summary(runs) for n, runs in pipe.items()},
         "efficiency": {f"batches_in_flight={n}": round(_summary(runs)["median"] / a["median"], 3)
