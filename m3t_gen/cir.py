@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from m3t_gen import __version__
 from m3t_gen.pairing import mine_pairs
-from m3t_gen.rows import OK, PAIR_SCHEMA, REJECTED
+from m3t_gen.rows import OK, PAIR_SCHEMA, REJECTED, usage_fields
 from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.modify import ModifyStage
 from m3t_gen.stages.triplet_filter import TripletFilterStage
@@ -73,7 +73,7 @@ def pair_rows(pool: pa.Table, ctx: RunContext) -> list[dict[str, Any]]:
 def triplet_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     mods = json.loads(row["modifications"])
     scores = json.loads(row["scores"])
-    return {
+    out = {
         "id": row["key"], "image": row["ref_key"], "target_image": row["tgt_key"],
         "modifications": [{"category": m["category"], "text": m["text"], "score": m["score"]} for m in mods if m["kept"]],
         "dropped_modifications": [{"category": m["category"], "text": m["text"], "score": m["score"],
@@ -86,6 +86,9 @@ def triplet_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
                     "templates": ctx.template_hashes, "seed": ctx.config.seed, "attempts": row["modify_attempts"],
                     "m3t_gen_version": __version__, "config_hash": ctx.config_hash},
     }
+    if row.get("reasoning"):
+        out["reasoning"] = json.loads(row["reasoning"])
+    return out
 
 
 class TripletWriter:
@@ -175,8 +178,7 @@ def stage_table(stats: list[dict[str, Any]], pairs: int) -> list[dict[str, Any]]
         kept = rows_in - rejected[stage.name]
         entry = {"stage": stage.name, "in": rows_in, "kept": kept, "rejected": rejected[stage.name],
                  "busy_seconds": round(seconds.get(stage.name, 0.0), 2)}
-        if tokens.get(stage.name):
-            entry["output_tokens"] = tokens[stage.name]
+        entry.update(usage_fields(tokens, stage.name))
         table.append(entry)
         rows_in = kept
     return table

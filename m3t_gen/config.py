@@ -45,6 +45,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class ReasoningSpec(Strict):
+    """A model that reasons before it answers (Qwen3, DeepSeek-R1, gpt-oss). The JSON schema then constrains the
+    answer after the reasoning, not the reasoning itself; the reasoning text is kept out of the parsed answer."""
+
+    parser: str = Field(description="vLLM reasoning parser name (qwen3, deepseek_r1, openai_gptoss, ...): where the "
+                        "reasoning ends, so that structured output starts there")
+    thinking: bool = Field(True, description="think at all: the chat template's enable_thinking (Qwen3 hybrids)")
+    budget: int | None = Field(None, ge=1, description="at most this many reasoning tokens, then the end marker is "
+                               "forced (vLLM thinking_token_budget); counts against sampling.max_tokens")
+    effort: Literal["low", "medium", "high"] | None = Field(
+        None, description="reasoning_effort for models whose template reads it (gpt-oss)")
+    keep: bool = Field(True, description="store the reasoning text with the sample (KEY.json 'reasoning')")
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """What the chat template is given (the same keys a server's chat_template_kwargs take)."""
+        kw: dict[str, Any] = {"enable_thinking": self.thinking}
+        if self.effort is not None:
+            kw["reasoning_effort"] = self.effort
+        return kw
+
+
 class ModelSpec(Strict):
     backend: str = Field(description="registry name of the backend: transformers | vllm | openai")
     model: ModelRef = Field(description="tiny:<kind>, a local HF checkpoint directory, or a hub id org/name")
@@ -52,6 +73,7 @@ class ModelSpec(Strict):
     trust_remote_code: bool = False  # remote model code runs only when the config says so
     dtype: str = "auto"
     options: dict[str, Any] = Field(default_factory=dict, description="the backend's own settings")
+    reasoning: ReasoningSpec | None = Field(None, description="for models that reason before they answer")
 
     @model_validator(mode="after")
     def _backend_and_options(self) -> "ModelSpec":
@@ -67,6 +89,8 @@ class ModelSpec(Strict):
             first = e.errors()[0]
             msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
             raise ValueError(f"options.{_loc(first['loc'])}: {msg} (backend {self.backend!r})") from None
+        if self.reasoning is not None and not backend.supports_reasoning:
+            raise ValueError(f"reasoning: not supported by backend {self.backend!r} (use vllm or openai)")
         return self
 
 
@@ -138,6 +162,14 @@ class GenerationStage(Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     resources: GenerationResources = Field(default_factory=GenerationResources)
     max_attempts: int = Field(3, ge=1, description="tries with a new seed before a sample is rejected")
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> "GenerationStage":
+        r = self.model.reasoning
+        if r is not None and r.thinking and r.budget is not None and r.budget >= self.sampling.max_tokens:
+            raise ValueError(f"model.reasoning.budget ({r.budget}) must be below sampling.max_tokens "
+                             f"({self.sampling.max_tokens}): reasoning tokens count against it")
+        return self
 
     def stage_resources(self) -> Resources:
         """``resources`` with ``batches_in_flight`` settled: the configured value, else the backend's own."""

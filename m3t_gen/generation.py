@@ -35,7 +35,16 @@ def generate_validated(
     parse: Parser,
     json_schema: dict[str, Any] | None = None,
 ) -> list[tuple[dict[str, Any], Any, int]]:
-    """Returns (row, value, attempts) for rows that succeeded; the others are marked rejected in place."""
+    """Returns (row, value, attempts) for rows that succeeded; the others are marked rejected in place.
+
+    A backend error (the request was refused, the server failed, the engine died) is ``backend_error`` with the
+    backend's message, retried only when the backend says a retry can change it. A reasoning model's answer is
+    parsed without its reasoning; the accepted answer's reasoning goes to ``row["reasoning"]`` unless the model's
+    ``reasoning.keep`` is off."""
+    import json
+
+    spec = getattr(backend, "spec", None)
+    keep_reasoning = getattr(getattr(spec, "reasoning", None), "keep", True)
     done: list[tuple[dict[str, Any], Any, int]] = []
     messages = {id(r): build_messages(r) for r in rows}
     pending = list(rows)
@@ -57,10 +66,24 @@ def generate_validated(
         results = backend.generate(requests)
         still: list[dict[str, Any]] = []
         for row, result in zip(pending, results, strict=True):
-            add_tokens(row, stage, result.output_tokens)
-            value, error = parse(row, result)
+            add_tokens(row, stage, result.output_tokens, requests=1, prompt=result.prompt_tokens,
+                       image=result.image_tokens, reasoning=result.reasoning_tokens)
+            if result.finish_reason == "error":
+                if not result.retriable:
+                    reject(row, stage, "backend_error", attempts=attempt + 1, detail=result.error)
+                    continue
+                value, error = None, f"backend_error: {result.error}"
+            elif result.reasoning is not None and not result.text:
+                value, error = None, (f"reasoning_unfinished: no answer after {result.reasoning_tokens} reasoning "
+                                      f"tokens (finish_reason={result.finish_reason})")
+            else:
+                value, error = parse(row, result)
             if error is None:
                 done.append((row, value, attempt + 1))
+                if keep_reasoning and result.reasoning is not None:
+                    texts = json.loads(row.get("reasoning") or "{}")
+                    texts[stage] = result.reasoning
+                    row["reasoning"] = json.dumps(texts, ensure_ascii=False)
             else:
                 last_error[id(row)] = error
                 still.append(row)

@@ -2,7 +2,7 @@
 
 A reference is one of:
 - ``tiny:<kind>`` — a tiny random-weight model built locally on first use and cached
-  (kinds: ``vlm``, ``lm``, ``clip``); used by the small-shard test mode and the tests;
+  (kinds: ``qwen2_5_vl``, ``vlm``, ``lm``, ``qwen3``, ``clip``); used by the small-shard test mode and the tests;
 - a local directory holding a Hugging Face-format checkpoint;
 - a Hugging Face hub id ``org/name`` (loaded by the engine; needs the hub or a local HF cache).
 """
@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-TINY_KINDS = ("vlm", "lm", "clip")
+from m3t_gen.tiny_models import KINDS as TINY_KINDS  # noqa: E402  (tiny_models imports no engine)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

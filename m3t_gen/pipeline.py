@@ -30,6 +30,7 @@ from m3t_gen.stages.embed import EmbedStage
 from m3t_gen.stages.filter import FilterStage
 from m3t_gen.stages.read import read_shards
 from m3t_gen.stages.reward import RewardStage
+from m3t_gen.rows import usage_fields
 from m3t_gen.templates import load_template
 from m3t_gen.writer import OutputWriter, atomic_write_bytes
 
@@ -250,8 +251,7 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
         out = rows_in - by_stage[name]
         entry = {"stage": name, "in": rows_in, "kept": out, "rejected": by_stage[name],
                  "busy_seconds": round(seconds.get(name, 0.0), 2)}
-        if tokens.get(name):
-            entry["output_tokens"] = tokens[name]
+        entry.update(usage_fields(tokens, name))
         stages.append(entry)
         rows_in = out
     reasons: Counter = Counter()
@@ -266,6 +266,7 @@ def format_summary(manifest: dict[str, Any]) -> str:
     for s in manifest["stages"]:
         toks = s.get("output_tokens", "")
         lines.append(f"{s['stage']:<10} {s['in']:>8} {s['kept']:>8} {s['rejected']:>9} {s['busy_seconds']:>9.2f} {toks:>11}")
+    lines += _request_lines(manifest["stages"])
     t = manifest["totals"]
     lines.append(f"total: read {t['read']} = kept {t['kept']} + rejected {t['rejected']}; "
                  f"wall {manifest['wall_seconds']} s")
@@ -279,9 +280,27 @@ def format_summary(manifest: dict[str, Any]) -> str:
             toks = s.get("output_tokens", "")
             lines.append(f"{s['stage']:<14} {s['in']:>8} {s['kept']:>8} {s['rejected']:>9} {s['busy_seconds']:>9.2f} "
                          f"{toks:>11}")
+        lines += _request_lines(cir.get("stages", []))
         for reason, n in sorted(cir["reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"  rejected {n:>6}  {reason}")
     return "\n".join(lines)
+
+
+def _request_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """Per generation stage: requests sent and, per request, what the model read (image tokens among the prompt
+    tokens: proof that images reached it) and how much of its output was reasoning."""
+    lines = []
+    for s in stages:
+        n = s.get("requests")
+        if not n:
+            continue
+        line = f"  {s['stage']}: {n} requests, {s.get('prompt_tokens', 0) / n:.1f} prompt tokens per request"
+        if s.get("image_tokens"):
+            line += f" ({s['image_tokens'] / n:.1f} of them image tokens)"
+        if s.get("reasoning_tokens"):
+            line += f", {s['reasoning_tokens'] / n:.1f} reasoning tokens"
+        lines.append(line)
+    return lines
 
 
 def _versions() -> dict[str, str]:

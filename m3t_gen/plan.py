@@ -52,7 +52,9 @@ CHARS_PER_TOKEN = 4.0
 JSON_TURN_OVERHEAD = 16  # {"type": "...", "query": "...", "target": "..."} markup per turn, in tokens
 CLIP_MAX_TOKENS = 77
 ASPECT = 3 / 4  # shorter / longer side of the assumed image
-TINY_VLM_IMAGE_TOKENS = 16  # m3t_gen.tiny_models: 32x32 images in 8x8 patches
+# m3t_gen.tiny_models: tiny:vlm sees 32x32 images in 8x8 patches; tiny:qwen2_5_vl at most 112x112 px at 28 px
+# per token (its image processor's max_pixels).
+TINY_IMAGE_TOKENS = {"tiny:vlm": 16, "tiny:qwen2_5_vl": 16}
 
 # Output tokens per second per GPU for offline batch generation with vLLM (bf16, one 80 GB H100-class GPU,
 # large batches so continuous batching stays full), by model size class (billions of parameters; for a
@@ -162,10 +164,19 @@ def _local_model_dir(ref: str) -> Path | None:
 
 
 def vision_tokens(model_ref: str, side: int, px_per_token: int) -> int:
-    if model_ref == "tiny:vlm":
-        return TINY_VLM_IMAGE_TOKENS
+    if model_ref in TINY_IMAGE_TOKENS:
+        return TINY_IMAGE_TOKENS[model_ref]
     short = max(1, round(side * ASPECT))
     return math.ceil(side / px_per_token) * math.ceil(short / px_per_token)
+
+
+def with_reasoning(answer_bound: int, stage: Any) -> int:
+    """Output tokens of a stage whose model may reason first: the answer's bound plus the reasoning budget (all of
+    ``max_tokens`` when thinking has no budget), within ``max_tokens``."""
+    r = stage.model.reasoning
+    if r is None or not r.thinking:
+        return min(answer_bound, stage.sampling.max_tokens)
+    return min(answer_bound + (r.budget or stage.sampling.max_tokens), stage.sampling.max_tokens)
 
 
 def dialogue_output_bound(cfg: PipelineConfig) -> int:
@@ -176,7 +187,7 @@ def dialogue_output_bound(cfg: PipelineConfig) -> int:
     for turn in turn_plan(cfg.dialogue.mix):
         strings = 1 if turn["type"] == "retrieval" else 2
         bound += strings * per_string + JSON_TURN_OVERHEAD
-    return min(bound, cfg.dialogue.sampling.max_tokens)
+    return with_reasoning(bound, cfg.dialogue)
 
 
 # ------------------------------------------------------------------------------------------ model classes
@@ -356,7 +367,7 @@ def planned_stages(cfg: PipelineConfig) -> list[str]:
 def modify_output_bound(cfg: PipelineConfig) -> int:
     spec = cfg.cir.modify
     per_item = math.ceil(spec.max_text_chars / CHARS_PER_TOKEN) + JSON_TURN_OVERHEAD
-    return min(4 + spec.n * per_item, spec.sampling.max_tokens)
+    return with_reasoning(4 + spec.n * per_item, spec)
 
 
 def _rendered(name: str, cfg: PipelineConfig, fields: dict[str, Any]) -> str:
@@ -405,7 +416,8 @@ def _work(cfg: PipelineConfig, stages: list[str], side: int, vision_px: int, fil
     work["caption"] = _Work(1, cap_prompt + CHAT_OVERHEAD + vis, cap_out, True)
     notes.append(f"images at {side} px on the longer side, 4:3 "
                  f"({'read.max_side' if cfg.read.max_side else '--image-side'}): {vis} vision tokens per image"
-                 + (" (tiny:vlm)" if cfg.caption.model.model == "tiny:vlm" else f" ({vision_px} px per token)"))
+                 + (f" ({cfg.caption.model.model})" if cfg.caption.model.model in TINY_IMAGE_TOKENS
+                    else f" ({vision_px} px per token)"))
     bounds = [f"caption max_tokens {cfg.caption.sampling.max_tokens}"]
     clip_caption = min(cap_out, CLIP_MAX_TOKENS)
     if "embed" in stages:

@@ -43,7 +43,8 @@ ROW_SCHEMA = pa.schema(
         ("dialogue_attempts", pa.int32()),
         ("scores", pa.string()),         # JSON {caption, turns: [...]}
         ("timings", pa.string()),        # JSON {stage: seconds attributed to this row}
-        ("tokens", pa.string()),         # JSON {stage: output tokens generated for this row, retries included}
+        ("tokens", pa.string()),         # JSON {stage: output tokens, "stage.prompt": ...}: see add_usage
+        ("reasoning", pa.string()),      # JSON {stage: reasoning text of the accepted answer} (reasoning models)
         ("shard_rows", pa.int64()),      # marker rows only: rows the shard produced
     ]
 )
@@ -72,10 +73,32 @@ def to_table(rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.
     return pa.Table.from_pylist(rows, schema=schema or ROW_SCHEMA)
 
 
-def add_tokens(row: dict[str, Any], stage: str, n: int) -> None:
+# Besides a stage's output tokens (key: the stage name), a row counts per stage the requests sent for it and what
+# they held (key "<stage>.<kind>"), retries included: prompt tokens and, of those, image placeholder tokens (the
+# evidence that an image reached the model), and reasoning tokens (part of the output tokens).
+USAGE_KINDS = ("requests", "prompt", "image", "reasoning")
+
+
+def add_tokens(row: dict[str, Any], stage: str, n: int, **usage: int | None) -> None:
     tokens = json.loads(row.get("tokens") or "{}")
     tokens[stage] = tokens.get(stage, 0) + int(n)
+    for kind, value in usage.items():
+        assert kind in USAGE_KINDS, kind
+        if value is not None:
+            tokens[f"{stage}.{kind}"] = tokens.get(f"{stage}.{kind}", 0) + int(value)
     row["tokens"] = json.dumps(tokens)
+
+
+def usage_fields(tokens: dict[str, int], stage: str) -> dict[str, Any]:
+    """A stage's token totals as summary-table fields: output_tokens, requests, prompt/image/reasoning tokens."""
+    out: dict[str, Any] = {}
+    if tokens.get(stage):
+        out["output_tokens"] = tokens[stage]
+    for kind in USAGE_KINDS:
+        value = tokens.get(f"{stage}.{kind}")
+        if value:
+            out[kind if kind == "requests" else f"{kind}_tokens"] = value
+    return out
 
 
 def add_timing(row: dict[str, Any], stage: str, seconds: float) -> None:
@@ -110,6 +133,7 @@ PAIR_SCHEMA = pa.schema(
         ("scores", pa.string()),         # JSON
         ("timings", pa.string()),
         ("tokens", pa.string()),
+        ("reasoning", pa.string()),
         ("image", pa.binary()),          # unused for pairs (kept so shared helpers see the same field names)
     ]
 )

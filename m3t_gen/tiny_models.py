@@ -5,8 +5,15 @@ They let the whole pipeline (and the tests) run on a laptop without a model hub:
 - ``vlm``: a LLaVA-style model (``LlavaForConditionalGeneration``: a tiny CLIP vision tower, a projector and
   a tiny Qwen2 language model) with a ``LlavaProcessor``; loads like ``llava-hf/llava-1.5-7b-hf`` through
   ``AutoProcessor`` + ``AutoModelForImageTextToText`` (and in vLLM);
+- ``qwen2_5_vl``: a tiny ``Qwen2_5_VLForConditionalGeneration`` (the production captioner's architecture:
+  window-attention ViT, 14-px patches merged 2x2, M-RoPE text model) with transformers' own
+  ``Qwen2VLImageProcessor`` / ``Qwen2VLVideoProcessor`` / ``Qwen2_5_VLProcessor`` and the Qwen vision tokens;
+  loads like ``Qwen/Qwen2.5-VL-7B-Instruct`` through ``AutoProcessor`` + ``AutoModelForImageTextToText`` and in
+  vLLM. Images are resized to at most 112x112 px (16 image tokens);
 - ``lm``: a tiny ``Qwen2ForCausalLM`` with its tokenizer; loads through ``AutoTokenizer`` +
   ``AutoModelForCausalLM`` (and in vLLM);
+- ``qwen3``: a tiny ``Qwen3ForCausalLM`` with ``<think>``/``</think>`` and a Qwen3-style chat template
+  (``enable_thinking``): the reasoning-writer tests (vLLM's ``qwen3`` reasoning parser);
 - ``clip``: a tiny ``CLIPModel`` with tokenizer and image processor; loads like
   ``openai/clip-vit-large-patch14`` through ``AutoModel`` + ``AutoTokenizer`` + ``AutoImageProcessor``.
 
@@ -30,11 +37,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-KINDS = ("vlm", "lm", "clip")
+KINDS = ("vlm", "qwen2_5_vl", "lm", "qwen3", "clip")
 SEED = 20240531
 VOCAB_SIZE = 2000  # BPE vocabulary, special tokens included (the VLM adds <image> on top)
 # Bump when the builder changes what it writes; recorded in the stamp file.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: LLaVA vision weights under vision_tower.vision_model.* (vLLM's names)
 STAMP_FILE = "m3t_tiny_model.json"
 # Builds seed torch's global RNG, which threads share: one build at a time per process.
 _BUILD_LOCK = threading.Lock()
@@ -44,6 +51,13 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END]
+# Qwen2-VL / Qwen2.5-VL vision tokens (same strings as the real tokenizer), and Qwen3's reasoning markers.
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+THINK_START, THINK_END = "<think>", "</think>"
+# Qwen2.5-VL geometry: 14-px patches, 2x2 merge -> one token per 28x28 px; at most 112x112 px = 16 tokens.
+QWEN_VL_PATCH = 14
+QWEN_VL_MAX_PIXELS = 112 * 112
+QWEN_VL_MIN_PIXELS = 56 * 56
 
 # Vision tower geometry (VLM and CLIP): 32x32 images in 8x8 patches -> 16 patches (+1 CLS token).
 IMAGE_SIZE = 32
@@ -206,10 +220,20 @@ def _trained_bpe_json() -> str:
     return tok.to_str()
 
 
-def chat_template(image_placeholder: str | None) -> str:
+def chat_template(image_placeholder: str | None, thinking: bool = False) -> str:
     """ChatML; content is a string or a list of parts. Image parts render as ``image_placeholder``
-    (dropped when None: the text-only LM). ``add_generation_prompt`` opens the assistant turn."""
+    (dropped when None: the text-only LM). ``add_generation_prompt`` opens the assistant turn; with
+    ``thinking`` it also opens the reasoning block (``<think>``, as Qwen3-Thinking and DeepSeek-R1 templates do,
+    so even a random model is inside it), or with ``enable_thinking=false`` writes an empty one (Qwen3's way to
+    switch thinking off)."""
     image = image_placeholder or ""
+    gen_prompt = "{{- '" + IM_START + "assistant\\n' -}}"
+    if thinking:
+        gen_prompt += (
+            "{%- if enable_thinking is defined and enable_thinking is false -%}"
+            "{{- '" + THINK_START + "\\n\\n" + THINK_END + "\\n\\n' -}}"
+            "{%- else -%}{{- '" + THINK_START + "\\n' -}}{%- endif -%}"
+        )
     return (
         "{%- for message in messages -%}"
         "{{- '" + IM_START + "' + message['role'] + '\\n' -}}"
@@ -226,9 +250,7 @@ def chat_template(image_placeholder: str | None) -> str:
         "{%- endif -%}"
         "{{- '" + IM_END + "\\n' -}}"
         "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}"
-        "{{- '" + IM_START + "assistant\\n' -}}"
-        "{%- endif -%}"
+        "{%- if add_generation_prompt -%}" + gen_prompt + "{%- endif -%}"
     )
 
 
@@ -237,11 +259,21 @@ def build_tokenizer(kind: str):
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
+    from tokenizers import AddedToken
+
     backend = _train_bpe()
     kwargs: dict[str, Any] = {}
     if kind == "vlm":
         backend.add_special_tokens([IMAGE_TOKEN])
         kwargs["extra_special_tokens"] = [IM_START, IM_END, IMAGE_TOKEN]
+    elif kind == "qwen2_5_vl":
+        vision = [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+        backend.add_special_tokens(vision)
+        kwargs["extra_special_tokens"] = [IM_START, IM_END, *vision]
+    elif kind == "qwen3":
+        # Not special (as in Qwen3's own tokenizer): they stay in the decoded text, where parsers find them.
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)])
+        kwargs["extra_special_tokens"] = [IM_START, IM_END]
     else:
         kwargs["extra_special_tokens"] = [IM_START, IM_END]
     if kind == "clip":
@@ -263,8 +295,9 @@ def build_tokenizer(kind: str):
         kwargs["model_max_length"] = _TEXT_DIMS["max_position_embeddings"]
         kwargs["padding_side"] = "left"
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, **kwargs)
+    placeholders = {"vlm": IMAGE_TOKEN, "qwen2_5_vl": VISION_START + IMAGE_PAD + VISION_END}
     if kind != "clip":
-        tok.chat_template = chat_template(IMAGE_TOKEN if kind == "vlm" else None)
+        tok.chat_template = chat_template(placeholders.get(kind), thinking=kind == "qwen3")
     return tok
 
 
@@ -371,6 +404,104 @@ def _build_vlm(out_dir: Path) -> None:
         image_token=IMAGE_TOKEN,
     )
     processor.save_pretrained(out_dir)
+    _rename_llava_vision_weights(out_dir)
+
+
+def _rename_llava_vision_weights(out_dir: Path) -> None:
+    """transformers 5 saves a LLaVA's CLIP tower as ``vision_tower.embeddings.*`` (its CLIPVisionModel without the
+    ``vision_model`` level); vLLM's llava loader, and LLaVA checkpoints on the hub, spell it
+    ``vision_tower.vision_model.*``. transformers loads either spelling, so write the hub's."""
+    from safetensors.torch import load_file, save_file
+
+    path = out_dir / "model.safetensors"
+    tensors = load_file(path)
+    renamed = {}
+    for name, t in tensors.items():
+        head, sep, tail = name.partition("vision_tower.")
+        if sep and not tail.startswith("vision_model."):
+            name = f"{head}vision_tower.vision_model.{tail}"
+        renamed[name] = t
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
+def _build_qwen2_5_vl(out_dir: Path) -> None:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = build_tokenizer("qwen2_5_vl")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)}
+    head_dim = _TEXT_DIMS["hidden_size"] // _TEXT_DIMS["num_attention_heads"]
+    text_config = dict(
+        vocab_size=len(tok),
+        **_TEXT_DIMS,
+        # M-RoPE: (temporal, height, width) sections of the rotary half-dimension, as in the real config.
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                         "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids(IM_END),
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_config = dict(
+        depth=2,
+        hidden_size=128,
+        intermediate_size=256,
+        num_heads=2,  # head_dim 64
+        patch_size=QWEN_VL_PATCH,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[1],
+        out_hidden_size=_TEXT_DIMS["hidden_size"],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config = _generation_config(tok)
+    model.save_pretrained(out_dir)
+    pixels = dict(min_pixels=QWEN_VL_MIN_PIXELS, max_pixels=QWEN_VL_MAX_PIXELS, patch_size=QWEN_VL_PATCH,
+                  merge_size=2, temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        chat_template=tok.chat_template,
+    )
+    processor.save_pretrained(out_dir)
+
+
+def _build_qwen3(out_dir: Path) -> None:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = build_tokenizer("qwen3")
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        head_dim=_TEXT_DIMS["hidden_size"] // _TEXT_DIMS["num_attention_heads"],
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids(IM_END),
+        pad_token_id=tok.pad_token_id,
+        **_TEXT_DIMS,
+    )
+    config.architectures = ["Qwen3ForCausalLM"]
+    model = Qwen3ForCausalLM(config).eval()
+    model.generation_config = _generation_config(tok)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
 
 
 def _build_clip(out_dir: Path) -> None:
@@ -398,7 +529,8 @@ def _build_clip(out_dir: Path) -> None:
     _image_processor().save_pretrained(out_dir)
 
 
-_BUILDERS = {"lm": _build_lm, "vlm": _build_vlm, "clip": _build_clip}
+_BUILDERS = {"lm": _build_lm, "vlm": _build_vlm, "qwen2_5_vl": _build_qwen2_5_vl, "qwen3": _build_qwen3,
+             "clip": _build_clip}
 
 
 def _portable_configs(out_dir: Path) -> None:
@@ -437,7 +569,7 @@ def _portable_configs(out_dir: Path) -> None:
 
 
 def build_tiny_model(kind: str, out_dir: Path) -> Path:
-    """Build the tiny ``kind`` model ("vlm", "lm" or "clip") into ``out_dir`` (created; must be empty if it
+    """Build the tiny ``kind`` model (one of ``KINDS``) into ``out_dir`` (created; must be empty if it
     exists) and return ``out_dir``. Deterministic: the same code gives the same files."""
     if kind not in _BUILDERS:
         raise ValueError(f"unknown tiny model {kind!r} (expected one of: {', '.join(KINDS)})")

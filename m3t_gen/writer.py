@@ -65,6 +65,8 @@ def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     }
     if dropped:
         out["dropped_turns"] = dropped
+    if row.get("reasoning"):
+        out["reasoning"] = json.loads(row["reasoning"])
     if row["status"] == REJECTED:
         out["rejected"] = {"stage": row["reject_stage"], "reason": row["reject_reason"],
                            "detail": json.loads(row["reject_detail"]) if row["reject_detail"] else None}
@@ -90,6 +92,7 @@ def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[st
         caption_attempts=lin["attempts"].get("caption"), dialogue_attempts=lin["attempts"].get("dialogue"),
         turns=json.dumps([{k: t[k] for k in ("type", "query", "target")} for t in turns]),
         scores=json.dumps(scores),
+        reasoning=json.dumps(sample["reasoning"], ensure_ascii=False) if sample.get("reasoning") else None,
     )
 
 

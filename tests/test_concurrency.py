@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from m3t_gen.backends.vllm_backend import EngineFeeder
+from m3t_gen.backends.vllm_backend import EngineDead, EngineFeeder
 from m3t_gen.stages.base import SharedClock
 
 
@@ -25,9 +25,10 @@ class ScriptedLLM:
         self.n_steps = 0
         self.llm_engine = SimpleNamespace(step=self._step)
 
-    def enqueue_chat(self, conversations, params, use_tqdm=False):
+    def enqueue_chat(self, conversations, params, use_tqdm=False, chat_template_kwargs=None):
+        self.template_kwargs = chat_template_kwargs
         if any(c[0]["content"] == "bad" for c in conversations):
-            raise ValueError("prompt too long")
+            raise ValueError("prompt too long")  # vLLM aborts what it had added of this call
         ids = []
         for conv in conversations:
             self.count += 1
@@ -80,12 +81,19 @@ def test_feeder_answers_each_caller_in_order_and_overlaps_jobs():
         feeder.stop()
 
 
-def test_feeder_refused_job_fails_alone():
-    feeder = EngineFeeder(ScriptedLLM())
+def test_feeder_refused_request_fails_alone():
+    """One refused request comes back as its own error; the rest of its batch generates (added once, not redone
+    one by one after the fact); the engine goes on."""
+    llm = ScriptedLLM()
+    feeder = EngineFeeder(llm)
     try:
-        with pytest.raises(ValueError, match="prompt too long"):
-            feeder.run([conv("ok"), conv("bad")], [None, None])
-        assert len(feeder.run([conv("ok")], [None])) == 1  # the engine goes on
+        outs = feeder.run([conv("ok"), conv("bad"), conv("ok2")], [None] * 3,
+                          {"chat_template_kwargs": {"enable_thinking": False}})
+        assert isinstance(outs[1], ValueError) and "prompt too long" in str(outs[1])
+        assert outs[0].finished and outs[2].finished
+        assert llm.count == 2  # the two good requests entered the engine once each
+        assert llm.template_kwargs == {"enable_thinking": False}  # chat kwargs reach vLLM
+        assert len(feeder.run([conv("ok")], [None])) == 1
     finally:
         feeder.stop()
 
@@ -105,8 +113,9 @@ def test_feeder_engine_failure_fails_every_caller_now_and_later():
         t.start()
     for t in threads:
         t.join(timeout=10)
-    assert len(errors) == 3 and all("engine core died" in str(e) for e in errors)
-    with pytest.raises(RuntimeError, match="failed earlier"):
+    assert len(errors) == 3 and all(isinstance(e, EngineDead) and "engine core died" in str(e) for e in errors)
+    assert isinstance(feeder.failed, EngineDead)
+    with pytest.raises(EngineDead, match="failed earlier"):
         feeder.run([conv()], [None])
     feeder.stop()
 
@@ -160,9 +169,11 @@ def test_batches_in_flight_default_comes_from_the_backend():
     from m3t_gen.stages.reward import RewardStage
 
     cfg = load_config("pipelines/smoke.yaml")
-    assert cfg.dialogue.model.backend == "vllm" and cfg.caption.model.backend == "transformers"
+    assert cfg.dialogue.model.backend == "vllm" and cfg.caption.model.backend == "vllm"
     assert DialogueStage.resources(cfg).batches_in_flight == 1  # measured: 2 does not pay on a CPU box
-    assert CaptionStage.resources(cfg).batches_in_flight == 1  # eager torch: one batch at a time
+    assert CaptionStage.resources(cfg).batches_in_flight == 1
+    tf = load_config("pipelines/smoke.yaml", ["caption.model={backend: transformers, model: 'tiny:qwen2_5_vl'}"])
+    assert CaptionStage.resources(tf).batches_in_flight == 1  # eager torch: one batch at a time
     assert RewardStage.resources(cfg).batches_in_flight == 1
     openai = load_config("pipelines/smoke.yaml", ["dialogue.model.backend=openai",
                                                   "dialogue.model.options={base_url: 'http://127.0.0.1:9/v1'}"])
@@ -180,6 +191,7 @@ def test_feeder_bug_in_its_own_loop_fails_callers_instead_of_hanging():
     llm = ScriptedLLM(steps=1)
     llm.llm_engine = SimpleNamespace(step=lambda: [SimpleNamespace(request_id="999", finished=True)])
     feeder = EngineFeeder(llm)
-    with pytest.raises(KeyError):
+    with pytest.raises(EngineDead, match="KeyError") as info:
         feeder.run([conv()], [None])
+    assert isinstance(info.value.__cause__, KeyError)
     feeder.stop()

@@ -193,7 +193,7 @@ def test_parse_response():
         "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14},
     }
     res = parse_response(data)
-    assert (res.text, res.output_tokens, res.finish_reason, res.extra) == ("hi", 4, "length", {"prompt_tokens": 10})
+    assert (res.text, res.output_tokens, res.finish_reason, res.prompt_tokens) == ("hi", 4, "length", 10)
     none = parse_response({"choices": [{"message": {"content": None}, "finish_reason": "stop"}]})
     assert (none.text, none.output_tokens) == ("", 0)
     with pytest.raises(ValueError, match="not a chat completion"):
@@ -339,7 +339,7 @@ def test_success_fields_and_request(fake, monkeypatch):
     req = GenerationRequest(messages=[{"role": "user", "content": "x"}], seed=21, max_tokens=33,
                             json_schema=PAIRS_SCHEMA)
     (res,) = backend.generate([req])
-    assert (res.text, res.output_tokens, res.finish_reason, res.extra) == ("text-21", 3, "stop", {"prompt_tokens": 7})
+    assert (res.text, res.output_tokens, res.finish_reason, res.prompt_tokens) == ("text-21", 3, "stop", 7)
     (seen,) = fake.seen
     assert seen["path"] == "/v1/chat/completions"
     assert seen["body"]["model"] == "tiny:lm"  # served_model_name defaults to the spec's model
@@ -368,7 +368,8 @@ def test_429_retry_after_and_5xx_exhausted(fake):
     assert ok.text == "text-2" and fake.count(2) == 2
     assert time.perf_counter() - t0 >= 0.05  # Retry-After 0.2 s, capped at backoff_max_s 0.05
     assert (bad.text, bad.finish_reason, bad.output_tokens) == ("", "error", 0)
-    assert bad.extra["error"] == "HTTP 500: boom" and bad.extra["status"] == 500 and bad.extra["attempts"] == 3
+    assert bad.error == "HTTP 500: boom" and bad.extra["status"] == 500 and bad.extra["attempts"] == 3
+    assert bad.retriable  # a server error may pass: the stage may try again later with a new seed
     assert fake.count(3) == 3  # 1 + max_retries
 
 
@@ -377,8 +378,9 @@ def test_400_is_not_retried_and_fails_alone(fake):
     backend = _backend(fake.base_url, **FAST_RETRY)
     bad, ok = backend.generate([_hello(seed=4), _hello(seed=5)])
     assert fake.count(4) == 1
-    assert bad.finish_reason == "error" and "maximum context length" in bad.extra["error"]
+    assert bad.finish_reason == "error" and "maximum context length" in bad.error
     assert bad.extra["status"] == 400 and bad.extra["attempts"] == 1
+    assert not bad.retriable  # the same prompt is too long on every try
     assert ok.text == "text-5"
     # Every request rejected with 400 is still per-request (a bad sample), not a raise.
     fake.script[6] = [_err(400, "bad")]
@@ -400,7 +402,7 @@ def test_timeout_is_retried_then_error(fake):
     fake.delay[7] = 1.0
     backend = _backend(fake.base_url, timeout_s=0.2, max_retries=1, **FAST_RETRY)
     slow, ok = backend.generate([_hello(seed=7), _hello(seed=8)])
-    assert slow.finish_reason == "error" and "Timeout" in slow.extra["error"] and slow.extra["attempts"] == 2
+    assert slow.finish_reason == "error" and "Timeout" in slow.error and slow.extra["attempts"] == 2
     assert fake.count(7) == 2 and ok.text == "text-8"
 
 
@@ -415,7 +417,7 @@ def test_api_key_sent_but_never_shown(fake, monkeypatch, caplog):
     assert {r["headers"].get("Authorization") for r in fake.seen} == {f"Bearer {key}"}
     assert ok.text == "text-8"
     for res in (echoed, retried):
-        assert res.finish_reason == "error" and key not in repr(res) and "***" in res.extra["error"]
+        assert res.finish_reason == "error" and key not in repr(res) and "***" in res.error
     assert key not in caplog.text and "***" in caplog.text
     assert key not in repr(backend) and key not in repr(backend.options) and key not in repr(vars(backend.spec))
 
@@ -590,7 +592,7 @@ def test_server_json_schema_and_seeds(server):
     assert len(first) == len(requests)
     for seed, res in zip(seeds, first):
         assert res.finish_reason == "stop", (seed, res)
-        assert res.output_tokens > 0 and res.extra["prompt_tokens"] > 0
+        assert res.output_tokens > 0 and res.prompt_tokens > 0
         jsonschema.validate(json.loads(res.text), PAIRS_SCHEMA)
     assert len({r.text for r in first[: len(seeds)]}) > 1  # different seeds, different answers
     assert (first[-1].output_tokens, first[-1].finish_reason) == (12, "length")
@@ -617,9 +619,9 @@ def test_server_bad_requests_fail_alone(server):
     ok, long_res, image_res = backend.generate([_hello(seed=7), too_long, with_image])
     assert ok.finish_reason == "length" and ok.output_tokens == 12
     assert (long_res.finish_reason, long_res.extra["status"]) == ("error", 400)
-    assert "maximum context length" in long_res.extra["error"] and long_res.extra["attempts"] == 1
+    assert "maximum context length" in long_res.error and long_res.extra["attempts"] == 1
     assert (image_res.finish_reason, image_res.extra["status"]) == ("error", 400)
-    assert "not a multimodal model" in image_res.extra["error"]
+    assert "not a multimodal model" in image_res.error
 
 
 @pytest.mark.slow

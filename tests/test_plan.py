@@ -145,10 +145,10 @@ def test_tiny_models_are_counted_with_their_tokenizer_when_built():
     from m3t_gen.models import tiny_cache_dir
     from m3t_gen.tiny_models import ensure_tiny_model
 
-    ensure_tiny_model("vlm", tiny_cache_dir())
+    ensure_tiny_model("qwen2_5_vl", tiny_cache_dir())
     ensure_tiny_model("lm", tiny_cache_dir())
     data = plan(SMOKE, "--images", "19")
-    assert "tokenizer of tiny:vlm" in data["_text"] and "tokenizer of tiny:lm" in data["_text"]
+    assert "tokenizer of tiny:qwen2_5_vl" in data["_text"] and "tokenizer of tiny:lm" in data["_text"]
     stages = by_stage(data)
     # The smoke config runs on CPU actors: no GPU-hours, but actor-hours and a wall estimate.
     assert all(stages[n]["device"] == "cpu" and stages[n]["gpu_hours"] == 0 for n in GPU_STAGES)

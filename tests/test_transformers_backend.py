@@ -148,7 +148,7 @@ def test_image_prompt_with_json_schema(vlm, astronaut):
         doc = json.loads(res.text)
         jsonschema.validate(doc, req.json_schema)
         assert 0 < res.output_tokens <= req.max_tokens
-        assert res.extra["prompt_tokens"] > 16  # the 16 image tokens plus the text
+        assert res.prompt_tokens > 16  # the 16 image tokens plus the text
     assert results[0].text != results[1].text
 
 

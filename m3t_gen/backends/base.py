@@ -29,10 +29,26 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
+    """One answer. ``text`` is the answer alone; a reasoning model's reasoning is in ``reasoning``.
+    ``output_tokens`` counts every generated token (reasoning included); ``prompt_tokens`` / ``image_tokens``
+    what the model read (image placeholder tokens included: the evidence that an image reached it).
+    ``finish_reason == "error"``: the backend could not serve the request; ``error`` says why and ``retriable``
+    whether a retry can change that (a prompt that is too long cannot)."""
+
     text: str
     output_tokens: int = 0
     finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    image_tokens: int | None = None
+    reasoning: str | None = None
+    reasoning_tokens: int = 0
+    error: str | None = None
+    retriable: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, error: str, retriable: bool) -> "GenerationResult":
+        return cls(text="", finish_reason="error", error=error[:500], retriable=retriable)
 
 
 class NoOptions(BaseModel):
@@ -47,7 +63,8 @@ class Backend:
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
-    supports_images: ClassVar[bool] = True
+    # Can honour ModelSpec.reasoning (schema after the reasoning, reasoning split from the answer).
+    supports_reasoning: ClassVar[bool] = False
     # Batches an actor should hand this backend at once (resources.batches_in_flight when unset). More than one
     # only pays where the engine can take a second batch while the first runs (vLLM's running batch, a server);
     # generate() must then be safe to call from several threads.
@@ -59,6 +76,9 @@ class Backend:
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the engine (processes, GPU memory) now; the stage calls it when its actor ends."""
 
 
 def convert_messages(

@@ -7,8 +7,9 @@ requests in flight) and returns the results in request order.
 Failures:
 - connection errors, timeouts, HTTP 429 and 5xx are retried ``max_retries`` times with exponential backoff and
   jitter (a ``Retry-After`` header in seconds is honoured, up to ``backoff_max_s``); other 4xx are not retried;
-- a request that still fails comes back as ``GenerationResult(text="", finish_reason="error",
-  extra={"error": ...})``, so that one bad sample is rejected alone;
+- a request that still fails comes back as ``GenerationResult.failed(...)`` (``finish_reason="error"``, the
+  message in ``error``, ``retriable`` False for 4xx other than 408/429: the same request fails again), so that
+  one bad sample is rejected alone (``backend_error``);
 - when every request of a batch fails with a connection error (server down, wrong ``base_url``) or with
   401/403/404 (wrong key, wrong model name or path), ``generate`` raises :class:`OpenAIServerError`: that is
   a setting problem, not a sample problem.
@@ -17,6 +18,11 @@ The API key is read from the environment variable named by ``api_key_env``; it i
 ``Authorization`` header, never logged, never in an error message (server texts are scrubbed of it too).
 
 Images: ``{"type": "image", "image": PIL.Image}`` parts are sent as JPEG data URLs (``image_url`` parts).
+
+Reasoning models (``model.reasoning``): the chat template gets ``enable_thinking`` (and ``reasoning_effort``)
+through ``chat_template_kwargs``, vLLM's ``thinking_token_budget`` carries the budget; the server must run
+with ``--reasoning-parser`` (it then constrains the answer after the reasoning and returns the reasoning apart,
+in ``message.reasoning_content`` / ``message.reasoning``).
 
 Structured output (``json_mode``):
 - ``"json_schema"``: OpenAI's ``response_format: {"type": "json_schema", "json_schema": {"name", "schema",
@@ -164,8 +170,10 @@ def request_body(
     max_tokens_field: str = "max_tokens",
     jpeg_quality: int = 90,
     extra_body: dict[str, Any] | None = None,
+    reasoning: Any = None,
 ) -> dict[str, Any]:
-    """The JSON body of ``POST {base_url}/chat/completions`` for one request."""
+    """The JSON body of ``POST {base_url}/chat/completions`` for one request (``reasoning``: a
+    ``ReasoningSpec``)."""
     body: dict[str, Any] = {
         **(extra_body or {}),
         "model": model,
@@ -177,6 +185,12 @@ def request_body(
         "n": 1,
         "stream": False,
     }
+    if reasoning is not None:
+        body["chat_template_kwargs"] = {**body.get("chat_template_kwargs", {}), **reasoning.template_kwargs()}
+        if reasoning.effort is not None:
+            body["reasoning_effort"] = reasoning.effort
+        if reasoning.thinking and reasoning.budget is not None:
+            body["thinking_token_budget"] = reasoning.budget
     schema = request.json_schema
     if schema is not None:
         if json_mode == "json_schema":
@@ -200,19 +214,22 @@ def parse_response(data: Any) -> GenerationResult:
         usage = data.get("usage") or {}
     except (KeyError, IndexError, TypeError, AttributeError):
         raise ValueError(f"not a chat completion: {str(data)[:200]}") from None
-    extra: dict[str, Any] = {}
-    if usage.get("prompt_tokens") is not None:
-        extra["prompt_tokens"] = usage["prompt_tokens"]
+    # vLLM's servers name the split-off reasoning reasoning_content (older) or reasoning (newer).
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    details = usage.get("completion_tokens_details") or {}
     return GenerationResult(
         text=text,
         output_tokens=int(usage.get("completion_tokens") or 0),
         finish_reason=choice.get("finish_reason"),
-        extra=extra,
+        prompt_tokens=usage.get("prompt_tokens"),
+        reasoning=reasoning,
+        reasoning_tokens=int(details.get("reasoning_tokens") or 0),
     )
 
 
 def is_retryable_status(status: int) -> bool:
-    return status == 429 or 500 <= status <= 599
+    """Statuses worth another try: timeouts, rate limits, server errors. Any other 4xx fails the same way again."""
+    return status in (408, 429) or 500 <= status <= 599
 
 
 def backoff_delay(retry: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
@@ -247,7 +264,7 @@ class _Failure:
 class OpenAIBackend(Backend):
     name = "openai"
     Options = OpenAIOptions
-    supports_images = True  # the server decides; a text-only model answers 400 per request
+    supports_reasoning = True  # the server's --reasoning-parser does the work
     batches_in_flight = 2  # each call runs its own event loop and connection pool: thread-safe
 
     def __init__(self, spec: "ModelSpec") -> None:
@@ -270,7 +287,7 @@ class OpenAIBackend(Backend):
         bodies = [
             request_body(
                 r, model=self.model_name, json_mode=opts.json_mode, max_tokens_field=opts.max_tokens_field,
-                jpeg_quality=opts.jpeg_quality, extra_body=opts.extra_body,
+                jpeg_quality=opts.jpeg_quality, extra_body=opts.extra_body, reasoning=self.spec.reasoning,
             )
             for r in requests
         ]
@@ -290,10 +307,11 @@ class OpenAIBackend(Backend):
         results = []
         for o in outcomes:
             if isinstance(o, _Failure):
-                extra = {"error": o.message, "attempts": o.attempts}
-                if o.status is not None:
-                    extra["status"] = o.status
-                results.append(GenerationResult(text="", output_tokens=0, finish_reason="error", extra=extra))
+                # Retried here already (backoff); another attempt later helps only where the status says so.
+                retriable = o.status is None or is_retryable_status(o.status) or o.status == 200
+                res = GenerationResult.failed(o.message, retriable=retriable)
+                res.extra = {"attempts": o.attempts, **({"status": o.status} if o.status is not None else {})}
+                results.append(res)
             else:
                 results.append(o)
         return results

@@ -169,6 +169,8 @@ class TransformersBackend(Backend):
         )
         self._grammar_compiler = None
         self._grammars: dict[str, Any] = {}
+        token = getattr(config, "image_token_id", None)
+        self.image_token_id = token if token is not None else getattr(config, "image_token_index", None)
 
     def close(self) -> None:
         """Drop the model (and its GPU memory) now rather than when the actor exits."""
@@ -329,6 +331,8 @@ class TransformersBackend(Backend):
             sequences = self.model.generate(**inputs, generation_config=gen_config, logits_processor=processors)
         new_tokens = sequences[:, prompt_len:].tolist()
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else None
+        image_tokens = ((inputs["input_ids"] == self.image_token_id).sum(dim=1).tolist()
+                        if self.is_vlm and self.image_token_id is not None else None)
 
         eos = set(self.eos_token_ids)
         results = []
@@ -342,7 +346,9 @@ class TransformersBackend(Backend):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             results.append(
                 GenerationResult(
-                    text=text, output_tokens=len(ids), finish_reason=finish, extra={"prompt_tokens": int(prompt_tokens[row]) if prompt_tokens else prompt_len},
+                    text=text, output_tokens=len(ids), finish_reason=finish,
+                    prompt_tokens=int(prompt_tokens[row]) if prompt_tokens else prompt_len,
+                    image_tokens=int(image_tokens[row]) if image_tokens is not None else None,
                 )
             )
         return results

@@ -21,6 +21,7 @@ Notes on running inside a Ray actor (Ray Data ``map_batches`` with a callable cl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -42,7 +43,8 @@ logger = logging.getLogger(__name__)
 # Keys of vllm.LLM that this backend sets itself (from ModelSpec or from an explicit option); engine_args may
 # not repeat them, so that every setting has one place in the config.
 _SET_BY_BACKEND = frozenset(
-    {"model", "trust_remote_code", "revision", "dtype", "structured_outputs_config", "limit_mm_per_prompt"}
+    {"model", "trust_remote_code", "revision", "dtype", "structured_outputs_config", "limit_mm_per_prompt",
+     "reasoning_parser"}
 )
 # Structured-output backends for which vLLM accepts disable_any_whitespace.
 _WHITESPACE_BACKENDS = ("xgrammar", "guidance")
@@ -70,6 +72,9 @@ class VLLMOptions(BaseModel):
         default_factory=dict, description="passed verbatim to vllm.LLM(...) for any other engine argument"
     )
 
+    max_engine_restarts: int = Field(2, ge=0, description="engine deaths survived per actor (the batch in flight "
+                                     "is rejected backend_error; the engine starts again); one more and the actor fails")
+
     @field_validator("engine_args")
     @classmethod
     def _no_duplicates(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +83,33 @@ class VLLMOptions(BaseModel):
             raise ValueError(
                 f"engine_args may not set {', '.join(clash)}: use the model's own keys / the explicit options"
             )
+        known = engine_arg_names()
+        unknown = sorted(set(v) - known) if known else []
+        if unknown:
+            raise ValueError(f"engine_args: unknown vLLM engine argument(s): {', '.join(unknown)}")
         return v
+
+
+@functools.lru_cache(maxsize=1)
+def engine_arg_names() -> frozenset[str]:
+    """The fields of the installed vLLM's ``EngineArgs``, read from its source (importing vLLM takes seconds and
+    pulls in torch; ``validate`` must stay fast). Empty when vLLM is not installed here (a client machine)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    path = os.path.join(list(spec.submodule_search_locations)[0], "engine", "arg_utils.py")
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except (OSError, SyntaxError):
+        return frozenset()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "EngineArgs":
+            return frozenset(n.target.id for n in node.body
+                             if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
+    return frozenset()
 
 
 # --------------------------------------------------------------------------------------- pure conversions
@@ -105,15 +136,19 @@ def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
     }
 
 
-def to_sampling_params(request: GenerationRequest) -> "SamplingParams":
+def to_sampling_params(request: GenerationRequest, thinking_budget: int | None = None) -> "SamplingParams":
     """One ``vllm.SamplingParams`` per request: its seed, sampling settings and, when the request has a JSON
-    schema, a structured-output constraint (the engine's structured_outputs_config picks the grammar backend)."""
+    schema, a structured-output constraint (the engine's structured_outputs_config picks the grammar backend;
+    with a reasoning parser the grammar starts where the reasoning ends). ``thinking_budget``: reasoning tokens
+    after which vLLM forces the end of the reasoning."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     kw = sampling_kwargs(request)
     schema = kw.pop("json_schema")
     structured = StructuredOutputsParams(json=schema) if schema is not None else None
+    if thinking_budget is not None:
+        kw["thinking_token_budget"] = thinking_budget
     return SamplingParams(**kw, structured_outputs=structured)
 
 
@@ -126,50 +161,47 @@ def _has_image(conversation: list[dict[str, Any]]) -> bool:
     )
 
 
-def _is_request_error(err: Exception) -> bool:
+def _is_request_error(err: BaseException) -> bool:
     """Errors vLLM raises while checking one request (before any generation), as opposed to engine failures."""
     from vllm.exceptions import VLLMValidationError
 
-    return isinstance(err, (VLLMValidationError, ValueError))
+    return isinstance(err, (VLLMValidationError, ValueError, TypeError))
 
 
-def _error_result(err: Exception) -> GenerationResult:
-    logger.warning("vllm rejected a request: %s", err)
-    return GenerationResult(text="", output_tokens=0, finish_reason="error", extra={"error": str(err)[:500]})
-
-
-def _to_result(out: Any) -> GenerationResult:
-    comp = out.outputs[0]
-    return GenerationResult(
-        text=comp.text,
-        output_tokens=len(comp.token_ids),
-        finish_reason=comp.finish_reason,
-        extra={"prompt_tokens": len(out.prompt_token_ids or [])},
-    )
-
+class EngineDead(RuntimeError):
+    """The engine (or its feeder loop) failed: nothing queued in it can finish."""
 
 
 # --------------------------------------------------------------------------------------------- feeder
 
 
 class _Job:
-    """One ``generate`` call's requests on their way through the feeder."""
+    """One ``generate`` call's requests on their way through the feeder. ``outputs[i]`` ends as the request's
+    ``RequestOutput``, or the exception vLLM raised when it refused to add that request."""
 
-    def __init__(self, conversations: list[list[dict[str, Any]]], params: list[Any]) -> None:
+    def __init__(self, conversations: list[list[dict[str, Any]]], params: list[Any],
+                 chat_kwargs: dict[str, Any]) -> None:
         self.conversations = conversations
         self.params = params
+        self.chat_kwargs = chat_kwargs
         self.outputs: list[Any] = [None] * len(conversations)
         self.left = len(conversations)
         self.future: Future = Future()
+
+    def settle(self, i: int, outcome: Any) -> None:
+        self.outputs[i] = outcome
+        self.left -= 1
+        if self.left == 0:
+            self.future.set_result(self.outputs)
 
 
 class EngineFeeder:
     """Owns a ``vllm.LLM`` in one thread: takes jobs from any thread, adds their requests to the engine as they
     arrive and steps it while anything is unfinished, so concurrent callers share one continuous batch.
 
-    Only this thread touches the engine after ``start`` (vLLM's engine client is not thread-safe). A job whose
-    requests vLLM refuses while adding them (a prompt too long, a bad schema) fails alone, with vLLM's error;
-    an engine failure fails every job, now and later."""
+    Only this thread touches the engine after ``start`` (vLLM's engine client is not thread-safe). A request that
+    vLLM refuses while adding it (a prompt too long, a bad schema) fails alone, with vLLM's error, and the rest
+    of its batch runs; an engine failure fails every job, now and later, with :class:`EngineDead`."""
 
     def __init__(self, llm: Any) -> None:
         self.llm = llm
@@ -181,11 +213,17 @@ class EngineFeeder:
         self._thread = threading.Thread(target=self._run, name="vllm-feeder", daemon=True)
         self._thread.start()
 
-    def run(self, conversations: list[list[dict[str, Any]]], params: list[Any]) -> list[Any]:
-        """The finished ``RequestOutput`` of each conversation, in order (blocks the calling thread)."""
+    @property
+    def failed(self) -> BaseException | None:
+        return self._failed
+
+    def run(self, conversations: list[list[dict[str, Any]]], params: list[Any],
+            chat_kwargs: dict[str, Any] | None = None) -> list[Any]:
+        """For each conversation, in order, its finished ``RequestOutput`` or the exception that refused it
+        (blocks the calling thread). Raises :class:`EngineDead` when the engine fails."""
         if self._failed is not None:
-            raise RuntimeError(f"the vLLM engine failed earlier: {self._failed}") from self._failed
-        job = _Job(conversations, params)
+            raise EngineDead(f"the vLLM engine failed earlier: {self._failed}") from self._failed
+        job = _Job(conversations, params, chat_kwargs or {})
         self._jobs.put(job)
         return job.future.result()
 
@@ -199,8 +237,10 @@ class EngineFeeder:
         try:
             self._loop(owner)
         except BaseException as err:  # the engine (or this loop) is gone: nothing queued can finish
-            self._failed = err
-            self._fail_all(owner, err)
+            dead = EngineDead(f"the vLLM engine died: {type(err).__name__}: {err}")
+            dead.__cause__ = err
+            self._failed = dead
+            self._fail_all(owner, dead)
 
     def _loop(self, owner: dict[str, tuple[_Job, int]]) -> None:
         engine = self.llm.llm_engine
@@ -210,7 +250,7 @@ class EngineFeeder:
                 job = self._jobs.get(block=not owner)
                 while True:
                     if job is None:
-                        return self._fail_all(owner, RuntimeError("the vLLM engine was closed"))
+                        return self._fail_all(owner, EngineDead("the vLLM engine was closed"))
                     self._add(job, owner)
                     job = self._jobs.get_nowait()
             except queue.Empty:
@@ -221,24 +261,35 @@ class EngineFeeder:
                 if not out.finished:
                     continue
                 job, i = owner.pop(out.request_id)
-                job.outputs[i] = out
-                job.left -= 1
-                if job.left == 0:
-                    job.future.set_result(job.outputs)
+                job.settle(i, out)
+
+    def _enqueue(self, job: _Job, indices: list[int], owner: dict[str, tuple[_Job, int]]) -> None:
+        ids = self.llm.enqueue_chat([job.conversations[i] for i in indices], [job.params[i] for i in indices],
+                                    use_tqdm=False, **job.chat_kwargs)
+        for i, rid in zip(indices, ids):
+            # enqueue_chat returns the engine's internal ids ("<id>-<random suffix>"); finished outputs carry the
+            # id the LLM assigned ("<id>", a counter value), so key by that.
+            owner[rid.split("-", 1)[0]] = (job, i)
 
     def _add(self, job: _Job, owner: dict[str, tuple[_Job, int]]) -> None:
         if not job.conversations:
             job.future.set_result([])
             return
+        everything = list(range(len(job.conversations)))
         try:  # renders each chat, checks it and adds it; on an error vLLM aborts the ones it had added
-            ids = self.llm.enqueue_chat(job.conversations, job.params, use_tqdm=False)
+            self._enqueue(job, everything, owner)
         except Exception as err:
-            job.future.set_exception(err)
-            return
-        for i, rid in enumerate(ids):
-            # enqueue_chat returns the engine's internal ids ("<id>-<random suffix>"); finished outputs carry the
-            # id the LLM assigned ("<id>", a counter value), so key by that.
-            owner[rid.split("-", 1)[0]] = (job, i)
+            if not _is_request_error(err):
+                raise
+            # Nothing of this job has generated yet: add its requests one by one, so that only the refused
+            # ones fail (with their own error) and the rest join the running batch.
+            for i in everything:
+                try:
+                    self._enqueue(job, [i], owner)
+                except Exception as one:
+                    if not _is_request_error(one):
+                        raise
+                    job.settle(i, one)
         self.stats["jobs"] += 1
         self.stats["peak_jobs"] = max(self.stats["peak_jobs"], len({id(j) for j, _ in owner.values()}))
 
@@ -257,15 +308,31 @@ class EngineFeeder:
 
 class SerialChat:
     """``EngineFeeder``'s interface over ``LLM.chat`` for vLLM versions without ``enqueue_chat``: concurrent
-    callers take turns."""
+    callers take turns; a refused request fails alone (the batch is then redone one by one)."""
+
+    failed = None
 
     def __init__(self, llm: Any) -> None:
         self.llm = llm
         self._lock = threading.Lock()
 
-    def run(self, conversations: list[list[dict[str, Any]]], params: list[Any]) -> list[Any]:
+    def run(self, conversations: list[list[dict[str, Any]]], params: list[Any],
+            chat_kwargs: dict[str, Any] | None = None) -> list[Any]:
         with self._lock:
-            return self.llm.chat(conversations, params, use_tqdm=False)
+            try:
+                return self.llm.chat(conversations, params, use_tqdm=False, **(chat_kwargs or {}))
+            except Exception as err:
+                if not _is_request_error(err):
+                    raise
+            outputs: list[Any] = []
+            for conv, param in zip(conversations, params):
+                try:
+                    outputs.extend(self.llm.chat([conv], [param], use_tqdm=False, **(chat_kwargs or {})))
+                except Exception as err:
+                    if not _is_request_error(err):
+                        raise
+                    outputs.append(err)
+            return outputs
 
     def stop(self) -> None:
         pass
@@ -274,11 +341,27 @@ class SerialChat:
 # --------------------------------------------------------------------------------------------- backend
 
 
+class _Reasoning:
+    """Splits a reasoning model's output with vLLM's own reasoning parser (the one that also tells the grammar
+    where the answer starts)."""
+
+    def __init__(self, parser_name: str, tokenizer: Any) -> None:
+        from vllm.reasoning import ReasoningParserManager
+
+        self.parser = ReasoningParserManager.get_reasoning_parser(parser_name)(tokenizer)
+
+    def split(self, text: str, token_ids: list[int]) -> tuple[str, str, int]:
+        """(reasoning, answer, reasoning tokens). No end of reasoning in the output: all of it is reasoning."""
+        reasoning, answer = self.parser.extract_reasoning(text, None)
+        content_ids = self.parser.extract_content_ids(list(token_ids)) if answer is not None else []
+        return reasoning or "", (answer or "").strip(), len(token_ids) - len(content_ids)
+
+
 @register
 class VLLMBackend(Backend):
     name = "vllm"
     Options = VLLMOptions
-    supports_images = True
+    supports_reasoning = True
     # One batch at a time by default: on the 2-vCPU CPU box two in flight measured no better with 256-row batches
     # (0.966 vs 0.955 of standalone) and worse with 64-row ones (0.66 vs 0.85); docs/BENCHMARKS.md. The feeder
     # makes 2 possible (resources.batches_in_flight) where the engine has its own GPU and the client its cores.
@@ -289,16 +372,15 @@ class VLLMBackend(Backend):
         # vLLM logs every engine setting at INFO from each actor; keep the run's console readable unless the
         # user asked for more.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM, EngineArgs
+        self.restarts = 0
+        self._restart_lock = threading.Lock()
+        self._engine_kwargs = self._build_kwargs(spec)
+        self._start()
 
+    def _build_kwargs(self, spec: "ModelSpec") -> dict[str, Any]:
         from m3t_gen.models import resolve
 
         opts: VLLMOptions = self.options
-        known = {f.name for f in dataclasses.fields(EngineArgs)}
-        unknown = sorted(set(opts.engine_args) - known)
-        if unknown:
-            raise ValueError(f"vllm options.engine_args: unknown engine argument(s): {', '.join(unknown)}")
-
         structured: dict[str, Any] = {"backend": opts.structured_outputs_backend}
         if opts.structured_outputs_backend in _WHITESPACE_BACKENDS:
             # Compact JSON: with free whitespace a weak model can emit newlines until max_tokens runs out.
@@ -317,6 +399,10 @@ class VLLMBackend(Backend):
             structured_outputs_config=structured,
             limit_mm_per_prompt={"image": opts.limit_images_per_prompt},
         )
+        if spec.reasoning is not None:
+            # The engine then applies the JSON grammar from the end of the reasoning on, and can force that end
+            # after thinking_token_budget tokens.
+            kwargs["reasoning_parser"] = spec.reasoning.parser
         if opts.max_model_len is not None:
             kwargs["max_model_len"] = opts.max_model_len
         if opts.max_num_seqs is not None:
@@ -329,9 +415,33 @@ class VLLMBackend(Backend):
             # soon as a batch's prompts exceed max_num_batched_tokens). Whole prompts avoid it.
             kwargs["enable_chunked_prefill"] = False
         kwargs.update(opts.engine_args)
-        self.llm = LLM(**kwargs)
+        return kwargs
+
+    def _start(self) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(**self._engine_kwargs)
         # Older vLLM (before LLM.enqueue_chat) gets one batch at a time, as LLM.chat does.
         self.feeder = EngineFeeder(self.llm) if hasattr(self.llm, "enqueue_chat") else SerialChat(self.llm)
+        hf = self.llm.model_config.hf_config
+        token = getattr(hf, "image_token_id", None)
+        self.image_token_id = token if token is not None else getattr(hf, "image_token_index", None)
+        r = self.spec.reasoning
+        self.reasoning = _Reasoning(r.parser, self.llm.get_tokenizer()) if r is not None else None
+        self.chat_kwargs = {"chat_template_kwargs": r.template_kwargs()} if r is not None else {}
+        self.thinking_budget = r.budget if r is not None and r.thinking else None
+
+    def _restart_after(self, dead: BaseException) -> None:
+        """A dead engine: start a new one for the next batch, up to ``max_engine_restarts`` times."""
+        with self._restart_lock:
+            if self.feeder.failed is None:  # another thread restarted it already
+                return
+            if self.restarts >= self.options.max_engine_restarts:
+                raise RuntimeError(f"the vLLM engine died {self.restarts + 1} times; last: {dead}") from dead
+            self.restarts += 1
+            logger.warning("vLLM engine died (%s); starting it again (restart %d)", dead, self.restarts)
+            self._shutdown()
+            self._start()
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
@@ -340,36 +450,41 @@ class VLLMBackend(Backend):
         if not self.llm.model_config.is_multimodal_model and any(map(_has_image, conversations)):
             # A config mistake, not a bad sample: fail loudly instead of rejecting every sample.
             raise ValueError(f"{self.spec.model} is a text-only model in vLLM; its requests cannot carry images")
+        if self.feeder.failed is not None:
+            self._restart_after(self.feeder.failed)
+        params = [to_sampling_params(r, self.thinking_budget) for r in requests]
         try:
-            return self._chat(conversations, requests)
-        except Exception as err:
-            if not _is_request_error(err):
-                raise
-            if len(requests) == 1:
-                return [_error_result(err)]
-            first_error = err
-        # One bad request (e.g. a prompt longer than max_model_len) fails the whole call; vLLM aborts what it
-        # had queued. Redo the requests one by one so that only the bad ones fail.
-        results = []
-        for conv, req in zip(conversations, requests):
-            try:
-                results.append(self._chat([conv], [req])[0])
-            except Exception as err:
-                if not _is_request_error(err):
-                    raise
-                results.append(_error_result(err))
-        if all(r.finish_reason == "error" for r in results):
-            raise first_error  # every request fails: a setting (schema, max_model_len, ...), not a sample
+            outputs = self.feeder.run(conversations, params, self.chat_kwargs)
+        except EngineDead as dead:
+            # This batch's requests are lost with the engine: each is rejected with the reason (a retry of the
+            # same request on a new engine could kill it again); the next batch gets a new engine.
+            return [GenerationResult.failed(str(dead), retriable=False) for _ in requests]
+        results = [self._to_result(out) for out in outputs]
+        errors = [r for r in results if r.finish_reason == "error"]
+        if len(requests) > 1 and len(errors) == len(requests):
+            # Every request refused: a setting (schema, max_model_len, ...), not a sample.
+            raise ValueError(f"vLLM refused every request of the batch: {errors[0].error}")
         return results
 
-    def _chat(
-        self, conversations: list[list[dict[str, Any]]], requests: list[GenerationRequest]
-    ) -> list[GenerationResult]:
-        outputs = self.feeder.run(conversations, [to_sampling_params(r) for r in requests])
-        return [_to_result(out) for out in outputs]
+    def _to_result(self, out: Any) -> GenerationResult:
+        if isinstance(out, BaseException):
+            logger.warning("vllm refused a request: %s", out)
+            # Refused while checking the request (too long, bad parameters): the same request fails again.
+            return GenerationResult.failed(f"{type(out).__name__}: {out}", retriable=False)
+        comp = out.outputs[0]
+        prompt_ids = list(out.prompt_token_ids or [])
+        result = GenerationResult(
+            text=comp.text,
+            output_tokens=len(comp.token_ids),
+            finish_reason=comp.finish_reason,
+            prompt_tokens=len(prompt_ids),
+            image_tokens=prompt_ids.count(self.image_token_id) if self.image_token_id is not None else None,
+        )
+        if self.reasoning is not None:
+            result.reasoning, result.text, result.reasoning_tokens = self.reasoning.split(comp.text, comp.token_ids)
+        return result
 
-    def close(self) -> None:
-        """Stop the feeder thread and the engine's worker processes now instead of at interpreter exit."""
+    def _shutdown(self) -> None:
         feeder = self.__dict__.pop("feeder", None)
         if feeder is not None:
             feeder.stop()
@@ -377,3 +492,7 @@ class VLLMBackend(Backend):
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
+
+    def close(self) -> None:
+        """Stop the feeder thread and the engine's worker processes now instead of at interpreter exit."""
+        self._shutdown()

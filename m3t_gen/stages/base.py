@@ -86,6 +86,19 @@ class Stage:
     def process(self, rows: list[dict[str, Any]]) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Shut the stage's engine down (its processes, its GPU memory). Ray Data deletes the stage object when
+        the actor pool winds down (``__ray_shutdown__``), which lands here."""
+        backend = self.__dict__.pop("backend", None)
+        if backend is not None:
+            backend.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be half gone
+            pass
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         live = [r for r in rows if r["status"] == OK]
