@@ -87,7 +87,7 @@ class ModelSpec(Strict):
             backend.Options.model_validate(self.options)
         except ValidationError as e:
             first = e.errors()[0]
-            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
             raise ValueError(f"options.{_loc(first['loc'])}: {msg} (backend {self.backend!r})") from None
         if self.reasoning is not None and not backend.supports_reasoning:
             raise ValueError(f"reasoning: not supported by backend {self.backend!r} (use vllm or openai)")

@@ -73,14 +73,14 @@ def generate_validated(
                     reject(row, stage, "backend_error", attempts=attempt + 1, detail=result.error)
                     continue
                 value, error = None, f"backend_error: {result.error}"
-            elif result.reasoning is not None and not result.text:
+            elif result.reasoning and not result.text:
                 value, error = None, (f"reasoning_unfinished: no answer after {result.reasoning_tokens} reasoning "
                                       f"tokens (finish_reason={result.finish_reason})")
             else:
                 value, error = parse(row, result)
             if error is None:
                 done.append((row, value, attempt + 1))
-                if keep_reasoning and result.reasoning is not None:
+                if keep_reasoning and result.reasoning:
                     texts = json.loads(row.get("reasoning") or "{}")
                     texts[stage] = result.reasoning
                     row["reasoning"] = json.dumps(texts, ensure_ascii=False)

@@ -29,6 +29,8 @@ class ScriptedLLM:
         self.template_kwargs = chat_template_kwargs
         if any(c[0]["content"] == "bad" for c in conversations):
             raise ValueError("prompt too long")  # vLLM aborts what it had added of this call
+        if any(c[0]["content"] == "dead" for c in conversations):
+            raise RuntimeError("EngineDeadError: EngineCore encountered an issue")  # what a killed core gives
         ids = []
         for conv in conversations:
             self.count += 1
@@ -117,6 +119,24 @@ def test_feeder_engine_failure_fails_every_caller_now_and_later():
     assert isinstance(feeder.failed, EngineDead)
     with pytest.raises(EngineDead, match="failed earlier"):
         feeder.run([conv()], [None])
+    feeder.stop()
+
+
+def test_feeder_engine_dead_while_adding_fails_that_caller_too():
+    """Regression: a job whose adding hit a dead engine was in no table and waited forever."""
+    feeder = EngineFeeder(ScriptedLLM())
+    box = {}
+
+    def call():
+        try:
+            feeder.run([conv("dead")], [None])
+        except Exception as err:  # noqa: BLE001
+            box["err"] = err
+
+    t = threading.Thread(target=call)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive() and isinstance(box["err"], EngineDead) and "EngineCore" in str(box["err"])
     feeder.stop()
 
 

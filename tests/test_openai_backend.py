@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -64,6 +65,24 @@ PAIRS_SCHEMA = {
 def _backend(base_url: str, **options: Any) -> OpenAIBackend:
     spec = ModelSpec(backend="openai", model="tiny:lm", options={"base_url": base_url, **options})
     return OpenAIBackend(spec)
+
+
+def test_request_body_asks_for_reasoning_as_configured():
+    from m3t_gen.config import ReasoningSpec
+
+    req = GenerationRequest(messages=[{"role": "user", "content": "x"}], seed=1)
+    body = request_body(req, model="m", extra_body={"chat_template_kwargs": {"custom": 1}},
+                        reasoning=ReasoningSpec(parser="openai_gptoss", effort="low", budget=64))
+    assert body["chat_template_kwargs"] == {"custom": 1, "enable_thinking": True, "reasoning_effort": "low"}
+    assert (body["reasoning_effort"], body["thinking_token_budget"]) == ("low", 64)
+    off = request_body(req, model="m", reasoning=ReasoningSpec(parser="qwen3", thinking=False, budget=64))
+    assert off["chat_template_kwargs"] == {"enable_thinking": False} and "thinking_token_budget" not in off
+    assert "chat_template_kwargs" not in request_body(req, model="m")
+    res = parse_response({"choices": [{"message": {"content": "{}", "reasoning_content": "hmm"},
+                                       "finish_reason": "stop"}],
+                          "usage": {"completion_tokens": 9, "prompt_tokens": 3,
+                                    "completion_tokens_details": {"reasoning_tokens": 5}}})
+    assert (res.text, res.reasoning, res.reasoning_tokens, res.output_tokens) == ("{}", "hmm", 5, 9)
 
 
 def _hello(seed: int = 3, max_tokens: int = 12, text: str = "Hello") -> GenerationRequest:
@@ -527,19 +546,22 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def _serve(tmp_path_factory, model: str, served_name: str, *extra_args: str):
+    """`vllm serve` (the OpenAI API server module) of a tiny model on a free loopback port, with an API key; yields
+    the base URL with the key in KEY_ENV; stops the server's process group afterwards."""
     pytest.importorskip("vllm")
     import httpx
 
     from m3t_gen.models import resolve
 
-    model_dir = resolve("tiny:lm")
+    model_dir = resolve(model)
     port = _free_port()
     key = "sk-local-" + os.urandom(6).hex()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    args = [a if a != SERVED_NAME else served_name for a in SERVER_ARGS]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-           *SERVER_ARGS, "--api-key", key]
+           *args, *extra_args, "--api-key", key]
     t0 = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -554,17 +576,23 @@ def server(tmp_path_factory):
                 pytest.fail(f"vllm serve not ready after {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
             try:
                 r = httpx.get(f"{base_url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=2)
-                if r.status_code == 200 and SERVED_NAME in {m["id"] for m in r.json()["data"]}:
+                if r.status_code == 200 and served_name in {m["id"] for m in r.json()["data"]}:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        print(f"\nvllm serve ready (tiny:lm, building it if not cached): {time.perf_counter() - t0:.1f} s")
+        print(f"\nvllm serve ready ({model}, building it if not cached): {time.perf_counter() - t0:.1f} s")
         os.environ[KEY_ENV] = key
         yield base_url
     finally:
         os.environ.pop(KEY_ENV, None)
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with _serve(tmp_path_factory, "tiny:lm", SERVED_NAME) as url:
+        yield url
 
 
 def _pairs_request(seed: int) -> GenerationRequest:
@@ -634,3 +662,63 @@ def test_server_setting_errors_raise(server, monkeypatch):
     wrong_model = _backend(server, api_key_env=KEY_ENV, served_model_name="no-such-model", **FAST_RETRY)
     with pytest.raises(OpenAIServerError, match="404.*does not exist"):
         wrong_model.generate([_hello()])
+
+
+# ------------------------------------------------------------------ real server: images, reasoning
+
+CAPTION_SCHEMA = {"type": "object", "properties": {"caption": {"type": "string", "pattern": "^[ !#-\\[\\]-~]{1,30}$"}},
+                  "required": ["caption"], "additionalProperties": False}
+
+
+def _image_request(image, seed: int, **kw) -> GenerationRequest:
+    content = [{"type": "image", "image": image}, {"type": "text", "text": "Describe the image."}]
+    return GenerationRequest(messages=[{"role": "user", "content": content}], seed=seed, **kw)
+
+
+@pytest.mark.slow
+def test_server_qwen2_5_vl_images_as_data_urls(tmp_path_factory):
+    """`vllm serve` of the tiny Qwen2.5-VL: images go as JPEG data URLs, reach the model (its prompt-token count
+    grows by the image's placeholder tokens), change the answer, and the answer follows the JSON schema."""
+    import jsonschema
+
+    with _serve(tmp_path_factory, "tiny:qwen2_5_vl", "tiny:qwen2_5_vl", "--limit-mm-per-prompt",
+                json.dumps({"image": 1})) as url:
+        backend = _backend(url, api_key_env=KEY_ENV, served_model_name="tiny:qwen2_5_vl")
+        red, blue = Image.new("RGB", (640, 480), (220, 20, 20)), Image.new("RGB", (640, 480), (20, 20, 220))
+        text_only = GenerationRequest(messages=[{"role": "user", "content": "Describe the image."}], seed=1,
+                                      max_tokens=4, temperature=0.0)
+        greedy = backend.generate([_image_request(red, 1, max_tokens=8, temperature=0.0),
+                                   _image_request(blue, 1, max_tokens=8, temperature=0.0), text_only])
+        # 640x480 -> 112x84 px -> 4x3 = 12 tokens, plus the <|vision_start|> / <|vision_end|> pair.
+        assert greedy[0].prompt_tokens == greedy[2].prompt_tokens + 12 + 2
+        assert greedy[0].text != greedy[1].text
+        constrained = backend.generate([_image_request(red, s, max_tokens=200, temperature=1.0,
+                                                       json_schema=CAPTION_SCHEMA) for s in (1, 2)])
+        for res in constrained:
+            assert res.finish_reason == "stop", res
+            jsonschema.validate(json.loads(res.text), CAPTION_SCHEMA)
+
+
+@pytest.mark.slow
+def test_server_reasoning_writer(tmp_path_factory):
+    """A reasoning model behind `vllm serve --reasoning-parser qwen3`: the backend asks for thinking (and its budget)
+    through the request; the server returns the reasoning apart and constrains only the answer."""
+    import jsonschema
+
+    from m3t_gen.config import ModelSpec
+
+    with _serve(tmp_path_factory, "tiny:qwen3", "tiny:qwen3", "--reasoning-parser", "qwen3") as url:
+        def backend(**reasoning):
+            spec = ModelSpec(backend="openai", model="tiny:qwen3", reasoning={"parser": "qwen3", **reasoning},
+                             options={"base_url": url, "api_key_env": KEY_ENV})
+            return OpenAIBackend(spec)
+
+        ask = [GenerationRequest(messages=[{"role": "user", "content": "JSON please."}], seed=s, max_tokens=300,
+                                 temperature=1.0, json_schema=CAPTION_SCHEMA) for s in (1, 2)]
+        for res in backend(budget=12).generate(ask):
+            assert res.finish_reason == "stop", res
+            jsonschema.validate(json.loads(res.text), CAPTION_SCHEMA)
+            assert res.reasoning and "</think>" not in res.text
+        for res in backend(thinking=False).generate(ask):
+            jsonschema.validate(json.loads(res.text), CAPTION_SCHEMA)
+            assert not (res.reasoning or "").strip()

@@ -92,3 +92,45 @@ def test_retries_exhausted_is_a_recorded_rejection_not_a_crash():
     assert row["status"] == "rejected" and row["reject_stage"] == "dialogue"
     assert row["reject_reason"] == "invalid_json"
     assert json.loads(row["reject_detail"])["attempts"] == 3
+
+
+class ResultBackend(ScriptedBackend):
+    """Answers with whole GenerationResults (errors, reasoning) from a script."""
+
+    def generate(self, requests):
+        self.seeds += [r.seed for r in requests]
+        return [self.answers.pop(0) for _ in requests]
+
+
+def test_non_retriable_backend_error_is_rejected_at_once_with_the_message():
+    backend = ResultBackend([GenerationResult.failed("VLLMValidationError: prompt too long (5000 > 2048)", retriable=False)])
+    row, done = _run(backend)
+    assert done == [] and len(backend.seeds) == 1  # no blind retries of a request that cannot change
+    assert (row["status"], row["reject_reason"]) == ("rejected", "backend_error")
+    detail = json.loads(row["reject_detail"])
+    assert detail["attempts"] == 1 and "prompt too long" in detail["detail"]
+
+
+def test_retriable_backend_error_retries_then_names_the_backend():
+    backend = ResultBackend([GenerationResult.failed("HTTP 503: overloaded", retriable=True)] * 2
+                            + [GenerationResult(text='{"caption": "a dog on grass"}', finish_reason="stop")])
+    row, done = _run(backend)
+    assert row["status"] == "ok" and done[0][2] == 3
+    backend = ResultBackend([GenerationResult.failed("HTTP 503: overloaded", retriable=True)] * 3)
+    row, _ = _run(backend)
+    assert row["reject_reason"] == "backend_error" and "503" in json.loads(row["reject_detail"])["detail"]
+
+
+def test_reasoning_kept_apart_and_counted():
+    answers = [GenerationResult(text="", finish_reason="length", reasoning="hmm " * 50, reasoning_tokens=50,
+                                output_tokens=50, prompt_tokens=9),
+               GenerationResult(text='{"caption": "a dog on grass"}', finish_reason="stop", reasoning="a dog, so",
+                                reasoning_tokens=4, output_tokens=12, prompt_tokens=9)]
+    row, done = _run(ResultBackend(answers))
+    assert row["status"] == "ok" and done[0][1] == {"caption": "a dog on grass"}
+    assert json.loads(row["reasoning"]) == {"dialogue": "a dog, so"}  # the accepted answer's reasoning only
+    assert json.loads(row["tokens"]) == {"dialogue": 62, "dialogue.requests": 2, "dialogue.prompt": 18,
+                                         "dialogue.reasoning": 54}
+    # Reasoning that never ends is its own reason, not invalid JSON.
+    row, _ = _run(ResultBackend([answers[0]] * 3))
+    assert row["reject_reason"] == "reasoning_unfinished"

@@ -1,5 +1,5 @@
-"""The small-shard pipeline end to end: Ray Data, tiny VLM captioner (transformers), tiny LM writer (the real
-vLLM engine, CPU build), tiny CLIP reward; then the output read back by the tools trainers use."""
+"""The small-shard pipeline end to end: Ray Data, a tiny Qwen2.5-VL captioner and a tiny LM writer in the real vLLM
+engine (CPU build), tiny CLIP reward; then the output read back by the tools trainers use."""
 
 import json
 import os
@@ -30,6 +30,16 @@ def test_summary_and_manifest(smoke_run):
     assert totals["reasons"]["dedupe:duplicate"] == 1  # skimage ships chelsea twice (as "chelsea" and "cat")
     assert [s["stage"] for s in manifest["stages"]] == ["read", "dedupe", "caption", "embed", "dialogue", "reward", "filter"]
     assert "total: read 19 = kept" in proc.stdout
+    # Images reached the captioner: every caption request held the Qwen2.5-VL image placeholder tokens (the
+    # bundled photos at max_side 512 are at least 4, at most 16 tokens in the tiny model's 112x112 px budget).
+    caption = next(s for s in manifest["stages"] if s["stage"] == "caption")
+    assert caption["requests"] >= caption["in"]
+    assert 4 * caption["requests"] <= caption["image_tokens"] <= 16 * caption["requests"]
+    assert caption["prompt_tokens"] > caption["image_tokens"]
+    dialogue = next(s for s in manifest["stages"] if s["stage"] == "dialogue")
+    assert dialogue["prompt_tokens"] > 0 and "image_tokens" not in dialogue  # a text-only writer
+    assert "caption: " in proc.stdout and "image tokens" in proc.stdout
+    assert manifest["config"]["caption"]["model"]["backend"] == "vllm"
 
 
 def test_conservation_per_input_shard(smoke_run):
@@ -174,22 +184,31 @@ def test_cir_triplets_have_the_configured_modifications_and_validate(smoke_run):
     assert "cir: pool" in proc.stdout
 
 
-def test_single_stage_variant_mllm_writes_turns_from_the_image(tmp_path):
-    """dialogue.source=image: no caption call; the tiny VLM writes every turn (transformers backend) and its
-    retrieval target becomes the sample's caption."""
-    out = tmp_path / "single"
-    sets = ["recipe=m3t", "dialogue.source=image", "dialogue.model.backend=transformers",
-            "dialogue.model.model=tiny:vlm", "dialogue.model.options={}", "dialogue.sampling.max_tokens=512",
-            "filter.min_turns=1", "filter.min_turn_score=null", "limit=4"]
+def _run_smoke(out, *sets):
     proc = subprocess.run([sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"),
                            "--output", str(out)] + sum((["--set", s] for s in sets), []),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert "caption" not in [s["stage"] for s in manifest["stages"]]
-    schema = json.loads((ROOT / "schemas" / "m3t_sample.schema.json").read_text())
+    return json.loads((out / "manifest.json").read_text()), proc
+
+
+def _samples(out):
     tars = sorted(str(p) for p in (out / "shards").glob("*.tar"))
-    samples = [json.loads(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)]
+    return [json.loads(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)]
+
+
+def test_single_stage_variant_mllm_writes_turns_from_the_image(tmp_path):
+    """dialogue.source=image: no caption call; the tiny Qwen2.5-VL in vLLM sees each image and writes every turn
+    (JSON-schema constrained); its retrieval target becomes the sample's caption."""
+    out = tmp_path / "single"
+    manifest, _ = _run_smoke(
+        out, "recipe=m3t", "dialogue.source=image", "dialogue.model.model=tiny:qwen2_5_vl",
+        "dialogue.sampling.max_tokens=512", "filter.min_turns=1", "filter.min_turn_score=null", "limit=4")
+    assert "caption" not in [s["stage"] for s in manifest["stages"]]
+    dialogue = next(s for s in manifest["stages"] if s["stage"] == "dialogue")
+    assert dialogue["image_tokens"] >= 4 * dialogue["requests"]  # the image reached the writer
+    schema = json.loads((ROOT / "schemas" / "m3t_sample.schema.json").read_text())
+    samples = _samples(out)
     assert samples and len(samples) == manifest["totals"]["kept"]
     for meta in samples:
         jsonschema.validate(meta, schema)
@@ -199,19 +218,64 @@ def test_single_stage_variant_mllm_writes_turns_from_the_image(tmp_path):
 
 
 def test_cir_mllm_variant_sees_both_images(tmp_path):
-    """cir.modify.source=images: the tiny VLM gets the reference and target images (read by seek from the pool
-    tars) and writes the modification texts."""
+    """cir.modify.source=images: the tiny Qwen2.5-VL in vLLM gets the reference and target images (read by seek
+    from the pool tars) and writes the modification texts."""
     out = tmp_path / "cir-images"
-    sets = ["recipe=cir", "cir.modify.source=images", "cir.modify.model.model=tiny:vlm", "limit=4",
-            "cir.filter.min_modification_score=-1"]
-    proc = subprocess.run([sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"),
-                           "--output", str(out)] + sum((["--set", s] for s in sets), []),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest, _ = _run_smoke(
+        out, "recipe=cir", "cir.modify.source=images", "cir.modify.model.model=tiny:qwen2_5_vl",
+        "cir.modify.model.backend=vllm", "cir.modify.model.options={enforce_eager: true, max_model_len: 2048, "
+        "limit_images_per_prompt: 2, engine_args: {kv_cache_memory_bytes: 134217728}}", "limit=4",
+        "cir.filter.min_modification_score=-1")
     cir = manifest["cir"]
     assert cir["pairs"] > 0 and cir["pairs"] == cir["kept"] + cir["rejected"]
-    assert manifest["models"]["modify"] == "tiny:vlm"
+    assert manifest["models"]["modify"] == "tiny:qwen2_5_vl"
+    modify = next(s for s in cir["stages"] if s["stage"] == "modify")
+    assert modify["image_tokens"] >= 2 * 4 * modify["requests"]  # both images in every request
     triplets = [json.loads(line) for p in sorted((out / "triplets").glob("*.jsonl")) for line in p.read_text().splitlines()]
     assert len(triplets) == cir["kept"]
     assert all(len(t["modifications"]) + len(t["dropped_modifications"]) == 3 for t in triplets)
+
+
+def test_reasoning_writer_in_the_pipeline(tmp_path):
+    """A reasoning writer (tiny Qwen3 in vLLM, qwen3 parser, thinking on with a budget): the schema constrains the
+    answer after the reasoning, the reasoning is kept apart in KEY.json, and its tokens are counted."""
+    out = tmp_path / "reasoning"
+    budget = 24
+    manifest, proc = _run_smoke(
+        out, "recipe=m3t", "dialogue.model.model=tiny:qwen3",
+        f"dialogue.model.reasoning={{parser: qwen3, budget: {budget}}}", "filter.min_turns=1",
+        "filter.min_turn_score=null", "limit=4")
+    dialogue = next(s for s in manifest["stages"] if s["stage"] == "dialogue")
+    assert dialogue["kept"] > 0
+    n = dialogue["requests"]
+    # Forced end of reasoning after the budget: "</think>" and what the template puts around it.
+    assert n * budget <= dialogue["reasoning_tokens"] <= n * (budget + 4)
+    assert dialogue["output_tokens"] > dialogue["reasoning_tokens"]
+    assert "reasoning tokens" in proc.stdout
+    samples = _samples(out)
+    assert samples
+    for meta in samples:
+        assert meta["reasoning"]["dialogue"]  # the reasoning text, kept out of the parsed turns
+        assert "</think>" not in json.dumps(meta["turns"])
+    # reasoning.keep: false drops the text, counts stay.
+    out2 = tmp_path / "reasoning-dropped"
+    manifest2, _ = _run_smoke(
+        out2, "recipe=m3t", "dialogue.model.model=tiny:qwen3",
+        f"dialogue.model.reasoning={{parser: qwen3, budget: {budget}, keep: false}}", "filter.min_turns=1",
+        "filter.min_turn_score=null", "limit=2")
+    assert all("reasoning" not in meta for meta in _samples(out2))
+    assert next(s for s in manifest2["stages"] if s["stage"] == "dialogue")["reasoning_tokens"] > 0
+
+
+def test_no_engine_processes_left_after_runs(smoke_run):
+    """Every stage shuts its engine down when its actor ends: after the runs (they are subprocesses that have
+    exited), no vLLM engine core or worker outlives them (zombies, already dead, excepted)."""
+    import psutil
+
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}  # engines of tests in this process
+    left = []
+    for p in psutil.process_iter(["pid", "name", "status"]):
+        if p.info["name"] and p.info["name"].startswith("VLLM::") and p.info["pid"] not in mine \
+                and p.info["status"] != psutil.STATUS_ZOMBIE:
+            left.append((p.info["pid"], p.info["name"]))
+    assert not left, left

@@ -1,5 +1,6 @@
 """The tiny models build fast and deterministically, and load back through the same Auto* classes as the real
-checkpoints they stand in for (llava-hf/llava-1.5-7b-hf, a Qwen2 chat LM, openai/clip-vit-large-patch14)."""
+checkpoints they stand in for (Qwen/Qwen2.5-VL-7B-Instruct, llava-hf/llava-1.5-7b-hf, a Qwen2 chat LM, a Qwen3
+reasoning LM, openai/clip-vit-large-patch14)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ from m3t_gen.tiny_models import (  # noqa: E402
     EOS_TOKEN,
     IM_END,
     IM_START,
+    IMAGE_PAD,
     IMAGE_TOKEN,
     STAMP_FILE,
+    THINK_END,
+    THINK_START,
+    VISION_END,
+    VISION_START,
     build_tiny_model,
     ensure_tiny_model,
 )
@@ -224,6 +230,66 @@ def test_vlm_loads_like_llava(tiny_cache: Path, astronaut):
     assert torch.isfinite(logits).all()
     out = model.generate(**enc, max_new_tokens=4, do_sample=False)
     assert 0 < out.shape[1] - enc["input_ids"].shape[1] <= 4
+
+
+def test_llava_vision_weights_carry_vllms_names(tiny_cache: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_cache / "vlm" / "model.safetensors"), "pt") as f:
+        vision = [k for k in f.keys() if "vision_tower" in k]
+    assert vision and all(k.startswith("vision_tower.vision_model.") for k in vision)
+
+
+def test_qwen2_5_vl_loads_like_the_real_checkpoint(tiny_cache: Path, astronaut):
+    """Qwen2.5-VL through AutoProcessor + AutoModelForImageTextToText, the classes a hub checkpoint resolves to:
+    the processor expands the vision placeholder into one token per 28x28 px (at most 112x112 px here), and the
+    model puts that many vision features in."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny_cache / "qwen2_5_vl"
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    assert type(processor.image_processor).__name__.startswith("Qwen2VLImageProcessor")
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    tok = processor.tokenizer
+    assert model.config.image_token_id == tok.convert_tokens_to_ids(IMAGE_PAD)
+    assert model.config.vision_start_token_id == tok.convert_tokens_to_ids(VISION_START)
+    text_cfg = model.config.text_config
+    assert text_cfg.hidden_size // text_cfg.num_attention_heads >= 64  # vLLM CPU attention
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert f"{VISION_START}{IMAGE_PAD}{VISION_END}" in prompt
+    texts = {}
+    for name, image, tokens in (("astronaut", astronaut, 16), ("wide", Image.new("RGB", (600, 150), "red"), 7),
+                                ("blue", Image.new("RGB", (512, 512), "blue"), 16)):
+        enc = processor(images=[image], text=[prompt], return_tensors="pt")
+        n = int((enc["input_ids"] == model.config.image_token_id).sum())
+        grid = enc["image_grid_thw"][0]
+        assert n == int(grid.prod()) // 4 == tokens, name  # one token per 2x2 merged 14-px patches
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False)
+        texts[name] = tok.decode(out[0, enc["input_ids"].shape[1]:])
+    assert texts["blue"] != texts["wide"]  # what the model writes depends on the image
+
+
+def test_qwen3_loads_and_switches_thinking(tiny_cache: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_cache / "qwen3"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.head_dim >= 64
+    # <think> / </think> are single tokens that stay in decoded text (where reasoning parsers look for them).
+    for marker in (THINK_START, THINK_END):
+        assert len(tok(marker, add_special_tokens=False)["input_ids"]) == 1
+    ids = tok(f"{THINK_START}a{THINK_END}b", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == f"{THINK_START}a{THINK_END}b"
+    msgs = [{"role": "user", "content": "Hi"}]
+    on = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    off = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert on.endswith(f"assistant\n{THINK_START}\n")
+    assert off.endswith(f"assistant\n{THINK_START}\n\n{THINK_END}\n\n")
 
 
 def test_clip_loads_like_openai_clip(tiny_cache: Path, astronaut):

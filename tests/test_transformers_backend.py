@@ -152,6 +152,26 @@ def test_image_prompt_with_json_schema(vlm, astronaut):
     assert results[0].text != results[1].text
 
 
+def test_qwen2_5_vl_through_its_real_processor(tiny_env, astronaut):
+    """The production captioner's architecture on the transformers backend: Qwen2_5_VLProcessor (torchvision image
+    processor) and Qwen2_5_VLForConditionalGeneration, a batch of differently sized images under one JSON schema;
+    the same output schema as the other backends."""
+    from PIL import Image
+
+    qwen = TransformersBackend(_spec("tiny:qwen2_5_vl", device="cpu", max_batch_size=4))
+    assert qwen.is_vlm and type(qwen.processor).__name__ == "Qwen2_5_VLProcessor"
+    images = [astronaut, Image.new("RGB", (600, 150), "red"), astronaut.resize((200, 120))]
+    reqs = [image_request(im, seed=s, temperature=1.0, max_tokens=200, json_schema=CAPTION_SCHEMA)
+            for s, im in enumerate(images)]
+    results = qwen.generate(reqs)
+    for res, tokens in zip(results, (16, 7, 15)):  # one token per 28x28 px, at most 112x112 px
+        assert res.finish_reason == "stop", res
+        jsonschema.validate(json.loads(res.text), CAPTION_SCHEMA)
+        assert res.image_tokens == tokens and res.prompt_tokens > tokens
+    # Batched or alone: the same text for the same seed (left padding and per-image grids line up).
+    assert qwen.generate([reqs[1]])[0].text == results[1].text
+
+
 def test_same_seed_same_output_alone_and_batched(vlm, astronaut):
     target_free = image_request(astronaut, seed=1234, temperature=1.0, max_tokens=24)
     target_json = image_request(astronaut, seed=99, temperature=0.9, top_p=0.95, max_tokens=200,

@@ -86,7 +86,7 @@ class VLLMOptions(BaseModel):
         known = engine_arg_names()
         unknown = sorted(set(v) - known) if known else []
         if unknown:
-            raise ValueError(f"engine_args: unknown vLLM engine argument(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown vLLM engine argument(s): {', '.join(unknown)}")
         return v
 
 
@@ -275,6 +275,15 @@ class EngineFeeder:
         if not job.conversations:
             job.future.set_result([])
             return
+        try:
+            self._add_requests(job, owner)
+        except BaseException:
+            # Not a refused request: the engine is gone. This job is in no table yet; fail it here, then let the
+            # loop fail the others.
+            owner.update({f"pending-{id(job)}": (job, 0)})
+            raise
+
+    def _add_requests(self, job: _Job, owner: dict[str, tuple[_Job, int]]) -> None:
         everything = list(range(len(job.conversations)))
         try:  # renders each chat, checks it and adds it; on an error vLLM aborts the ones it had added
             self._enqueue(job, everything, owner)
@@ -350,8 +359,12 @@ class _Reasoning:
 
         self.parser = ReasoningParserManager.get_reasoning_parser(parser_name)(tokenizer)
 
-    def split(self, text: str, token_ids: list[int]) -> tuple[str, str, int]:
-        """(reasoning, answer, reasoning tokens). No end of reasoning in the output: all of it is reasoning."""
+    def split(self, text: str, token_ids: list[int], prompt_ids: list[int]) -> tuple[str, str, int]:
+        """(reasoning, answer, reasoning tokens). Reasoning closed in the prompt already (thinking switched off by
+        the template): all of the output is the answer. No end of reasoning in the output: all of it is
+        reasoning."""
+        if self.parser.is_reasoning_end(prompt_ids):
+            return "", text.strip(), 0
         reasoning, answer = self.parser.extract_reasoning(text, None)
         content_ids = self.parser.extract_content_ids(list(token_ids)) if answer is not None else []
         return reasoning or "", (answer or "").strip(), len(token_ids) - len(content_ids)
@@ -481,7 +494,8 @@ class VLLMBackend(Backend):
             image_tokens=prompt_ids.count(self.image_token_id) if self.image_token_id is not None else None,
         )
         if self.reasoning is not None:
-            result.reasoning, result.text, result.reasoning_tokens = self.reasoning.split(comp.text, comp.token_ids)
+            result.reasoning, result.text, result.reasoning_tokens = self.reasoning.split(
+                comp.text, list(comp.token_ids), prompt_ids)
         return result
 
     def _shutdown(self) -> None:
