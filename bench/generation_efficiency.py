@@ -1,8 +1,14 @@
-"""Generation efficiency (issue 7): output tokens/s of the dialogue stage inside a Ray Data pipeline divided by
-output tokens/s of the same engine run standalone on the same prompts and settings, in one run.
+"""Generation efficiency (issues 7, 11): output tokens/s of a generation stage (dialogue, or caption with images
+in) inside a Ray Data pipeline divided by output tokens/s of the same engine run standalone on the same prompts
+and settings, in one run.
 
     python bench/generation_efficiency.py --backend vllm [--small 128 --large 512] [--in-flight 1 2] [--repeats 2]
     python bench/generation_efficiency.py --backend transformers --small 64 --large 256 --batch 32
+    python bench/generation_efficiency.py --stage caption --backend vllm --small 256 --large 1024 --batch 256
+
+Caption: the vLLM engine with the tiny Qwen2.5-VL of pipelines/smoke.yaml, one image per request (distinct crops
+of the bundled photos, at most 512 px), the real caption template; vLLM renders and processes each image on
+both sides.
 
 Engine start-up must not hide in the figures: each side is timed at two sizes and the ratio uses the marginal
 cost, (T_large - T_small) / (tokens_large - tokens_small). Standalone: the backend's engine built once in this
@@ -26,6 +32,43 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def image_rows_for(n: int) -> list[dict]:
+    """n distinct images: crops of the bundled smoke photos (different boxes per row), JPEG, at most 512 px."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from m3t_gen.rows import new_row
+
+    photos = []
+    for tar_path in sorted((ROOT / "data" / "smoke").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".jpg"):
+                    try:
+                        im = Image.open(io.BytesIO(tar.extractfile(m).read()))
+                        im.load()
+                    except OSError:
+                        continue  # the shard's deliberately truncated JPEG
+                    if min(im.size) >= 256:
+                        photos.append(im.convert("RGB"))
+    rows = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        w, h = im.size
+        f = 0.6 + 0.4 * ((i * 37) % 97) / 97  # crop share of the photo, per row
+        cw, ch = int(w * f), int(h * f)
+        x, y = (i * 13) % max(1, w - cw), (i * 7) % max(1, h - ch)
+        crop = im.crop((x, y, x + cw, y + ch))
+        crop.thumbnail((512, 512))
+        buf = io.BytesIO()
+        crop.save(buf, format="JPEG", quality=90)
+        rows.append(new_row(key=f"c_{i:06d}", shard="c", width=crop.size[0], height=crop.size[1], text="",
+                            image=buf.getvalue()))
+    return rows
+
+
 def rows_for(n: int) -> list[dict]:
     from m3t_gen.rows import new_row
 
@@ -36,27 +79,35 @@ def rows_for(n: int) -> list[dict]:
                             f"{things[(i // 3) % 12]} in a room, photo {i}.") for i in range(n)]
 
 
-def config(backend: str, batch: int, in_flight: int, actor_cpus: float):
+def _stage(name: str):
+    """(stage class, rows builder) of the stage under test."""
+    from m3t_gen.stages.caption import CaptionStage
+    from m3t_gen.stages.dialogue import DialogueStage
+
+    return {"dialogue": (DialogueStage, rows_for), "caption": (CaptionStage, image_rows_for)}[name]
+
+
+def config(stage: str, backend: str, batch: int, in_flight: int, actor_cpus: float):
     from m3t_gen.config import load_config
 
-    sets = [f"dialogue.resources.batch_size={batch}", f"dialogue.resources.batches_in_flight={in_flight}",
-            f"dialogue.resources.num_cpus={actor_cpus}", "dialogue.max_attempts=1", "ray.progress=false"]
+    sets = [f"{stage}.resources.batch_size={batch}", f"{stage}.resources.batches_in_flight={in_flight}",
+            f"{stage}.resources.num_cpus={actor_cpus}", f"{stage}.max_attempts=1", "ray.progress=false"]
     if backend == "transformers":
-        sets += ["dialogue.model.backend=transformers", "dialogue.model.options={}"]
+        sets += [f"{stage}.model.backend=transformers", f"{stage}.model.options={{}}"]
     return load_config(ROOT / "pipelines" / "smoke.yaml", sets)
 
 
-def standalone(cfg, n_small: int, n_large: int) -> dict:
+def standalone(cfg, stage_name: str, n_small: int, n_large: int) -> dict:
     """The same backend engine the stage uses, driven directly: generate() over every prompt at once."""
     from m3t_gen.pipeline import make_context
-    from m3t_gen.stages.dialogue import DialogueStage
 
-    stage = DialogueStage(make_context(cfg))  # builds the engine once; we drive it directly below
+    stage_cls, make_rows = _stage(stage_name)
+    stage = stage_cls(make_context(cfg))  # builds the engine once; we drive it directly below
     generate = _bare_engine(stage.backend)
     out = {}
-    generate(_requests(stage, rows_for(8)))  # warm-up
+    generate(_requests(stage, make_rows(8)))  # warm-up
     for n in (n_small, n_large):
-        reqs = _requests(stage, rows_for(n))
+        reqs = _requests(stage, make_rows(n))
         t = time.perf_counter()
         tokens = generate(reqs)
         out[n] = (time.perf_counter() - t, tokens)
@@ -85,26 +136,27 @@ def _requests(stage, rows):
     from m3t_gen.seeds import derive_seed
 
     s = stage.cfg.sampling
-    return [GenerationRequest(messages=stage._messages(r), seed=derive_seed(0, "dialogue", r["key"]),
+    return [GenerationRequest(messages=stage._messages(r), seed=derive_seed(0, stage.name, r["key"]),
                               max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                              json_schema=stage.decoding_schema) for r in rows]
+                              json_schema=getattr(stage, "decoding_schema", None)) for r in rows]
 
 
-def in_pipeline(cfg, n: int) -> tuple[float, int]:
+def in_pipeline(cfg, stage_name: str, n: int) -> tuple[float, int]:
     import ray
 
     from m3t_gen.pipeline import apply_stages, make_context
     from m3t_gen.rows import to_table
-    from m3t_gen.stages.dialogue import DialogueStage
 
+    stage_cls, make_rows = _stage(stage_name)
     ctx = make_context(cfg)
+    rows = make_rows(n)  # built before the clock starts, as on the standalone side
     t = time.perf_counter()
-    ds = ray.data.from_arrow(to_table(rows_for(n)))
-    ds = apply_stages(ds, [DialogueStage], cfg, ctx)
+    ds = ray.data.from_arrow(to_table(rows))
+    ds = apply_stages(ds, [stage_cls], cfg, ctx)
     tokens = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for tok in batch.column("tokens").to_pylist():
-            tokens += json.loads(tok or "{}").get("dialogue", 0)
+            tokens += json.loads(tok or "{}").get(stage_name, 0)
     return time.perf_counter() - t, tokens
 
 
@@ -121,6 +173,7 @@ def _summary(runs: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", default="dialogue", choices=["dialogue", "caption"])
     ap.add_argument("--backend", default="vllm", choices=["vllm", "transformers"])
     ap.add_argument("--small", type=int, default=128)
     ap.add_argument("--large", type=int, default=512)
@@ -139,19 +192,21 @@ def main() -> None:
     pipe: dict[int, list[dict]] = {n: [] for n in args.in_flight}
     for _ in range(args.repeats):  # interleave the settings so that drift on the machine hits each alike
         for n in args.in_flight:
-            cfg = config(args.backend, args.batch, n, args.actor_cpus)
-            small, large = in_pipeline(cfg, args.small), in_pipeline(cfg, args.large)
+            cfg = config(args.stage, args.backend, args.batch, n, args.actor_cpus)
+            small, large = in_pipeline(cfg, args.stage, args.small), in_pipeline(cfg, args.stage, args.large)
             pipe[n].append({"small": small, "large": large, "tok_s": marginal(small, large)})
     ray.shutdown()  # free the cores and memory for the standalone engine
-    cfg = config(args.backend, args.batch, 1, args.actor_cpus)
+    cfg = config(args.stage, args.backend, args.batch, 1, args.actor_cpus)
     alone = []
     for _ in range(args.repeats):
-        sa = standalone(cfg, args.small, args.large)
+        sa = standalone(cfg, args.stage, args.small, args.large)
         alone.append({"small": sa[args.small], "large": sa[args.large], "tok_s": marginal(sa[args.small], sa[args.large])})
     a = _summary(alone)
     print(json.dumps({
-        "bench": "generation_efficiency", "backend": args.backend, "sizes": [args.small, args.large],
-        "batch_size": args.batch, "actor_cpus": args.actor_cpus, "max_tokens": cfg.dialogue.sampling.max_tokens,
+        "bench": "generation_efficiency", "stage": args.stage, "backend": args.backend,
+        "model": getattr(cfg, args.stage).model.model, "sizes": [args.small, args.large],
+        "batch_size": args.batch, "actor_cpus": args.actor_cpus,
+        "max_tokens": getattr(cfg, args.stage).sampling.max_tokens,
         "standalone_tok_s": a,
         "pipeline_tok_s": {f"batches_in_flight={n}": _summary(runs) for n, runs in pipe.items()},
         "efficiency": {f"batches_in_flight={n}": round(_summary(runs)["median"] / a["median"], 3)

@@ -128,8 +128,8 @@ def test_from_run_uses_measured_throughput_and_pass_rates(tmp_path):
     assert stages["dialogue"]["output_tokens_per_image"] == pytest.approx(450)
     # Another max_tokens than the run's: the measured rate stays, the tokens per image fall back to the bound.
     other = by_stage(plan(M3T, "--images", "5000000", "--from-run", str(tmp_path),
-                          "--set", "dialogue.sampling.max_tokens=1000"))
-    assert other["dialogue"]["output_tokens_per_image"] == 1000
+                          "--set", "dialogue.sampling.max_tokens=1500"))
+    assert other["dialogue"]["output_tokens_per_image"] == 1500  # reasoning budget + answer, within max_tokens
     assert other["dialogue"]["gpu_hours"] == pytest.approx(stages["dialogue"]["gpu_hours"])
     assert stages["reward"]["gpu_hours"] == pytest.approx(5_000_000 * 0.78 / 780 / 3600)
     assert stages["read"]["throughput"] == pytest.approx(0.01)  # s/image/core
@@ -205,3 +205,12 @@ def test_from_run_measures_the_cir_pass_in_pairs(tmp_path):
     assert stages["triplet_reward"]["throughput_source"].startswith("measured")
     # Pairs per image still come from the config (every pooled image paired), not from the run's pair count.
     assert stages["modify"]["images"] == pytest.approx(1_000_000 * cfg.cir.pairing.pairs_per_image)
+
+
+def test_reasoning_budget_is_planned_as_output():
+    """A reasoning writer's budget is output the GPUs generate: planned on top of the answer's bound, within
+    max_tokens; without reasoning the bound is the answer's alone."""
+    with_budget = by_stage(plan(M3T, "--images", "1000"))["dialogue"]["output_tokens_per_image"]
+    plain = by_stage(plan(M3T, "--images", "1000", "--set", "dialogue.model.reasoning=null"))["dialogue"]
+    assert with_budget == pytest.approx(min(plain["output_tokens_per_image"] + 1024, 3072))
+    assert with_budget > plain["output_tokens_per_image"]
