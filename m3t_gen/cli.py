@@ -99,18 +99,28 @@ from m3t_gen.export import EXPORTERS as _EXPORTERS  # noqa: E402  (stdlib-only m
 @main.command("export")
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", required=True, type=click.Choice(sorted(_EXPORTERS)),
-              help="muco: parquet + images/ for the MuCo trainer; mtcir: CIR triplets as JSONL.")
+              help="muco: MuCo's trainer (pretrain/ + finetune/ meta folders, images/); cirr / fashioniq: the "
+                   "CIRR / FashionIQ layouts CLIP4Cir and SPRC read; mtcir: CIR triplets as JSONL.")
 @click.option("--to", "to", required=True, type=click.Path(),
-              help="Directory to write into (train.parquet / train.jsonl + images/), or the .parquet / .jsonl file.")
-def export_cmd(output: str, fmt: str, to: str) -> None:
+              help="Directory to write into (mtcir: or the .jsonl file).")
+@click.option("--image-ext", default="jpg", type=click.Choice(["jpg", "png"]),
+              help="fashioniq: image file extension (CLIP4Cir opens .jpg, SPRC .png).")
+@click.option("--category", default="dress", type=click.Choice(["dress", "shirt", "toptee"]),
+              help="fashioniq: the dress type in the file names (what the trainers' --dress-types selects).")
+@click.option("--split", default="train", help="cirr / fashioniq: the split name in the file names.")
+def export_cmd(output: str, fmt: str, to: str, image_ext: str, category: str, split: str) -> None:
     """Export the finished run OUTPUT in a trainer's format."""
-    from m3t_gen.export import RunOutputError, export
+    from m3t_gen.export import ExportOptions, RunOutputError, export
 
     try:
-        result = export(Path(output), fmt, Path(to))
+        result = export(Path(output), fmt, Path(to), ExportOptions(image_ext=image_ext, category=category, split=split))
     except (RunOutputError, OSError) as e:
         _fail(str(e))
-    click.echo(f"wrote {result['rows']} rows to {result['path']} (images in {result['images']})")
+    for path, rows in result["written"].items():
+        click.echo(f"wrote {rows:>6} rows  {path}")
+    click.echo(f"images in {result['images']}")
+    for reason, n in sorted(result["left_out"].items(), key=lambda kv: -kv[1]):
+        click.echo(f"left out {n:>5}  {reason}")
 
 
 @main.command("card")

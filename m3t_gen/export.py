@@ -5,21 +5,40 @@ function + its ``@exporter(name, file_name)``. ``PATH`` is a directory (the form
 under its default name) or, when it ends with the format's suffix, the file itself; JPEGs always go to
 ``images/`` beside that file, and image paths in the file are relative to the file's folder.
 
-- ``muco``: the M3T parquet layout the MuCo trainer reads, self-contained::
+- ``muco``: what MuCo's trainer (``naver-ai/muco``, ``src/loader.py``) reads, in both of its modes::
 
-      PATH/train.parquet        one row per kept sample (row groups of at most 1000 rows)
-      PATH/images/<key>.jpg     the sample's JPEG, extracted from OUT/shards
+      PATH/pretrain/M3T/M3T_generated_sentence.parquet   --meta_folder PATH/pretrain --pretraining
+      PATH/finetune/M3T/M3T_generated_sentence.parquet   --meta_folder PATH/finetune
+      PATH/images/<key>.jpg                              --image_folder PATH/images
 
-  columns: ``key``, ``image`` (``images/<key>.jpg``, relative to the parquet's folder), ``url``, ``caption``,
-  ``queries`` (query strings in turn order), ``positives`` (target strings aligned with ``queries``),
-  ``turn_types`` (aligned with ``queries``).
+  (the loader globs ``META/*/*_generated_sentence.parquet`` and reads every file it finds, so the two modes get
+  two meta folders). Pretraining fills exactly 7 turn slots in the loader's order (classification, 2 holistic,
+  2 localized, creative, retrieval): only dialogues whose kept turns are exactly that mix go there, in that
+  order; fine-tuning samples one turn per row, so every dialogue with a kept turn goes there. Columns:
+  ``qry`` (per turn, a list of phrasings; each starts with the image placeholder ``<|image_1|>`` + newline,
+  which the loader swaps for Qwen2-VL's image tokens), ``pos_text`` (per turn, the target), ``pos_sentence``
+  and ``neg_text`` (per turn, empty: text targets, no negatives), ``qry_sentence`` (the dense caption: the
+  loader's "Image description"), ``qry_image_path`` (``<key>.jpg``, relative to ``--image_folder``),
+  ``pos_image_path`` (``''``: a text target), and ``key``, ``url``, ``turn_types``.
+
+- ``cirr``: the CIRR layout CLIP4Cir's and SPRC's ``CIRRDataset`` read for training, one record per kept
+  modification text: ``PATH/cirr/captions/cap.rc2.train.json`` (``pairid``, ``reference``, ``target_hard``,
+  ``target_soft``, ``caption``, ``img_set: {id, members}``), ``PATH/cirr/image_splits/split.rc2.train.json``
+  (name -> path relative to ``PATH``), ``PATH/train/<name>.jpg``. ``PATH`` is the trainers' ``cirr_dataset``.
+
+- ``fashioniq``: the FashionIQ layout: ``PATH/captions/cap.<category>.train.json`` (``candidate``, ``target``,
+  ``captions``: exactly two texts), ``PATH/image_splits/split.<category>.train.json`` (image names),
+  ``PATH/images/<name>.<ext>`` (``jpg`` for CLIP4Cir, ``png`` for SPRC). A triplet's kept texts are paired in
+  order (5 texts: 2 records, the fifth left out); a triplet with one text is left out. ``PATH`` is the trainers'
+  ``fashionIQ_dataset``.
 
 - ``mtcir``: CIR triplets as JSONL (``PATH/train.jsonl`` or ``PATH`` itself when it ends with ``.jsonl``), one
   ``{"id", "image", "target_image", "modifications"}`` object a line: ``image`` / ``target_image`` are the
   reference / target JPEGs (``images/<key>.jpg``, extracted from the run's pool/shards tars) and
-  ``modifications`` the kept ``[{"category", "text"}, ...]``. Read from ``OUT/triplets/*.jsonl`` (written by
-  the CIR recipe: id, image = reference key, target_image = target key, modifications); a run without them is
-  an error ("this run has no CIR triplets; run a CIR recipe").
+  ``modifications`` the kept ``[{"category", "text"}, ...]``. This follows MTCIR's description in the CoLLM
+  paper; no published loader reads it (none could be found), so it is not verified against one.
+
+Every export prints what it wrote and what it left out, with counts and reasons.
 
 Every file is written under a temporary name and renamed when complete.
 
@@ -101,37 +120,58 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 # ----------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
+class ExportOptions:
+    image_ext: str = "jpg"     # fashioniq: jpg (CLIP4Cir) or png (SPRC)
+    category: str = "dress"    # fashioniq: the dress type the trainers' --dress-types names
+    split: str = "train"       # cirr / fashioniq: the split name in the file names
+
+
+@dataclass(frozen=True)
 class Format:
     name: str
-    file_name: str  # written inside a --to directory; a --to path with this suffix is taken as the file
-    write: Callable[[Path, Path], dict[str, Any]]  # (run dir, output file) -> summary
+    # None: --to is the dataset's root directory; else the file written inside a --to directory (a --to path
+    # with this suffix is taken as the file itself)
+    file_name: str | None
+    write: Callable[[Path, Path, ExportOptions], dict[str, Any]]  # (run dir, target, options) -> summary
 
 
 EXPORTERS: dict[str, Format] = {}
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")  # what the trainers' FashionIQDataset accepts
+IMAGE_EXTS = ("jpg", "png")
 
 
-def exporter(name: str, file_name: str) -> Callable[[Callable], Callable]:
-    def register(fn: Callable[[Path, Path], dict[str, Any]]) -> Callable:
+def exporter(name: str, file_name: str | None) -> Callable[[Callable], Callable]:
+    def register(fn: Callable[[Path, Path, ExportOptions], dict[str, Any]]) -> Callable:
         EXPORTERS[name] = Format(name, file_name, fn)
         return fn
     return register
 
 
-def export(out_dir: Path, fmt: str, to: Path) -> dict[str, Any]:
-    """Export the finished run in ``out_dir`` as ``fmt`` to ``to`` (a directory, or the output file itself when
-    it ends with the format's suffix); returns a summary dict (format, rows, path, images)."""
+def export(out_dir: Path, fmt: str, to: Path, options: ExportOptions | None = None) -> dict[str, Any]:
+    """Export the finished run in ``out_dir`` as ``fmt`` to ``to``; returns a summary dict (format, rows, path,
+    images, written: {file: rows}, left_out: {reason: count})."""
     try:
         spec = EXPORTERS[fmt]
     except KeyError:
         raise RunOutputError(f"unknown export format {fmt!r} (one of: {', '.join(sorted(EXPORTERS))})") from None
+    options = options or ExportOptions()
+    if options.image_ext not in IMAGE_EXTS:
+        raise RunOutputError(f"image extension {options.image_ext!r}: expected one of {', '.join(IMAGE_EXTS)}")
+    if options.category not in FASHIONIQ_CATEGORIES:
+        raise RunOutputError(f"category {options.category!r}: the trainers accept {', '.join(FASHIONIQ_CATEGORIES)}")
     out_dir, to = Path(out_dir), Path(to)
     read_manifest(out_dir)
-    target = to if to.suffix == Path(spec.file_name).suffix else to / spec.file_name
-    if target.is_dir():
-        raise RunOutputError(f"{target}: is a directory")
+    if spec.file_name is None:
+        target = to
+        if target.exists() and not target.is_dir():
+            raise RunOutputError(f"{target}: exists and is not a directory")
+    else:
+        target = to if to.suffix == Path(spec.file_name).suffix else to / spec.file_name
+        if target.is_dir():
+            raise RunOutputError(f"{target}: is a directory")
     if target.parent.exists() and not target.parent.is_dir():
         raise RunOutputError(f"{target.parent}: exists and is not a directory")
-    return spec.write(out_dir, target)
+    return spec.write(out_dir, target, options)
 
 
 def _make_dirs(target: Path) -> Path:
@@ -140,54 +180,177 @@ def _make_dirs(target: Path) -> Path:
     return images
 
 
-# ----------------------------------------------------------------------------------------- muco
-def _muco_schema():
-    import pyarrow as pa
-
-    return pa.schema([
-        ("key", pa.string()), ("image", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-        ("queries", pa.list_(pa.string())), ("positives", pa.list_(pa.string())),
-        ("turn_types", pa.list_(pa.string())),
-    ])
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(data, ensure_ascii=False, indent=1).encode())
 
 
-@exporter("muco", "train.parquet")
-def export_muco(out_dir: Path, target: Path) -> dict[str, Any]:
+def _write_parquet(path: Path, rows: list[dict[str, Any]], schema: Any) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    images = _make_dirs(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(tmp), row_group_size=ROW_GROUP)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- muco
+# MuCo's loader: the placeholder its query texts carry (Phi-3-V's, swapped for Qwen2-VL's image tokens), and the
+# 7 turn slots of its pretraining mode in their order (its comment: classification, 2 global VQA, 2 local VQA,
+# creative VQA, retrieval).
+MUCO_IMAGE_PLACEHOLDER = "<|image_1|>"
+MUCO_PRETRAIN_SLOTS = ("classification", "vqa_holistic", "vqa_holistic", "vqa_localized", "vqa_localized",
+                       "vqa_creative", "retrieval")
+MUCO_META_FILE = "M3T/M3T_generated_sentence.parquet"  # META/*/*_generated_sentence.parquet
+
+
+def _muco_schema():
+    import pyarrow as pa
+
+    texts = pa.list_(pa.string())
+    return pa.schema([
+        ("qry", pa.list_(texts)), ("pos_text", texts), ("pos_sentence", texts), ("neg_text", texts),
+        ("qry_sentence", pa.string()), ("qry_image_path", pa.string()), ("pos_image_path", pa.string()),
+        ("key", pa.string()), ("url", pa.string()), ("turn_types", texts),
+    ])
+
+
+def muco_row(key: str, sample: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "qry": [[f"{MUCO_IMAGE_PLACEHOLDER}\n{t['query']}"] for t in turns],
+        "pos_text": [t["target"] for t in turns],
+        "pos_sentence": ["" for _ in turns],
+        "neg_text": ["" for _ in turns],
+        "qry_sentence": sample.get("caption") or "",
+        "qry_image_path": f"{key}.jpg", "pos_image_path": "",
+        "key": key, "url": (sample.get("source") or {}).get("url"), "turn_types": [t["type"] for t in turns],
+    }
+
+
+def pretrain_order(turns: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The turns in MuCo's 7 pretraining slots, or None when they are not exactly that mix."""
+    if sorted(t["type"] for t in turns) != sorted(MUCO_PRETRAIN_SLOTS):
+        return None
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for t in turns:
+        by_type.setdefault(t["type"], []).append(t)
+    return [by_type[slot].pop(0) for slot in MUCO_PRETRAIN_SLOTS]
+
+
+@exporter("muco", None)
+def export_muco(out_dir: Path, target: Path, options: ExportOptions) -> dict[str, Any]:
+    from collections import Counter
+
+    images = target / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    pretrain, finetune = [], []
+    left_out: Counter = Counter()
+    for key, image, sample in iter_samples(out_dir, "shards"):
+        if image is None:
+            raise RunOutputError(f"{out_dir}: sample {key} has no JPEG in its tar")
+        _atomic_write(images / f"{key}.jpg", image)
+        turns = sorted_turns(sample)
+        if not turns:
+            left_out["no kept turn (both files)"] += 1
+            continue
+        finetune.append(muco_row(key, sample, turns))
+        slots = pretrain_order(turns)
+        if slots is None:
+            left_out["pretrain: kept turns are not the 7-slot mix " + "/".join(MUCO_PRETRAIN_SLOTS)] += 1
+        else:
+            pretrain.append(muco_row(key, sample, slots))
     schema = _muco_schema()
-    tmp = target.with_name(target.name + TMP)
-    rows: list[dict[str, Any]] = []
-    count = 0
-    writer = pq.ParquetWriter(str(tmp), schema)
-    try:
-        for key, image, sample in iter_samples(out_dir, "shards"):
-            if image is None:
-                raise RunOutputError(f"{out_dir}: sample {key} has no JPEG in its tar")
-            _atomic_write(images / f"{key}.jpg", image)
-            turns = sorted_turns(sample)
-            rows.append({
-                "key": key, "image": f"images/{key}.jpg", "url": (sample.get("source") or {}).get("url"),
-                "caption": sample.get("caption"),
-                "queries": [t["query"] for t in turns], "positives": [t["target"] for t in turns],
-                "turn_types": [t["type"] for t in turns],
-            })
-            if len(rows) >= ROW_GROUP:
-                writer.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=ROW_GROUP)
-                count += len(rows)
-                rows = []
-        if rows or count == 0:
-            writer.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=ROW_GROUP)
-            count += len(rows)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    os.replace(tmp, target)
-    return {"format": "muco", "rows": count, "path": str(target), "images": str(images)}
+    written = {}
+    for mode, rows in (("pretrain", pretrain), ("finetune", finetune)):
+        path = target / mode / MUCO_META_FILE
+        _write_parquet(path, rows, schema)
+        written[str(path)] = len(rows)
+    return {"format": "muco", "rows": len(finetune), "path": str(target), "images": str(images),
+            "written": written, "left_out": dict(left_out)}
+
+
+# ----------------------------------------------------------------------------------------- cirr / fashioniq
+def _triplet_images(out_dir: Path, triplets: list[dict[str, Any]], directory: Path, ext: str) -> None:
+    """Each reference / target image once, as ``directory/<key>.<ext>`` (JPEG bytes as they are; PNG converted)."""
+    wanted = {t[f] for t in triplets for f in ("image", "target_image")}
+    directory.mkdir(parents=True, exist_ok=True)
+    found = set()
+    for key, image in find_images(out_dir, wanted):
+        if ext == "png":
+            import io
+
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(image)).save(buf, format="PNG")
+            image = buf.getvalue()
+        _atomic_write(directory / f"{key}.{ext}", image)
+        found.add(key)
+    missing = sorted(wanted - found)
+    if missing:
+        raise RunOutputError(f"{out_dir}: triplets reference {len(missing)} image(s) found in none of the run's "
+                             f"tars, e.g. {missing[0]!r}")
+
+
+def _kept_triplets(out_dir: Path) -> list[dict[str, Any]]:
+    if not triplet_files(out_dir):
+        raise RunOutputError(NO_TRIPLETS)
+    return list(iter_triplets(out_dir))
+
+
+@exporter("cirr", None)
+def export_cirr(out_dir: Path, target: Path, options: ExportOptions) -> dict[str, Any]:
+    from collections import Counter
+
+    triplets = _kept_triplets(out_dir)
+    split = options.split
+    _triplet_images(out_dir, triplets, target / split, "jpg")
+    records, names = [], {}
+    left_out: Counter = Counter()
+    for n, t in enumerate(triplets):
+        if not t["modifications"]:
+            left_out["no kept modification text"] += 1
+            continue
+        for f in ("image", "target_image"):
+            names[t[f]] = f"./{split}/{t[f]}.jpg"
+        for text in (m["text"] for m in t["modifications"]):
+            records.append({"pairid": len(records), "reference": t["image"], "target_hard": t["target_image"],
+                            "target_soft": {t["target_image"]: 1.0}, "caption": text,
+                            "img_set": {"id": n, "members": [t["image"], t["target_image"]]}})
+    captions = target / "cirr" / "captions" / f"cap.rc2.{split}.json"
+    splits = target / "cirr" / "image_splits" / f"split.rc2.{split}.json"
+    _write_json(captions, records)
+    _write_json(splits, dict(sorted(names.items())))
+    return {"format": "cirr", "rows": len(records), "path": str(target), "images": str(target / split),
+            "written": {str(captions): len(records), str(splits): len(names)}, "left_out": dict(left_out)}
+
+
+@exporter("fashioniq", None)
+def export_fashioniq(out_dir: Path, target: Path, options: ExportOptions) -> dict[str, Any]:
+    from collections import Counter
+
+    triplets = _kept_triplets(out_dir)
+    _triplet_images(out_dir, triplets, target / "images", options.image_ext)
+    records, names = [], set()
+    left_out: Counter = Counter()
+    for t in triplets:
+        texts = [m["text"] for m in t["modifications"]]
+        if len(texts) < 2:
+            left_out["fewer than 2 kept modification texts (FashionIQ records hold exactly 2)"] += 1
+            continue
+        if len(texts) % 2:
+            left_out["odd modification text left over after pairing (texts, not triplets)"] += 1
+        for a, b in zip(texts[0::2], texts[1::2]):
+            records.append({"candidate": t["image"], "target": t["target_image"], "captions": [a, b]})
+        names.update((t["image"], t["target_image"]))
+    cat, split = options.category, options.split
+    captions = target / "captions" / f"cap.{cat}.{split}.json"
+    splits = target / "image_splits" / f"split.{cat}.{split}.json"
+    _write_json(captions, records)
+    _write_json(splits, sorted(names))
+    return {"format": "fashioniq", "rows": len(records), "path": str(target), "images": str(target / "images"),
+            "written": {str(captions): len(records), str(splits): len(names)}, "left_out": dict(left_out)}
 
 
 # ----------------------------------------------------------------------------------------- mtcir
@@ -229,7 +392,7 @@ def find_images(out_dir: Path, keys: set[str], subs: tuple[str, ...] = ("pool", 
 
 
 @exporter("mtcir", "train.jsonl")
-def export_mtcir(out_dir: Path, target: Path) -> dict[str, Any]:
+def export_mtcir(out_dir: Path, target: Path, options: ExportOptions) -> dict[str, Any]:
     if not triplet_files(out_dir):
         raise RunOutputError(NO_TRIPLETS)
     wanted = {t[f] for t in iter_triplets(out_dir) for f in ("image", "target_image")}  # also validates
@@ -252,4 +415,5 @@ def export_mtcir(out_dir: Path, target: Path) -> dict[str, Any]:
                                                    for m in t["modifications"]]}, ensure_ascii=False) + "\n")
             count += 1
     os.replace(tmp, target)
-    return {"format": "mtcir", "rows": count, "path": str(target), "images": str(images)}
+    return {"format": "mtcir", "rows": count, "path": str(target), "images": str(images),
+            "written": {str(target): count}, "left_out": {}}

@@ -160,35 +160,6 @@ def test_card_escapes_untrusted_text(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- export
-def test_muco_export(run_out, manifest, tmp_path):
-    import pandas as pd
-
-    to = tmp_path / "muco"
-    proc = _cli("export", run_out, "--format", "muco", "--to", to)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    df = pd.read_parquet(to / "train.parquet")
-    assert list(df.columns) == ["key", "image", "url", "caption", "queries", "positives", "turn_types"]
-    assert len(df) == manifest["totals"]["kept"]
-    index_keys = set(pq.read_table(run_out / "index").column("key").to_pylist())
-    assert set(df["key"]) == index_keys
-    for row in df.itertuples():
-        assert row.image == f"images/{row.key}.jpg"
-        assert (to / row.image).is_file()
-        assert len(row.queries) == len(row.positives) == len(row.turn_types) > 0
-        assert row.url.startswith("https://")
-    meta = pq.ParquetFile(to / "train.parquet").metadata
-    assert all(meta.row_group(i).num_rows <= 1000 for i in range(meta.num_row_groups))
-    assert not list(to.rglob("*.tmp"))
-    # Queries are in turn order, aligned with their targets: check one sample against its KEY.json.
-    from m3t_gen.export import iter_samples
-
-    key, _, sample = next(iter_samples(run_out))
-    row = df.set_index("key").loc[key]
-    turns = sorted(sample["turns"], key=lambda t: t["i"])
-    assert list(row["queries"]) == [t["query"] for t in turns]
-    assert list(row["positives"]) == [t["target"] for t in turns]
-
-
 def test_mtcir_export_without_triplets_is_a_clear_error(run_out, tmp_path):
     from m3t_gen.export import RunOutputError, export
 

@@ -315,6 +315,7 @@ class EngineFeeder:
             if job is not None and not job.future.done():
                 job.future.set_exception(err)
 
+
 class SerialChat:
     """``EngineFeeder``'s interface over ``LLM.chat`` for vLLM versions without ``enqueue_chat``: concurrent
     callers take turns; a refused request fails alone (the batch is then redone one by one)."""
