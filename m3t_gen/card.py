@@ -272,7 +272,7 @@ def _environment():
     return env
 
 
-def card_header(manifest: dict[str, Any], has_triplets: bool = False) -> dict[str, Any]:
+def card_header(manifest: dict[str, Any], has_triplets: bool = False, triplet_tars: bool = False) -> dict[str, Any]:
     parts = recipe_parts(manifest)
     tasks: list[str] = []
     for part in parts:
@@ -282,6 +282,10 @@ def card_header(manifest: dict[str, Any], has_triplets: bool = False) -> dict[st
     shards_first = "m3t" in parts or not has_triplets
     path = "shards/*.tar" if shards_first else "triplets/*.jsonl"
     configs = [{"config_name": "default", "data_files": [{"split": "train", "path": path}]}]
+    if shards_first and has_triplets and triplet_tars:
+        # The triplets as WebDataset tars too (triplet_shards/): the same builder, so a second config works.
+        configs.append({"config_name": "triplets",
+                        "data_files": [{"split": "train", "path": "triplet_shards/*.tar"}]})
     rows = (manifest.get("totals") if shards_first else manifest.get("cir")) or {}
     recipe = "+".join(parts)
     tags = ["m3t-gen", "synthetic", "multimodal", "image-text", "webdataset" if shards_first else "jsonl", *parts]
@@ -408,7 +412,8 @@ def write_card(out_dir: Path) -> Path:
     card_dir = out_dir / "card"
     card_dir.mkdir(exist_ok=True)
 
-    header = card_header(manifest, has_triplets=bool(triplet_files(out_dir)))
+    header = card_header(manifest, has_triplets=bool(triplet_files(out_dir)),
+                         triplet_tars=any((out_dir / "triplet_shards").glob("*.tar")))
     totals = {"read": 0, "kept": 0, "rejected": 0, "reasons": {}, **(manifest.get("totals") or {})}
     stats = _stats(out_dir)
     mix = (cfg.get("dialogue") or {}).get("mix") or {}

@@ -97,7 +97,7 @@ class TripletWriter:
     def __init__(self, out: Path, ctx: RunContext, expected: dict[str, int]) -> None:
         self.out, self.ctx, self.expected = out, ctx, expected
         self.parts: dict[str, dict[str, list]] = {}
-        for sub in ("triplets", "triplet_rejects", "triplet_stats"):
+        for sub in ("triplets", "triplet_shards", "triplet_rejects", "triplet_stats"):
             (out / sub).mkdir(parents=True, exist_ok=True)
 
     def consume(self, rows: list[dict[str, Any]]) -> None:
@@ -116,9 +116,24 @@ class TripletWriter:
             if len(part["kept"]) + len(part["rejected"]) == self.expected[row["shard"]]:
                 self._finish(row["shard"], part)
 
+    def _write_tar(self, name: str, kept: list[str]) -> None:
+        """The same triplets as WebDataset members (``<id>.json``): the format of the M3T shards, so that one
+        dataset card can give both as configs (``datasets`` infers one builder per folder)."""
+        import os
+
+        import webdataset as wds
+
+        path = self.out / "triplet_shards" / f"{name}.tar"
+        tmp = path.with_name(path.name + ".tmp")
+        with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
+            for line in kept:
+                sink.write({"__key__": json.loads(line)["id"], "json": line.encode()})
+        os.replace(tmp, path)
+
     def _finish(self, name: str, part: dict[str, list]) -> None:
         kept = sorted(part["kept"])
         atomic_write_bytes(self.out / "triplets" / f"{name}.jsonl", ("\n".join(kept) + "\n" if kept else "").encode())
+        self._write_tar(name, kept)
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(part["rejected"], schema=TRIPLET_REJECT_SCHEMA), buf)
         atomic_write_bytes(self.out / "triplet_rejects" / f"{name}.parquet", buf.getvalue())

@@ -90,7 +90,7 @@ def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
     for extra in ("README.md",):  # files made from the old results are stale now
         if (out / extra).exists():
             os.remove(out / extra)
-    for carried in ("pool", "triplets", "triplet_rejects", "triplet_stats"):  # CIR products: not refiltered here
+    for carried in ("pool", "triplets", "triplet_shards", "triplet_rejects", "triplet_stats"):  # CIR: not refiltered
         if (out / carried).exists():
             shutil.copytree(out / carried, new / carried, dirs_exist_ok=True)
     old = out.with_name(out.name + ".old.tmp")

@@ -63,8 +63,11 @@ def test_card_parses_as_a_dataset_card_with_the_configs_entry(card, manifest, tr
 
     parsed = DatasetCard.load(card)
     data = parsed.data.to_dict()
-    assert data["configs"] == [{"config_name": "default",
-                                "data_files": [{"split": "train", "path": "shards/*.tar"}]}]
+    assert data["configs"][0] == {"config_name": "default",
+                                  "data_files": [{"split": "train", "path": "shards/*.tar"}]}
+    if triplets:
+        assert data["configs"][1] == {"config_name": "triplets",
+                                      "data_files": [{"split": "train", "path": "triplet_shards/*.tar"}]}
     assert data["license"] == "other"  # the smoke config names none
     assert data["size_categories"] == ["n<1K"]
     assert "visual-question-answering" in data["task_categories"]
@@ -107,6 +110,10 @@ def test_load_dataset_reads_the_shards_through_the_card(card, manifest, triplets
         assert cir.num_rows == len(triplets) == manifest["cir"]["kept"]
         assert cir[0]["modifications"][0]["text"]
         assert 'load_dataset("json", data_files=' in card.read_text()
+        # ... and as the card's own second config, beside the default one.
+        cfg = load_dataset(str(card.parent), "triplets", split="train", cache_dir=str(tmp_path / "hf"))
+        assert cfg.num_rows == len(triplets)
+        assert sorted(r["id"] for r in cfg["json"]) == sorted(t["id"] for t in triplets)
 
 
 def test_card_of_a_cir_only_run_points_at_the_triplets(run_out, triplets, tmp_path):
