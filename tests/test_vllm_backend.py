@@ -208,7 +208,7 @@ def test_engine_bad_request_fails_alone(engine):
     ok, bad = engine.generate([_hello(seed=7), too_long])
     assert ok.finish_reason == "length" and ok.output_tokens == 12
     assert (bad.finish_reason, bad.output_tokens) == ("error", 0)
-    assert "maximum context length" in bad.extra["error"]
+    assert "maximum context length" in bad.error and not bad.retriable  # too long on every try
     # Every request failing means a setting is wrong: that raises.
     with pytest.raises(Exception, match="maximum context length"):
         engine.generate([too_long, too_long])
