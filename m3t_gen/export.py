@@ -393,18 +393,9 @@ def find_images(out_dir: Path, keys: set[str], subs: tuple[str, ...] = ("pool", 
 
 @exporter("mtcir", "train.jsonl")
 def export_mtcir(out_dir: Path, target: Path, options: ExportOptions) -> dict[str, Any]:
-    if not triplet_files(out_dir):
-        raise RunOutputError(NO_TRIPLETS)
-    wanted = {t[f] for t in iter_triplets(out_dir) for f in ("image", "target_image")}  # also validates
+    triplets = _kept_triplets(out_dir)  # before any directory is made; also validates every line
     images = _make_dirs(target)
-    found = set()
-    for key, image in find_images(out_dir, wanted):
-        _atomic_write(images / f"{key}.jpg", image)
-        found.add(key)
-    missing = sorted(wanted - found)
-    if missing:
-        raise RunOutputError(f"{out_dir}: triplets reference {len(missing)} image(s) found in none of the run's "
-                             f"tars, e.g. {missing[0]!r}")
+    _triplet_images(out_dir, triplets, images, "jpg")
     tmp = target.with_name(target.name + TMP)
     count = 0
     with tmp.open("w", encoding="utf-8") as fh:
