@@ -414,7 +414,8 @@ def write_card(out_dir: Path) -> Path:
 
     header = card_header(manifest, has_triplets=bool(triplet_files(out_dir)),
                          triplet_tars=any((out_dir / "triplet_shards").glob("*.tar")))
-    totals = {"read": 0, "kept": 0, "rejected": 0, "reasons": {}, **(manifest.get("totals") or {})}
+    totals = {"read": 0, "kept": 0, "rejected": 0, "reasons": {}, "repairs": {}, "skipped_entries": {},
+              "shard_errors": {}, **(manifest.get("totals") or {})}
     stats = _stats(out_dir)
     mix = (cfg.get("dialogue") or {}).get("mix") or {}
     reasons = []

@@ -138,6 +138,10 @@ class InputSpec(Strict):
         "relative to the pipeline file; remote URLs through fsspec",
     )
     columns: ParquetColumns = Field(default_factory=ParquetColumns, description="parquet only")
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="folders (or URL prefixes) besides each input's own folder that parquet image paths and "
+        "symbolic links in folder inputs may point into; anything else is rejected (path_outside_root)")
 
 
 class DedupeSpec(Strict):
@@ -149,6 +153,9 @@ class DedupeSpec(Strict):
 class ReadSpec(Strict):
     min_side: int = Field(512, ge=1, description="keep images whose longer side is at least this (M3T: 512)")
     max_pixels: int = Field(89_478_485, ge=1, description="larger images are rejected (decompression bombs)")
+    max_aspect_ratio: float | None = Field(
+        20.0, ge=1, description="longer side / shorter side above this is rejected (banners, strips: vision "
+        "encoders tile them into thousands of tokens or refuse them)")
     max_side: int | None = Field(None, ge=16, description="downscale so the longer side is at most this")
     max_text_chars: int = Field(2000, ge=1, description="alt-text longer than this is truncated and flagged")
     jpeg_quality: int = Field(92, ge=1, le=100)
@@ -345,6 +352,10 @@ class PipelineConfig(Strict):
     cir: CirSpec | None = Field(None, description="required by the cir recipe")
     output: OutputSpec = Field(default_factory=OutputSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+    file_roots: list[str] = Field(
+        default_factory=list,
+        description="folders besides the pipeline file's own and the bundled prompts/ and schemas/ that "
+        "templates and schemas may be read from (a prompt is sent to models and printed in the card)")
 
     # Where the YAML file was: relative paths in it resolve against this directory.
     base_dir: str = Field(".", exclude=True)
@@ -434,7 +445,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""

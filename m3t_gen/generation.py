@@ -11,6 +11,7 @@ from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult
 from m3t_gen.config import Sampling
 from m3t_gen.rows import add_tokens, reject
 from m3t_gen.seeds import derive_seed
+from m3t_gen.templates import TemplateError
 
 # parse(row, result) -> (value, None) when usable, (None, reason) when not.
 Parser = Callable[[dict[str, Any], GenerationResult], tuple[Any, str | None]]
@@ -46,8 +47,14 @@ def generate_validated(
     spec = getattr(backend, "spec", None)
     keep_reasoning = getattr(getattr(spec, "reasoning", None), "keep", True)
     done: list[tuple[dict[str, Any], Any, int]] = []
-    messages = {id(r): build_messages(r) for r in rows}
-    pending = list(rows)
+    messages: dict[int, list[dict[str, Any]]] = {}
+    pending = []
+    for r in rows:
+        try:
+            messages[id(r)] = build_messages(r)
+            pending.append(r)
+        except TemplateError as e:  # a branch validate could not see fails on this row's values: this row only
+            reject(r, stage, "template_error", detail=str(e))
     last_error: dict[int, str] = {}
     for attempt in range(max_attempts):
         if not pending:

@@ -89,7 +89,7 @@ def result_hash(cfg: PipelineConfig) -> str:
     actors/GPUs a stage gets (so a crashed run can resume on a bigger or smaller cluster)."""
     placement = {"resources": True}
     data = cfg.model_dump(mode="json", by_alias=True, exclude={
-        "ray": True, "output": {"dir"}, "caption": placement, "dialogue": placement, "reward": placement,
+        "ray": True, "file_roots": True, "output": {"dir"}, "caption": placement, "dialogue": placement, "reward": placement,
         "read": {"num_cpus"}, "cir": {"modify": placement}})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -160,21 +160,70 @@ def init_ray(cfg: PipelineConfig) -> None:
     data_ctx.execution_options.preserve_order = cfg.ray.preserve_order
 
 
+OWNER_FILE = ".m3t-gen"  # written first into every output: the proof that m3t-gen made this folder
+# What a run (and refilter, card) writes at the top of an output; --overwrite removes these and nothing else.
+OWNED = ("shards", "filtered", "index", "rejects", "stats", "pool", "triplets", "triplet_shards",
+         "triplet_rejects", "triplet_stats", "card", "manifest.json", "README.md", OWNER_FILE)
+
+
+def _owner_records(out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, {config_hash, config?}) from every file that says which config made this output: the owner file,
+    the manifest, each finished shard's stats (these exist before the manifest does)."""
+    found = []
+    for path in [out / OWNER_FILE, out / "manifest.json", *sorted((out / "stats").glob("*.json"))]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("config_hash"):
+            found.append((path.relative_to(out).as_posix(), data))
+    return found
+
+
+def write_owner_file(out: Path, cfg: PipelineConfig) -> None:
+    atomic_write_bytes(out / OWNER_FILE, json.dumps({
+        "tool": "m3t-gen", "version": __version__, "config_hash": result_hash(cfg),
+        "config": cfg.model_dump(mode="json", by_alias=True),
+        "written": datetime.now(timezone.utc).isoformat()}, indent=1).encode())
+
+
 def prepare_output(out: Path, cfg: PipelineConfig, overwrite: bool) -> None:
-    manifest = out / "manifest.json"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if manifest.exists():
-        previous = json.loads(manifest.read_text())
-        if previous.get("config_hash") != result_hash(cfg):
-            changed = config_changes(previous.get("config", {}), cfg.model_dump(mode="json", by_alias=True))
-            shown = ", ".join(changed[:5]) + (f" (+{len(changed) - 5} more)" if len(changed) > 5 else "")
-            raise ConfigError(
-                f"{out}: holds a run made with a different config ({shown or 'hash ' + str(previous.get('config_hash'))});"
-                " use --overwrite to start over, or another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.rglob("*.tmp"):  # leftovers of a crashed run; their shards are redone
-        tmp.unlink()
+    """Make ``out`` ready: refuse what m3t-gen did not write or a run made with another config, clear it with
+    --overwrite (only what m3t-gen writes), write the owner file, drop a crashed run's temporary files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir: {out} is a file, not a folder")
+    records = _owner_records(out) if out.is_dir() else []
+    if out.is_dir() and any(out.iterdir()) and not records:
+        raise ConfigError(f"output.dir: {out} is a non-empty folder that m3t-gen did not write (no {OWNER_FILE}); "
+                          f"refusing to {'delete' if overwrite else 'write into'} it: give a new or empty folder")
+    current = result_hash(cfg)
+    if overwrite:
+        for name in OWNED:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    else:
+        for where, data in records:
+            if data["config_hash"] != current:
+                earlier = data.get("config") or next((d.get("config") for _, d in records if d.get("config")), None)
+                changed = config_changes(earlier, cfg.model_dump(mode="json", by_alias=True)) if earlier else []
+                shown = ", ".join(changed[:5]) + (f" (+{len(changed) - 5} more)" if len(changed) > 5 else "")
+                raise ConfigError(
+                    f"{out}: holds a run made with a different config "
+                    f"({shown or 'config hash ' + str(data['config_hash']) + ' vs ' + current}) according to {where};"
+                    " use --overwrite to start over, or another --output")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / OWNER_FILE).exists():
+            write_owner_file(out, cfg)
+        # Leftovers of a crashed run (their shards are redone); only where m3t-gen writes.
+        for tmp in [*out.glob("*.tmp"), *(t for name in OWNED if (out / name).is_dir() for t in (out / name).rglob("*.tmp"))]:
+            if tmp.is_file():
+                tmp.unlink()
+    except OSError as e:
+        raise ConfigError(f"output.dir: {out}: cannot write there ({e.strerror or e})") from None
 
 
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -255,9 +304,16 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
         stages.append(entry)
         rows_in = out
     reasons: Counter = Counter()
+    repairs: Counter = Counter()
+    skipped: Counter = Counter()
     for s in stats:
         reasons.update(s["reasons"])
-    return {"totals": {"read": read, "kept": kept, "rejected": rejected, "reasons": dict(reasons)},
+        repairs.update(s.get("repairs", {}))
+        skipped.update(s.get("skipped_entries", {}))
+    shard_errors = {s["shard"]: s["shard_errors"] for s in stats if s.get("shard_errors")}
+    return {"totals": {"read": read, "kept": kept, "rejected": rejected, "reasons": dict(reasons),
+                       "repairs": dict(sorted(repairs.items())), "skipped_entries": dict(sorted(skipped.items())),
+                       "shard_errors": shard_errors},
             "stages": stages}
 
 
@@ -272,6 +328,15 @@ def format_summary(manifest: dict[str, Any]) -> str:
                  f"wall {manifest['wall_seconds']} s")
     for reason, n in sorted(t["reasons"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  rejected {n:>6}  {reason}")
+    for flag, n in sorted(t.get("repairs", {}).items(), key=lambda kv: -kv[1]):
+        lines.append(f"  repaired {n:>6}  {flag}")
+    for kind, n in t.get("skipped_entries", {}).items():
+        lines.append(f"  skipped  {n:>6}  {kind} (no data of its own)")
+    errors = t.get("shard_errors", {})
+    if errors:
+        lines.append(f"shard errors in {len(errors)} input shard(s) (what was read before each still counts):")
+        for shard, messages in sorted(errors.items()):
+            lines += [f"  {shard}: {m}" for m in messages]
     cir = manifest.get("cir")
     if cir:
         lines.append(f"cir: pool {cir['pool']} images -> {cir['pairs']} pairs = triplets kept {cir['kept']} + "

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from m3t_gen.config import ConfigError, PipelineConfig, apply_overrides, format_validation_error
-from m3t_gen.pipeline import result_hash, summarize
+from m3t_gen.pipeline import OWNER_FILE, result_hash, summarize, write_owner_file
 from m3t_gen.rows import MARKER, REJECTED, new_row
 from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.filter import apply_filter
@@ -70,14 +70,16 @@ def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
                                     status=REJECTED, reject_stage=rec["stage"], reject_reason=rec["reason"],
                                     reject_detail=rec["detail"], source_sha256=rec.get("source_sha256"),
                                     phash=rec.get("phash"))])
-        errors = json.dumps({"errors": stats["shard_errors"]}) if stats["shard_errors"] else None
+        shard_detail = {k: v for k, v in (("errors", stats["shard_errors"]),
+                                          ("skipped", stats.get("skipped_entries"))) if v}
         writer.consume([new_row(key=f"{shard}__end", shard=shard, status=MARKER, shard_rows=stats["read"],
-                                reject_detail=errors)])
+                                reject_detail=json.dumps(shard_detail) if shard_detail else None)])
         # Time spent generating and scoring belongs to the original run: carry it over.
         new_stats_path = new / "stats" / path.name
         new_stats = json.loads(new_stats_path.read_text())
         new_stats["stage_seconds"] = stats["stage_seconds"]
         new_stats["stage_tokens"] = stats.get("stage_tokens", {})
+        new_stats["repairs"] = stats.get("repairs", {})  # made on reading, rejected rows included
         atomic_write_bytes(new_stats_path, json.dumps(new_stats, indent=1).encode())
     if writer.incomplete():
         raise RuntimeError(f"refilter: shards incomplete: {writer.incomplete()}")
@@ -87,12 +89,17 @@ def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
     manifest.update(config=cfg.model_dump(mode="json", by_alias=True), config_hash=ctx.config_hash,
                     totals=summary["totals"], stages=summary["stages"], refilters=history)
     atomic_write_bytes(new / "manifest.json", json.dumps(manifest, indent=1).encode())
-    for extra in ("README.md",):  # files made from the old results are stale now
-        if (out / extra).exists():
-            os.remove(out / extra)
-    for carried in ("pool", "triplets", "triplet_shards", "triplet_rejects", "triplet_stats"):  # CIR: not refiltered
-        if (out / carried).exists():
-            shutil.copytree(out / carried, new / carried, dirs_exist_ok=True)
+    write_owner_file(new, cfg)
+    # Everything else in the output comes along: the CIR results (not refiltered) and anything m3t-gen did not
+    # write. The card (README.md, card/) described the old results and is not carried.
+    rewritten = {"shards", "filtered", "index", "rejects", "stats", "manifest.json", OWNER_FILE, "README.md", "card"}
+    for entry in out.iterdir():
+        if entry.name in rewritten or entry.name.endswith(".tmp"):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, dirs_exist_ok=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
     old = out.with_name(out.name + ".old.tmp")
     os.replace(out, old)
     os.replace(new, out)

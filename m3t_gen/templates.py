@@ -75,7 +75,35 @@ def load_template(name: str, base_dir: str | Path | None = None) -> PromptTempla
 
 
 def check_template(template: PromptTemplate, example_fields: dict[str, Any]) -> None:
-    """Render against example values of exactly the fields the stage provides; StrictUndefined catches typos."""
+    """Every name and attribute the template uses, in every branch (not only those the example takes), must be
+    one the stage provides; then it must render against example values of exactly those fields."""
+    _check_names(template, example_fields)
     out = template.render(**example_fields)
     if not out.strip():
         raise TemplateError(f"template {template.name}: renders to an empty prompt")
+
+
+def _check_names(template: PromptTemplate, fields: dict[str, Any]) -> None:
+    from jinja2 import meta, nodes
+
+    env = _environment()
+    ast = env.parse(template.source)
+    unknown = sorted(meta.find_undeclared_variables(ast) - set(fields) - set(env.globals))
+    if unknown:
+        raise TemplateError(f"template {template.name}: uses {', '.join(unknown)}, which the stage does not provide")
+    # What a name stands for: a field's example value, or for a loop variable over a list field, its first item.
+    values: dict[str, Any] = dict(fields)
+    for loop in ast.find_all(nodes.For):
+        if isinstance(loop.target, nodes.Name) and isinstance(loop.iter, nodes.Name):
+            items = fields.get(loop.iter.name)
+            if isinstance(items, list) and items and isinstance(items[0], dict):
+                values.setdefault(loop.target.name, items[0])
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        base = node.node
+        attr = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+        if not isinstance(base, nodes.Name) or not isinstance(attr, str):
+            continue
+        value = values.get(base.name)
+        if isinstance(value, dict) and attr not in value:
+            raise TemplateError(f"template {template.name}: line {node.lineno}: {base.name}.{attr} does not exist "
+                                f"({base.name} has {', '.join(sorted(value))})")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from m3t_gen.config import ConfigError, PipelineConfig
+from m3t_gen.resources import data_dir, find_file
 from m3t_gen.schemas import dialogue_decoding_schema, load_schema, validation_error
 from m3t_gen.stages import caption, dialogue, modify
 from m3t_gen.templates import TemplateError, check_template, load_template
@@ -20,8 +23,25 @@ EXAMPLE_PAIR = {
 }
 
 
+def check_confined(where: str, name: str, kind: str, cfg: PipelineConfig) -> None:
+    """A template or schema must come from the pipeline file's folder, the bundled prompts/ or schemas/, or a
+    folder in ``file_roots``: a config cannot make m3t-gen read (and send to a model, and print) any file."""
+    try:
+        path = os.path.realpath(find_file(name, kind, cfg.base_dir))
+    except FileNotFoundError:
+        return  # reported by the loader with its own message
+    roots = [cfg.base_dir, str(data_dir(kind)), *(str(cfg.resolve_path(r)) for r in cfg.file_roots)]
+    for root in roots:
+        real = os.path.realpath(root)
+        if path.startswith(real.rstrip(os.sep) + os.sep):
+            return
+    raise ConfigError(f"{where}: {name!r} is {path}, outside the pipeline's folder and the bundled {kind}/ "
+                      f"(add its folder to file_roots to allow it)")
+
+
 def _check_cir_schema(cfg: PipelineConfig) -> str:
     spec = cfg.cir.modify
+    check_confined("cir.modify.schema", spec.schema_, "schemas", cfg)
     try:
         schema = load_schema(spec.schema_, cfg.base_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -46,6 +66,7 @@ def validate_config(cfg: PipelineConfig) -> list[str]:
     if cfg.wants("cir"):
         checks.append(("cir.modify.template", cfg.cir.modify.template, modify.template_fields(EXAMPLE_PAIR, cfg.cir.modify)))
     for where, name, fields in checks:
+        check_confined(where, name, "prompts", cfg)
         try:
             template = load_template(name, cfg.base_dir)
             check_template(template, fields)
@@ -56,6 +77,7 @@ def validate_config(cfg: PipelineConfig) -> list[str]:
         notes.append(_check_cir_schema(cfg))
     if not cfg.wants("m3t"):
         return notes
+    check_confined("dialogue.schema", cfg.dialogue.schema_, "schemas", cfg)
     try:
         schema = load_schema(cfg.dialogue.schema_, cfg.base_dir)
     except (FileNotFoundError, ValueError) as e:

@@ -63,6 +63,9 @@ def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             "config_hash": ctx.config_hash,
         },
     }
+    flags = json.loads(row["flags"] or "[]")
+    if flags:
+        out["flags"] = flags  # repairs made on reading (docs/reasons.md): visible where the sample is
     if dropped:
         out["dropped_turns"] = dropped
     if row.get("reasoning"):
@@ -93,6 +96,7 @@ def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[st
         turns=json.dumps([{k: t[k] for k in ("type", "query", "target")} for t in turns]),
         scores=json.dumps(scores),
         reasoning=json.dumps(sample["reasoning"], ensure_ascii=False) if sample.get("reasoning") else None,
+        flags=json.dumps(sample.get("flags", [])),
     )
 
 
@@ -149,6 +153,8 @@ class _ShardState:
     pool_rows: list[dict[str, Any]] = field(default_factory=list)
     expected: int | None = None
     shard_errors: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    repairs: Counter = field(default_factory=Counter)
     index: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     stage_seconds: Counter = field(default_factory=Counter)
@@ -180,10 +186,11 @@ class OutputWriter:
                     TarSeries(self.out / "pool", shard, self.per_tar))
             if row["status"] == MARKER:
                 state.expected = row["shard_rows"]
-                if row["reject_detail"]:
-                    state.shard_errors = json.loads(row["reject_detail"])["errors"]
+                detail = json.loads(row["reject_detail"] or "{}")
+                state.shard_errors, state.skipped = detail.get("errors", []), detail.get("skipped", {})
             else:
                 state.seen += 1
+                state.repairs.update(json.loads(row["flags"] or "[]"))
                 for stage, seconds in json.loads(row["timings"] or "{}").items():
                     state.stage_seconds[stage] += seconds
                 state.stage_tokens.update(json.loads(row["tokens"] or "{}"))
@@ -217,7 +224,7 @@ class OutputWriter:
             "caption_score": sample["scores"]["caption"], "mean_turn_score": sample["scores"]["mean_turn"],
             "turn_types": [t["type"] for t in sample["turns"]], "turn_scores": [t["score"] for t in sample["turns"]],
             "dropped_turns": len(sample.get("dropped_turns", [])),
-            "source_sha256": row["source_sha256"], "phash": row["phash"],
+            "source_sha256": row["source_sha256"], "phash": row["phash"], "flags": sample.get("flags", []),
         })
 
     def _write_pool(self, state: _ShardState, row: dict[str, Any]) -> None:
@@ -253,6 +260,8 @@ class OutputWriter:
             "turns_kept": sum(len(r["turn_types"]) for r in state.index),
             "turns_dropped": sum(r["dropped_turns"] for r in state.index),
             "tars": tars, "filtered_tars": filtered, "shard_errors": state.shard_errors,
+            "skipped_entries": state.skipped, "repairs": dict(sorted(state.repairs.items())),
+            "config_hash": self.ctx.config_hash,
             "stage_seconds": {k: round(v, 4) for k, v in state.stage_seconds.items()},
             "stage_tokens": dict(state.stage_tokens),
         }
@@ -272,7 +281,7 @@ INDEX_SCHEMA = pa.schema([
     ("url", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("caption_score", pa.float64()),
     ("mean_turn_score", pa.float64()), ("turn_types", pa.list_(pa.string())),
     ("turn_scores", pa.list_(pa.float64())), ("dropped_turns", pa.int32()),
-    ("source_sha256", pa.string()), ("phash", pa.string()),
+    ("source_sha256", pa.string()), ("phash", pa.string()), ("flags", pa.list_(pa.string())),
 ])
 POOL_SCHEMA = pa.schema([
     ("key", pa.string()), ("tar", pa.string()), ("caption", pa.string()), ("url", pa.string()),

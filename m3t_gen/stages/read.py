@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from m3t_gen.config import InputSpec, ReadSpec
 from m3t_gen.rows import MARKER, add_timing, new_row, reject, to_table
-from m3t_gen.sources import FORMATS, parse_meta
+from m3t_gen.sources import FORMATS, ShardReport, parse_meta
 
 NAME = "read"
 ROWS_PER_BATCH = 128
@@ -52,8 +52,69 @@ def _decode_failure(raw: bytes, exc: Exception) -> tuple[str, dict[str, Any]]:
     return "decode_error", detail
 
 
-def prepare_image(raw: bytes, spec: ReadSpec) -> tuple[dict[str, Any] | None, str | None, dict[str, Any]]:
-    """Decode and validate one image. Returns (fields, None, {}) or (None, reason, detail)."""
+# JPEG segments that change how the pixels decode, by marker and payload signature: JFIF, the ICC colour profile
+# and Adobe's colour-transform flag. Every other application segment (EXIF, XMP, IPTC, maker notes: camera,
+# GPS, software, private data) and comments go; the entropy-coded data is copied as is.
+_JPEG_KEEP = {0xE0: (b"JFIF\0", b"JFXX\0"), 0xE2: (b"ICC_PROFILE\0",), 0xEE: (b"Adobe",)}
+
+
+def strip_jpeg_metadata(data: bytes) -> bytes | None:
+    """The same JPEG without metadata segments or bytes after its end, losslessly; ``data`` itself when there was
+    nothing to remove; None when the segment structure cannot be followed (the caller re-encodes)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    out, i, n, removed = [data[:2]], 2, len(data), False
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image: anything after it (trailers, appended files) goes too
+            out.append(data[i:i + 2])
+            removed |= i + 2 < n
+            return b"".join(out) if removed else data
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            out.append(data[i:i + 2])
+            i += 2
+            continue
+        if i + 4 > n:
+            return None
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if end > n or end < i + 4:
+            return None
+        segment = data[i:end]
+        metadata = marker == 0xFE or (0xE0 <= marker <= 0xEF and not segment[4:].startswith(_JPEG_KEEP.get(marker, ())))
+        if metadata:
+            removed = True
+        else:
+            out.append(segment)
+        i = end
+        if marker == 0xDA:  # a scan: entropy-coded bytes up to the next marker that is not stuffing or a restart
+            j = i
+            while True:
+                j = data.find(b"\xff", j)
+                if j < 0 or j + 1 >= n:
+                    return None
+                follower = data[j + 1]
+                if follower == 0x00 or 0xD0 <= follower <= 0xD7:
+                    j += 2
+                elif follower == 0xFF:
+                    j += 1
+                else:
+                    break
+            out.append(data[i:j])
+            i = j
+    return None  # no end-of-image marker
+
+
+def prepare_image(raw: bytes, spec: ReadSpec, flags: list[str] | None = None
+                  ) -> tuple[dict[str, Any] | None, str | None, dict[str, Any]]:
+    """Decode and validate one image. Returns (fields, None, {}) or (None, reason, detail). The output image
+    carries no metadata: a JPEG kept as it came loses its metadata segments losslessly (flag
+    ``metadata_stripped``), a re-encoded one is written without any."""
+    flags = [] if flags is None else flags
     if not raw:
         return None, "empty_file", {"bytes": 0}
     try:
@@ -63,6 +124,10 @@ def prepare_image(raw: bytes, spec: ReadSpec) -> tuple[dict[str, Any] | None, st
             width, height = img.size  # header only: checked before any pixel is decoded
             if width * height > spec.max_pixels:
                 return None, "too_many_pixels", {"width": width, "height": height, "max_pixels": spec.max_pixels}
+            ratio = max(width, height) / max(1, min(width, height))
+            if spec.max_aspect_ratio and ratio > spec.max_aspect_ratio:
+                return None, "extreme_aspect_ratio", {"width": width, "height": height, "ratio": round(ratio, 2),
+                                                      "max_aspect_ratio": spec.max_aspect_ratio}
             fmt = img.format
             img.load()
             # exif_transpose returns a copy even when there is nothing to do: only call it when needed.
@@ -86,9 +151,17 @@ def prepare_image(raw: bytes, spec: ReadSpec) -> tuple[dict[str, Any] | None, st
         img.thumbnail((spec.max_side, spec.max_side), Image.Resampling.BICUBIC)
         needs_encode = True
     data = raw
+    if not needs_encode:
+        stripped = strip_jpeg_metadata(raw)
+        if stripped is None:
+            needs_encode = True
+        elif stripped is not raw:
+            data = stripped
+            flags.append("metadata_stripped")
     if needs_encode:
         buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=spec.jpeg_quality)
+        # comment="": Pillow would otherwise carry a source JPEG's comment over (EXIF/XMP/ICC only when asked).
+        img.save(buf, format="JPEG", quality=spec.jpeg_quality, comment=b"")
         data = buf.getvalue()
     fields = {
         "image": data,
@@ -121,13 +194,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def read_shard(path: str, shard: str, input_spec: InputSpec, spec: ReadSpec,
                limit: int | None) -> Iterator[dict[str, Any]]:
-    errors: list[str] = []
+    report = ShardReport()
     count = 0
     started = time.perf_counter()
-    for sample in FORMATS[input_spec.format](path, input_spec, errors):
+    for sample in FORMATS[input_spec.format](path, input_spec, report):
         if limit is not None and count >= limit:
             break
-        flags: list[str] = []
+        flags: list[str] = list(sample.get("flags") or [])
         row = new_row(key=f"{shard}_{count:06d}", shard=shard, source_key=str(sample["source_key"])[:500])
         count += 1
         row["text"] = decode_text(sample.get("text"), spec.max_text_chars, flags)
@@ -138,7 +211,7 @@ def read_shard(path: str, shard: str, input_spec: InputSpec, spec: ReadSpec,
         if sample["problem"]:
             reject(row, NAME, sample["problem"], **(sample["problem_detail"] or {}))
         else:
-            fields, reason, detail = prepare_image(sample["image"], spec)
+            fields, reason, detail = prepare_image(sample["image"], spec, flags)
             if reason:
                 reject(row, NAME, reason, **detail)
             else:
@@ -147,8 +220,9 @@ def read_shard(path: str, shard: str, input_spec: InputSpec, spec: ReadSpec,
         add_timing(row, NAME, time.perf_counter() - started)  # includes reading the member from the shard
         yield row
         started = time.perf_counter()
+    detail = report.as_detail()  # shard errors and skipped entries: the writer puts them in the shard's stats
     yield new_row(key=f"{shard}__end", shard=shard, status=MARKER, shard_rows=count,
-                  reject_detail=json.dumps({"errors": errors}) if errors else None)
+                  reject_detail=json.dumps(detail) if detail else None)
 
 
 def read_shards(batch: pa.Table, input_spec: InputSpec, spec: ReadSpec, limit: int | None) -> Iterator[pa.Table]:

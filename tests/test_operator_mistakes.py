@@ -1,0 +1,151 @@
+"""Mistakes an operator makes: none destroys data m3t-gen did not write, none mislabels a run, each is one line
+and exit code 2 (no traceback). No model is loaded and Ray is not started: every refusal comes first."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from m3t_gen.backends.base import GenerationResult
+from m3t_gen.cli import main
+from m3t_gen.config import ConfigError, Sampling, load_config
+from m3t_gen.generation import generate_validated
+from m3t_gen.pipeline import OWNER_FILE, prepare_output, result_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = yaml.safe_load((ROOT / "pipelines" / "smoke.yaml").read_text())
+
+
+def _pipeline(tmp_path: Path, **changes) -> Path:
+    data = json.loads(json.dumps(SMOKE))
+    data["input"]["paths"] = [str(ROOT / "data" / "smoke" / "*.tar")]
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _one_line_exit_2(args: list[str], fragment: str) -> str:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output and len(err.splitlines()) == 1, err
+    assert fragment in err, err
+    return err
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_m3t_gen_did_not_write_is_never_touched(tmp_path, overwrite):
+    precious = tmp_path / "home"
+    (precious / "photos").mkdir(parents=True)
+    (precious / "photos" / "wedding.jpg").write_bytes(b"irreplaceable")
+    (precious / "thesis.tex").write_text("chapter 1")
+    before = sorted(p.relative_to(precious).as_posix() for p in precious.rglob("*"))
+    args = ["run", str(_pipeline(tmp_path)), "--output", str(precious)] + (["--overwrite"] if overwrite else [])
+    _one_line_exit_2(args, "m3t-gen did not write")
+    assert sorted(p.relative_to(precious).as_posix() for p in precious.rglob("*")) == before
+    assert (precious / "photos" / "wedding.jpg").read_bytes() == b"irreplaceable"
+
+
+def test_overwrite_removes_only_what_m3t_gen_writes(tmp_path):
+    cfg = load_config(_pipeline(tmp_path))
+    out = tmp_path / "out"
+    prepare_output(out, cfg, overwrite=False)
+    assert json.loads((out / OWNER_FILE).read_text())["config_hash"] == result_hash(cfg)
+    for sub in ("shards", "stats", "triplets"):
+        (out / sub).mkdir()
+        (out / sub / "x").write_text("old")
+    (out / "manifest.json").write_text("{}")
+    (out / "my-notes.md").write_text("mine")
+    (out / "analysis").mkdir()
+    prepare_output(out, cfg, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [OWNER_FILE, "analysis", "my-notes.md"]
+
+
+def test_config_change_after_stats_before_manifest_is_refused(tmp_path):
+    """A run killed after some shard stats and before its manifest: the owner file and the stats still say which
+    config made the data, so a resume with another config is refused, naming the change."""
+    cfg = load_config(_pipeline(tmp_path))
+    out = tmp_path / "out"
+    prepare_output(out, cfg, overwrite=False)
+    (out / "stats").mkdir()
+    (out / "stats" / "smoke-000000.json").write_text(json.dumps({"shard": "smoke-000000",
+                                                                 "config_hash": result_hash(cfg)}))
+    other = load_config(_pipeline(tmp_path), ["seed=7"])
+    with pytest.raises(ConfigError, match=r"different config \(seed: 0 -> 7\) according to \.m3t-gen"):
+        prepare_output(out, other, overwrite=False)
+    (out / OWNER_FILE).unlink()  # even without the owner file, the shard stats know
+    with pytest.raises(ConfigError, match=r"according to stats/smoke-000000.json"):
+        prepare_output(out, other, overwrite=False)
+    prepare_output(out, cfg, overwrite=False)  # the same config resumes
+
+
+def test_output_that_is_a_file_or_cannot_be_written(tmp_path):
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
+    pipeline = str(_pipeline(tmp_path))
+    _one_line_exit_2(["run", pipeline, "--output", str(a_file)], "is a file, not a folder")
+    _one_line_exit_2(["run", pipeline, "--output", str(a_file / "sub")], "cannot write there")
+    _one_line_exit_2(["run", pipeline, "--output", "/proc/m3t-gen-out"], "cannot write there")
+    assert a_file.read_text() == "not a folder"
+
+
+def test_pipeline_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    for command in ("validate", "run"):
+        _one_line_exit_2([command, str(path)], "not UTF-8 text (byte 0xe9 at offset 9)")
+
+
+@pytest.mark.parametrize("source,fragment", [
+    ("{% if sample.width > 9000 %}{{ colour }}{% endif %}Describe.", "uses colour, which the stage does not provide"),
+    ("Describe.{% if sample.text %} Alt: {{ sample.alt }}{% endif %}", "line 1: sample.alt does not exist"),
+    ("{% for t in turns %}{% if loop.last %}{{ t.kind }}{% endif %}{% endfor %}{{ caption }}", "line 1: t.kind does not exist"),
+])
+def test_validate_checks_every_branch_of_a_template(tmp_path, source, fragment):
+    where = "dialogue" if "turns" in source else "caption"
+    (tmp_path / "branchy.j2").write_text(source)
+    _one_line_exit_2(["validate", str(_pipeline(tmp_path, **{f"{where}__template": "branchy.j2"}))],
+                     f"{where}.template: template branchy.j2: " + fragment)
+
+
+def test_template_that_still_fails_on_a_row_rejects_that_row_only():
+    """What no static check sees (an index past the end of this row's text) is that row's rejection."""
+    from m3t_gen.rows import new_row
+    from m3t_gen.templates import PromptTemplate
+
+    template = PromptTemplate("t.j2", "t.j2", "Describe. {% if sample.width > 1000 %}{{ sample.text[500] }}{% endif %}")
+
+    class Echo:  # stands in for an engine: the code around it is what is under test
+        def generate(self, requests):
+            return [GenerationResult(text="a caption", finish_reason="stop", output_tokens=2) for _ in requests]
+
+    rows = [new_row(key=f"k{i}", width=w, text="short") for i, w in enumerate((640, 4000, 800))]
+    done = generate_validated(Echo(), rows, stage="caption", run_seed=0, sampling=Sampling(), max_attempts=2,
+                              build_messages=lambda r: [{"role": "user", "content": template.render(sample=r)}],
+                              parse=lambda row, result: (result.text, None))
+    assert [r["key"] for r, _, _ in done] == ["k0", "k2"]
+    assert rows[1]["status"] == "rejected" and rows[1]["reject_reason"] == "template_error"
+    assert "template t.j2" in json.loads(rows[1]["reject_detail"])["detail"]
+
+
+def test_templates_and_schemas_stay_inside_the_allowed_folders(tmp_path):
+    _one_line_exit_2(["validate", str(_pipeline(tmp_path, caption__template="/etc/passwd"))],
+                     "caption.template: '/etc/passwd' is /etc/passwd, outside the pipeline's folder")
+    _one_line_exit_2(["validate", str(_pipeline(tmp_path, dialogue__schema="/etc/hostname"))],
+                     "dialogue.schema: '/etc/hostname' is /etc/hostname, outside")
+    shared = tmp_path.parent / f"{tmp_path.name}-shared-prompts"
+    shared.mkdir()
+    (shared / "caption.j2").write_text("Describe the image {{ sample.key }} objectively.")
+    (tmp_path / "sneaky.j2").symlink_to(shared / "caption.j2")  # a link in the folder does not widen it
+    _one_line_exit_2(["validate", str(_pipeline(tmp_path, caption__template="sneaky.j2"))], "outside")
+    ok = CliRunner().invoke(main, ["validate", str(_pipeline(tmp_path, caption__template=str(shared / "caption.j2"),
+                                                             file_roots=[str(shared)]))])
+    assert ok.exit_code == 0, ok.output
