@@ -75,6 +75,7 @@ h3 { font-size: 15px; margin: 16px 0 6px; }
     {% if s.rejection %}<div class="reason">rejected at {{ s.rejection.stage }}: {{ s.rejection.reason }}{% if s.rejection.detail %} <span class="detail">{{ s.rejection.detail }}</span>{% endif %}</div>{% endif %}
     <div class="caption">{{ s.caption }}</div>
     {% if s.alt %}<div class="alt">alt-text: {{ s.alt }}</div>{% endif %}
+    {% if s.flags %}<div class="small">repaired on reading: {{ s.flags | join(", ") }}</div>{% endif %}
     <div class="scores">{% for label, value in s.scores %}<span>{{ label }} <b>{{ value }}</b></span>{% endfor %}</div>
     <table class="turns">
       <colgroup><col class="type"><col><col><col class="num"><col class="num"><col class="num"><col></colgroup>
@@ -183,7 +184,7 @@ def _view(key: str, image: bytes | None, sample: dict[str, Any]) -> dict[str, An
         "key": key, "thumb": _thumb(image), "width": img.get("width"), "height": img.get("height"),
         "url": src.get("url"), "alt": src.get("text"), "caption": sample.get("caption"),
         "scores": [(label, _num(scores[k])) for k, label in labels if scores.get(k) is not None],
-        "rejection": rejection,
+        "rejection": rejection, "flags": sample.get("flags") or [],
         "turns": [{"type": t.get("type"), "query": t.get("query"), "target": t.get("target"),
                    "score": _num(t.get("score")), "rank": _num(t.get("rank")), "prob": _num(t.get("prob"), 3),
                    "reason": t.get("reason", "") if t["dropped"] else "", "dropped": t["dropped"]}
@@ -246,6 +247,9 @@ def render_html(out_dir: Path, n: int = 24) -> str:
     totals = manifest.get("totals") or {}
     counts = [(k, totals[k]) for k in ("read", "kept", "rejected") if k in totals]
     counts += [(reason, count) for reason, count in sorted((totals.get("reasons") or {}).items())]
+    counts += [(f"repaired: {flag}", count) for flag, count in sorted((totals.get("repairs") or {}).items())]
+    counts += [(f"shard error: {shard}", "; ".join(messages))
+               for shard, messages in sorted((totals.get("shard_errors") or {}).items())]
     has_filtered = (out_dir / "filtered").is_dir() and any((out_dir / "filtered").glob("*.tar"))
     has_triplets = bool(triplet_files(out_dir)) or "cir" in manifest
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,

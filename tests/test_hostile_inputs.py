@@ -354,3 +354,98 @@ def test_aspect_ratio_is_bounded_before_decoding(size, expected):
     assert (reason or "ok") == expected
     if reason:
         assert detail["max_aspect_ratio"] == 20.0 and detail["ratio"] > 20
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def _smoke_photos(n: int) -> list[bytes]:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "data" / "smoke"
+    photos = []
+    with tarfile.open(sorted(root.glob("*.tar"))[0]) as tar:
+        for info in tar:
+            if info.name.endswith(".jpg") and len(photos) < n:
+                photos.append(tar.extractfile(info).read())
+    return photos
+
+
+@pytest.mark.slow
+def test_hostile_shards_through_a_run_every_entry_accounted_and_visible(tmp_path):
+    """`m3t-gen run` over tars with links, pipes, folders, nameless members, repairs, a cut member and a file
+    that is no tar: read = kept + rejected in the manifest, every repair and shard error in the summary, the
+    manifest, the card and the sample's own JSON."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import webdataset as wds
+    import yaml
+
+    photos = _smoke_photos(4)
+    exif = Image.Exif()
+    exif[0x010F] = "CameraMaker"
+    exif[0x8825] = {2: (51.0, 30.0, 0.0)}
+    with_exif = photos[0][:2] + b"\xff\xe1" + (len(b"Exif\0\0" + exif.tobytes()) + 2).to_bytes(2, "big") + \
+        b"Exif\0\0" + exif.tobytes() + photos[0][2:]
+    shards = tmp_path / "in"
+    shards.mkdir()
+    (shards / "hostile-000000.tar").write_bytes(_tar([
+        _member("p0.jpg", with_exif), _member("p0.txt", "café".encode("latin-1")),
+        _member("p1.jpg", photos[1]), _member("p1.json", b"{broken"),
+        _member("dir", type=tarfile.DIRTYPE),
+        _member("link.jpg", type=tarfile.SYMTYPE, linkname="/etc/shadow"),
+        _member("pipe.jpg", type=tarfile.FIFOTYPE),
+        _member("strip.jpg", _jpeg(Image.new("RGB", (3000, 60), (20, 80, 200)))),
+        _member("noext", photos[2]),
+    ]))
+    cut = _tar([_member("q0.jpg", photos[2]), _member("q1.jpg", photos[3])])
+    (shards / "cut-000000.tar").write_bytes(cut[: 512 * 2 + len(photos[2]) + (-len(photos[2])) % 512 + 900])
+    (shards / "fake-000000.tar").write_bytes(b"<html>this download failed</html>")
+    expected_read = 6 + 2 + 0  # p0 p1 link pipe strip noext; q0 q1; no sample in a file that is no tar
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipelines" / "smoke.yaml").read_text())
+    data.update(recipe="m3t")
+    data.pop("cir")
+    data["input"]["paths"] = [str(shards / "*.tar")]
+    data["caption"]["model"] = {"backend": "transformers", "model": "tiny:vlm"}
+    data["dialogue"]["model"] = {"backend": "transformers", "model": "tiny:lm"}
+    data["dialogue"]["sampling"]["max_tokens"] = 400
+    data["filter"] = {"min_turn_score": -1.0, "min_turns": 1}
+    pipeline = tmp_path / "hostile.yaml"
+    pipeline.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    cli = [sys.executable, "-m", "m3t_gen.cli"]
+    proc = subprocess.run(cli + ["run", str(pipeline), "--output", str(out)], capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    t = manifest["totals"]
+    assert t["read"] == expected_read == t["kept"] + t["rejected"]
+    for reason in ("read:not_a_regular_file", "read:extreme_aspect_ratio", "read:unsupported_file",
+                   "read:damaged_member"):
+        assert t["reasons"].get(reason), (reason, t["reasons"])
+    assert t["reasons"]["read:not_a_regular_file"] == 2
+    assert {"text_not_utf8", "json_invalid", "metadata_stripped"} <= set(t["repairs"])
+    assert t["skipped_entries"] == {"tar folder member": 1}
+    assert set(t["shard_errors"]) == {"cut-000000", "fake-000000"}
+    for line in ("repaired", "text_not_utf8", "shard errors in 2 input shard(s)", "fake-000000: damaged tar"):
+        assert line in proc.stdout, (line, proc.stdout)
+
+    samples = {}
+    for sub in ("shards", "filtered"):
+        tars = sorted(str(p) for p in (out / sub).glob("*.tar"))
+        for s in (wds.WebDataset(tars, shardshuffle=False) if tars else []):
+            meta = json.loads(s["json"])
+            samples[meta["source"]["key"]] = (meta, s["jpg"])
+    assert samples["p0"][0]["flags"] == ["text_not_utf8", "metadata_stripped"]
+    assert not Image.open(io.BytesIO(samples["p0"][1])).getexif()  # no camera or GPS data in the output
+    assert samples["p1"][0]["flags"] == ["json_invalid"]
+
+    card = subprocess.run(cli + ["card", str(out)], capture_output=True, text=True, timeout=300)
+    assert card.returncode == 0, card.stderr[-2000:]
+    from m3t_gen.card import md
+
+    text = (out / "README.md").read_text()
+    assert f"| {md('text_not_utf8')} | 1 |" in text and f"| {md('fake-000000')} | damaged tar" in text
