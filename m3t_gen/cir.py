@@ -10,11 +10,13 @@ For every part: pairs = kept triplets + rejected triplets.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -22,12 +24,12 @@ import pyarrow.parquet as pq
 
 from m3t_gen import __version__
 from m3t_gen.pairing import mine_pairs
-from m3t_gen.rows import OK, PAIR_SCHEMA, REJECTED, usage_fields
+from m3t_gen.rows import OK, PAIR_SCHEMA, REJECTED, usage_fields, worker_counts
 from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.modify import ModifyStage
 from m3t_gen.stages.triplet_filter import TripletFilterStage
 from m3t_gen.stages.triplet_reward import TripletRewardStage
-from m3t_gen.writer import atomic_write_bytes
+from m3t_gen.store import Store
 
 CIR_STAGES = [ModifyStage, TripletRewardStage, TripletFilterStage]
 TRIPLET_REJECT_SCHEMA = pa.schema([
@@ -36,38 +38,92 @@ TRIPLET_REJECT_SCHEMA = pa.schema([
 ])
 
 
-def load_pool(out: Path, shards: list[str]) -> pa.Table:
+def load_pool(store: Store, shards: list[str]) -> pa.Table:
     from m3t_gen.writer import POOL_SCHEMA
 
-    tables = [pq.read_table(out / "pool" / f"{s}.parquet") for s in sorted(shards)]
+    tables = [pq.read_table(io.BytesIO(store.read_bytes(f"pool/{s}.parquet"))) for s in sorted(shards)]
     return pa.concat_tables(tables) if tables else POOL_SCHEMA.empty_table()
 
 
-def pair_rows(pool: pa.Table, ctx: RunContext) -> list[dict[str, Any]]:
-    keys = pool.column("key").to_pylist() if pool.num_rows else []
-    if len(keys) < 2:
-        return []
-    captions = pool.column("caption").to_pylist()
+def embedding_matrix(pool: pa.Table, column: str) -> np.ndarray:
+    """[N, d] float32 from a column of float32 bytes, read straight from the Arrow buffers (no per-row objects;
+    chunk by chunk, as a binary column over 2 GB cannot be one chunk)."""
+    blocks = []
+    for chunk in pool.column(column).chunks:
+        if len(chunk) == 0:
+            continue
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset: chunk.offset + len(chunk) + 1]
+        widths = np.diff(offsets)
+        if chunk.null_count or not np.all(widths == widths[0]) or widths[0] % 4:
+            raise ValueError(f"pool column {column}: embeddings of unequal size or missing")
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        blocks.append(data.view(np.float32).reshape(len(chunk), widths[0] // 4))
+    return np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32)
+
+
+def pool_fingerprint(pool: pa.Table, image_embs: np.ndarray, cfg: Any) -> str:
+    """What the pairs are mined from and how they are cut into parts: the pool's keys, captions and image
+    embeddings, the pairing settings, the seed and the part size. A part written under another fingerprint is
+    never resumed (the pool grew, a shard was redone, or the pairing changed)."""
+    h = hashlib.sha256()
+    for column in ("key", "caption"):
+        h.update("\x00".join(str(v) for v in pool.column(column).to_pylist()).encode())
+        h.update(b"\x01")
+    h.update(np.ascontiguousarray(image_embs).tobytes())
+    spec = {"pairing": cfg.cir.pairing.model_dump(mode="json"), "seed": cfg.seed,
+            "triplets_per_file": cfg.cir.triplets_per_file}
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def pair_parts(pool: pa.Table, image_embs: np.ndarray, ctx: RunContext) -> tuple[dict[str, pa.Table], int]:
+    """Mined pairs as one small table per part (the resume unit and the unit of work an actor takes): keys,
+    captions, where the two images sit in the pool tars, similarity and rank, and the rows of the embedding
+    bank. Nothing per pair holds an embedding."""
+    n = pool.num_rows
+    if n < 2:
+        return {}, 0
+    keys = pool.column("key").to_pylist()
+    pairs = mine_pairs(image_embs, keys, ctx.config.cir.pairing, ctx.config.seed)
+    ref = np.fromiter((p.ref for p in pairs), dtype=np.int64, count=len(pairs))
+    tgt = np.fromiter((p.tgt for p in pairs), dtype=np.int64, count=len(pairs))
+    sim = np.fromiter((p.similarity for p in pairs), dtype=np.float64, count=len(pairs))
+    rank = np.fromiter((p.rank for p in pairs), dtype=np.int32, count=len(pairs))
+    del pairs
     out_dir = ctx.config.output.dir
-    locs = [f"{out_dir}/pool/{t}:{o}:{n}" for t, o, n in zip(pool.column("tar").to_pylist(),
-                                                            pool.column("offset").to_pylist(),
-                                                            pool.column("size").to_pylist())]
-    img = [np.frombuffer(b, dtype=np.float32) for b in pool.column("image_emb").to_pylist()]
-    cap = pool.column("caption_emb").to_pylist()
-    pairs = mine_pairs(np.stack(img), keys, ctx.config.cir.pairing, ctx.config.seed)
+    locs = pa.array([f"{out_dir}/pool/{t}:{o}:{s}" for t, o, s in zip(
+        pool.column("tar").to_pylist(), pool.column("offset").to_pylist(), pool.column("size").to_pylist())])
+    key_col, cap_col = pool.column("key").combine_chunks(), pool.column("caption").combine_chunks()
     per_part = ctx.config.cir.triplets_per_file
-    rows = []
-    for n, p in enumerate(pairs):
-        rows.append({
-            "key": f"{keys[p.ref]}__{keys[p.tgt]}", "shard": f"part-{n // per_part:05d}",
-            "ref_key": keys[p.ref], "tgt_key": keys[p.tgt], "ref_caption": captions[p.ref],
-            "tgt_caption": captions[p.tgt], "similarity": p.similarity, "rank": p.rank,
-            "ref_image": locs[p.ref], "tgt_image": locs[p.tgt],
-            "ref_emb": img[p.ref].tobytes(), "tgt_emb": img[p.tgt].tobytes(),
-            "ref_caption_emb": cap[p.ref], "tgt_caption_emb": cap[p.tgt],
-            "status": OK, "timings": "{}",
-        })
-    return rows
+    parts: dict[str, pa.Table] = {}
+    for number, start in enumerate(range(0, len(ref), per_part)):
+        r, t = ref[start:start + per_part], tgt[start:start + per_part]
+        ref_keys, tgt_keys = key_col.take(r), key_col.take(t)
+        name = f"part-{number:05d}"
+        columns = {
+            "key": pa.array([f"{a}__{b}" for a, b in zip(ref_keys.to_pylist(), tgt_keys.to_pylist())]),
+            "shard": pa.array([name] * len(r)), "ref_key": ref_keys, "tgt_key": tgt_keys,
+            "ref_caption": cap_col.take(r), "tgt_caption": cap_col.take(t),
+            "ref_image": locs.take(r), "tgt_image": locs.take(t),
+            "similarity": pa.array(sim[start:start + per_part]), "rank": pa.array(rank[start:start + per_part]),
+            "ref_index": pa.array(r), "tgt_index": pa.array(t),
+            "status": pa.array([OK] * len(r)), "timings": pa.array(["{}"] * len(r)),
+        }
+        parts[name] = pa.table({f.name: columns[f.name].cast(f.type) if f.name in columns
+                                else pa.nulls(len(r), f.type) for f in PAIR_SCHEMA}, schema=PAIR_SCHEMA)
+    return parts, len(ref)
+
+
+def read_pair_parts(batch: pa.Table) -> Iterator[pa.Table]:
+    """Ray Data UDF: part files in, their pairs out; one block per part, so K actors share the parts."""
+    for path in batch.column("path").to_pylist():
+        if "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb") as fh:
+                yield pq.read_table(io.BytesIO(fh.read()), schema=PAIR_SCHEMA)
+        else:
+            yield pq.read_table(path, schema=PAIR_SCHEMA)
 
 
 def triplet_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
@@ -94,16 +150,16 @@ def triplet_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 class TripletWriter:
     """Per part: JSONL of kept triplets, parquet of rejected ones, stats last (the completion marker)."""
 
-    def __init__(self, out: Path, ctx: RunContext, expected: dict[str, int]) -> None:
-        self.out, self.ctx, self.expected = out, ctx, expected
+    def __init__(self, store: Store, ctx: RunContext, expected: dict[str, int], fingerprint: str) -> None:
+        self.store, self.ctx, self.expected, self.fingerprint = store, ctx, expected, fingerprint
         self.parts: dict[str, dict[str, list]] = {}
-        for sub in ("triplets", "triplet_shards", "triplet_rejects", "triplet_stats"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
+        store.makedirs(*CIR_OUTPUTS)
 
     def consume(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             part = self.parts.setdefault(row["shard"], {"kept": [], "rejected": [], "seconds": Counter(),
-                                                        "tokens": Counter()})
+                                                        "tokens": Counter(), "workers": []})
+            part["workers"].append({"workers": row["workers"]})
             for stage, seconds in json.loads(row["timings"] or "{}").items():
                 part["seconds"][stage] += seconds
             part["tokens"].update(json.loads(row["tokens"] or "{}"))
@@ -119,62 +175,107 @@ class TripletWriter:
     def _write_tar(self, name: str, kept: list[str]) -> None:
         """The same triplets as WebDataset members (``<id>.json``): the format of the M3T shards, so that one
         dataset card can give both as configs (``datasets`` infers one builder per folder)."""
-        import os
-
         import webdataset as wds
 
-        path = self.out / "triplet_shards" / f"{name}.tar"
-        tmp = path.with_name(path.name + ".tmp")
-        with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
+        rel = f"triplet_shards/{name}.tar"
+        with wds.TarWriter(str(self.store.staging(rel)), encoder=False, mtime=0) as sink:
             for line in kept:
                 sink.write({"__key__": json.loads(line)["id"], "json": line.encode()})
-        os.replace(tmp, path)
+        self.store.commit(rel)
 
     def _finish(self, name: str, part: dict[str, list]) -> None:
         kept = sorted(part["kept"])
-        atomic_write_bytes(self.out / "triplets" / f"{name}.jsonl", ("\n".join(kept) + "\n" if kept else "").encode())
+        self.store.write_bytes(f"triplets/{name}.jsonl", ("\n".join(kept) + "\n" if kept else "").encode())
         self._write_tar(name, kept)
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(part["rejected"], schema=TRIPLET_REJECT_SCHEMA), buf)
-        atomic_write_bytes(self.out / "triplet_rejects" / f"{name}.parquet", buf.getvalue())
+        self.store.write_bytes(f"triplet_rejects/{name}.parquet", buf.getvalue())
         reasons = Counter(f"{r['stage']}:{r['reason']}" for r in part["rejected"])
         stats = {"part": name, "pairs": self.expected[name], "kept": len(kept), "rejected": len(part["rejected"]),
                  "reasons": dict(sorted(reasons.items())),
                  # Actor seconds and generated tokens per stage (retries included): `m3t-gen plan --from-run`.
                  "stage_seconds": {k: round(v, 4) for k, v in sorted(part["seconds"].items())},
-                 "stage_tokens": dict(sorted(part["tokens"].items()))}
+                 "stage_tokens": dict(sorted(part["tokens"].items())),
+                 "rows_per_worker": worker_counts(part["workers"]), "pool_fingerprint": self.fingerprint,
+                 "config_hash": self.ctx.config_hash}
         assert stats["pairs"] == stats["kept"] + stats["rejected"], stats
-        atomic_write_bytes(self.out / "triplet_stats" / f"{name}.json", json.dumps(stats, indent=1).encode())
+        self.store.write_bytes(f"triplet_stats/{name}.json", json.dumps(stats, indent=1).encode())  # marker, last
         del self.parts[name]
 
 
-def run_cir(cfg: Any, ctx: RunContext, out: Path, shards: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+CIR_OUTPUTS = ("pairs", "triplets", "triplet_shards", "triplet_rejects", "triplet_stats")
+
+
+def _drop_stale_parts(store: Store, fingerprint: str, log: Callable[[str], None]) -> None:
+    """Parts mined from another pool cannot be resumed or mixed with new ones: the pass is redone whole."""
+    stale = set()
+    for rel in store.files("triplet_stats", ".json"):
+        try:
+            recorded = json.loads(store.read_text(rel)).get("pool_fingerprint")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != fingerprint:
+            stale.add(recorded)
+    if not stale:
+        return
+    log(f"m3t-gen cir: the image pool or the pairing changed since the CIR parts were written (fingerprint "
+        f"{', '.join(sorted(str(s) for s in stale))} -> {fingerprint}): the CIR pass is redone")
+    for sub in ("triplet_stats",) + CIR_OUTPUTS:  # the markers first: a crash halfway leaves nothing resumable
+        store.remove(sub)
+
+
+def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
+            log: Callable[[str], None]) -> dict[str, Any]:
+    import ray
     import ray.data
 
     from m3t_gen.pipeline import apply_stages, init_ray
 
-    pool = load_pool(out, shards)
-    rows = pair_rows(pool, ctx)
-    expected = Counter(r["shard"] for r in rows)
-    todo = [r for r in rows if not (out / "triplet_stats" / f"{r['shard']}.json").exists()]
-    log(f"m3t-gen cir: pool {pool.num_rows} images, {len(rows)} pairs in {len(expected)} part(s), "
-        f"{len(todo)} pairs to run")
-    writer = TripletWriter(out, ctx, dict(expected))
+    store = out if isinstance(out, Store) else Store(out)
+    pool = load_pool(store, shards)
+    image_embs = embedding_matrix(pool, "image_emb")
+    fingerprint = pool_fingerprint(pool, image_embs, cfg)
+    _drop_stale_parts(store, fingerprint, log)
+    parts, n_pairs = pair_parts(pool, image_embs, ctx)
+    expected = {name: table.num_rows for name, table in parts.items()}
+    done = set(store.files("triplet_stats", ".json"))
+    todo = [name for name in parts if f"triplet_stats/{name}.json" not in done]
+    log(f"m3t-gen cir: pool {pool.num_rows} images, {n_pairs} pairs in {len(parts)} part(s), "
+        f"{sum(expected[p] for p in todo)} pairs in {len(todo)} part(s) to run (pool {fingerprint})")
+    writer = TripletWriter(store, ctx, expected, fingerprint)
     if todo:
+        files = []
+        for old in store.files("pairs", ".parquet"):
+            if old[len("pairs/"):-len(".parquet")] not in parts:
+                store.remove(old)  # a part of an earlier, interrupted mining that this pool does not have
+        for name in todo:  # written, then read back by the actors' tasks: the driver holds no pair rows
+            buf = io.BytesIO()
+            pq.write_table(parts.pop(name), buf)
+            store.write_bytes(f"pairs/{name}.parquet", buf.getvalue())
+            files.append(store.url(f"pairs/{name}.parquet"))
+        parts.clear()
         init_ray(cfg)
-        ds = ray.data.from_arrow(pa.Table.from_pylist(todo, schema=PAIR_SCHEMA))
-        ds = apply_stages(ds, CIR_STAGES, cfg, ctx)
+        bank = ray.put({"image": image_embs, "caption": embedding_matrix(pool, "caption_emb")})
+        del pool
+        run_ctx = dataclasses.replace(ctx, shared={**ctx.shared, "pool_embeddings": bank})
+        ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+        ds = ds.map_batches(read_pair_parts, batch_size=1, batch_format="pyarrow", num_cpus=cfg.read.num_cpus)
+        ds = apply_stages(ds, CIR_STAGES, cfg, run_ctx)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.consume(batch.to_pylist())
     if writer.parts:
         raise RuntimeError(f"CIR parts never completed: {sorted(writer.parts)}")
-    stats = [json.loads((out / "triplet_stats" / f"{p}.json").read_text()) for p in sorted(expected)]
+    stats = [json.loads(store.read_text(f"triplet_stats/{p}.json")) for p in sorted(expected)]
     reasons: Counter = Counter()
+    workers: dict[str, Counter] = {}
     for s in stats:
         reasons.update(s["reasons"])
-    return {"pool": pool.num_rows, "pairs": len(rows), "kept": sum(s["kept"] for s in stats),
-            "rejected": sum(s["rejected"] for s in stats), "reasons": dict(reasons),
-            "stages": stage_table(stats, len(rows))}
+        for stage, counts in s.get("rows_per_worker", {}).items():
+            workers.setdefault(stage, Counter()).update(counts)
+    return {"pool": len(image_embs), "pairs": n_pairs, "pool_fingerprint": fingerprint,
+            "kept": sum(s["kept"] for s in stats), "rejected": sum(s["rejected"] for s in stats),
+            "reasons": dict(reasons), "stages": stage_table(stats, n_pairs),
+            "rows_per_worker": {stage: dict(sorted(c.items())) for stage, c in workers.items()}}
 
 
 def stage_table(stats: list[dict[str, Any]], pairs: int) -> list[dict[str, Any]]:

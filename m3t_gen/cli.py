@@ -45,14 +45,14 @@ def run(pipeline: str, inputs: tuple[str, ...], output: str | None, limit: int |
     if inputs:
         extra.append("input.paths=[" + ", ".join(repr(os.path.abspath(p)) for p in inputs) + "]")
     if output:
-        extra.append(f"output.dir={os.path.abspath(output)!r}")
+        extra.append(f"output.dir={output if '://' in output else os.path.abspath(output)!r}")
     if limit is not None:
         extra.append(f"limit={limit}")
     cfg = _load(pipeline, sets, extra)
     try:
         validate_config(cfg)
-        manifest = run_pipeline(cfg, Path(cfg.output.dir).expanduser(), overwrite=overwrite,
-                                log=lambda m: click.echo(m, err=True))
+        out = cfg.output.dir if "://" in cfg.output.dir else Path(cfg.output.dir).expanduser()
+        manifest = run_pipeline(cfg, out, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
     except ConfigError as e:
         _fail(str(e))
     click.echo(format_summary(manifest))
@@ -77,17 +77,23 @@ def validate(pipeline: str, sets: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("output", type=click.Path(file_okay=False, exists=True))
+@click.argument("output")
 @click.option("--set", "sets", multiple=True, metavar="filter.KEY=VALUE", required=True,
               help="New threshold, e.g. filter.min_turn_score=0.25 (repeatable).")
 def refilter(output: str, sets: tuple[str, ...]) -> None:
-    """Re-apply new filter thresholds to a finished run OUTPUT without re-scoring."""
+    """Re-apply new filter thresholds to a finished run OUTPUT (a folder or a URL) without re-scoring."""
     from m3t_gen.pipeline import format_summary
     from m3t_gen.refilter import refilter as do_refilter
+    from m3t_gen.refilter import refilter_remote
 
     try:
-        manifest = do_refilter(Path(output), list(sets))
-    except ConfigError as e:
+        if "://" in output:
+            manifest = refilter_remote(output, list(sets))
+        elif not Path(output).is_dir():
+            raise ConfigError(f"{output}: no such folder")
+        else:
+            manifest = do_refilter(Path(output), list(sets))
+    except (ConfigError, FileNotFoundError) as e:
         _fail(str(e))
     manifest.setdefault("wall_seconds", 0)
     click.echo(format_summary(manifest))
@@ -97,7 +103,7 @@ from m3t_gen.export import EXPORTERS as _EXPORTERS  # noqa: E402  (stdlib-only m
 
 
 @main.command("export")
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 @click.option("--format", "fmt", required=True, type=click.Choice(sorted(_EXPORTERS)),
               help="muco: MuCo's trainer (pretrain/ + finetune/ meta folders, images/); cirr / fashioniq: the "
                    "CIRR / FashionIQ layouts CLIP4Cir and SPRC read; mtcir: CIR triplets as JSONL.")
@@ -112,8 +118,11 @@ def export_cmd(output: str, fmt: str, to: str, image_ext: str, category: str, sp
     """Export the finished run OUTPUT in a trainer's format."""
     from m3t_gen.export import ExportOptions, RunOutputError, export
 
+    from m3t_gen.store import local_copy
+
     try:
-        result = export(Path(output), fmt, Path(to), ExportOptions(image_ext=image_ext, category=category, split=split))
+        with local_copy(output) as run_dir:
+            result = export(run_dir, fmt, Path(to), ExportOptions(image_ext=image_ext, category=category, split=split))
     except (RunOutputError, OSError) as e:
         _fail(str(e))
     for path, rows in result["written"].items():
@@ -124,21 +133,26 @@ def export_cmd(output: str, fmt: str, to: str, image_ext: str, category: str, sp
 
 
 @main.command("card")
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 def card_cmd(output: str) -> None:
     """Write OUTPUT/README.md, a Hugging Face dataset card with plots and examples under OUTPUT/card/."""
     from m3t_gen.card import write_card
     from m3t_gen.export import RunOutputError
+    from m3t_gen.store import local_copy, upload_tree
 
     try:
-        path = write_card(Path(output))
+        with local_copy(output) as run_dir:
+            path = write_card(run_dir)
+            if "://" in output:
+                upload_tree(run_dir, output, ["card", "README.md"])
+                path = f"{output.rstrip('/')}/README.md"
     except (RunOutputError, OSError) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")
 
 
 @main.command("inspect")
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 @click.option("--html", "html_path", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=24, show_default=True, help="Samples to show.")
 def inspect_cmd(output: str, html_path: str, n: int) -> None:
@@ -146,8 +160,11 @@ def inspect_cmd(output: str, html_path: str, n: int) -> None:
     from m3t_gen.export import RunOutputError
     from m3t_gen.inspect_html import write_html
 
+    from m3t_gen.store import local_copy
+
     try:
-        path = write_html(Path(output), Path(html_path), n)
+        with local_copy(output) as run_dir:
+            path = write_html(run_dir, Path(html_path), n)
     except (RunOutputError, OSError) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")

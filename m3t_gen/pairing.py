@@ -2,8 +2,11 @@
 rank window (SPN4CIR: not the nearest, whose near-duplicates make useless triplets), drawn reproducibly.
 
 Cost: an exact inner-product index (FAISS IndexFlatIP) holds N x d float32: 4*N*d bytes (1M images x 768 dims
-= 3 GB) and a search costs O(N^2 d). Set ``bucket_size`` at scale: pairs are then mined within consecutive
-buckets of that many images (memory 4*B*d, time O(N*B*d)), trading some partner quality for linear cost.
+= 3 GB) and a search costs O(N^2 d). At scale choose ``index: ivf`` (inverted lists: each query scans nprobe of
+nlist clusters, ~N*nprobe/nlist vectors) or ``index: hnsw`` (a neighbour graph; more memory, fastest search), or
+``bucket_size`` (exact within consecutive buckets of B images: time O(N*B*d), partners only inside a bucket).
+Measured time, memory and recall against exact search: bench/pair_mining.py, docs/BENCHMARKS.md. Ranks are
+positions among the neighbours the index returns (approximate for ivf/hnsw); band and window apply to them.
 """
 
 from __future__ import annotations
@@ -35,18 +38,49 @@ def mine_pairs(embs: np.ndarray, keys: list[str], spec: PairingSpec, run_seed: i
     return sorted(pairs, key=lambda p: (keys[p.ref], p.rank))
 
 
-def _mine_bucket(embs: np.ndarray, keys: list[str], global_idx: np.ndarray, spec: PairingSpec,
-                 run_seed: int) -> list[Pair]:
+SEARCH_BATCH = 65536  # queries per search call: bounds the distance buffers FAISS allocates
+
+
+def build_index(data: np.ndarray, spec: PairingSpec, run_seed: int):
+    """A FAISS inner-product index over ``data`` ([N, d] float32, L2-normalised: inner product = cosine)."""
     import faiss
 
+    n, d = data.shape
+    if spec.index == "hnsw":
+        index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = max(spec.ef_search, spec.max_rank + 1)
+    elif spec.index == "ivf" and n >= 2 * 39:
+        nlist = spec.nlist or int(4 * np.sqrt(n))
+        nlist = max(1, min(nlist, n // 39))  # FAISS wants >= 39 training points per cluster
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(derive_seed(run_seed, "pair-index", str(n)))
+        train = data[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+        index.train(train)
+        index.nprobe = min(spec.nprobe, nlist)
+    else:
+        index = faiss.IndexFlatIP(d)
+    index.add(data)
+    return index
+
+
+def neighbours(data: np.ndarray, k: int, spec: PairingSpec, run_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    index = build_index(data, spec, run_seed)
+    sims = np.empty((len(data), k), dtype=np.float32)
+    nbrs = np.empty((len(data), k), dtype=np.int64)
+    for start in range(0, len(data), SEARCH_BATCH):
+        sims[start:start + SEARCH_BATCH], nbrs[start:start + SEARCH_BATCH] = index.search(
+            data[start:start + SEARCH_BATCH], k)
+    return sims, nbrs
+
+
+def _mine_bucket(embs: np.ndarray, keys: list[str], global_idx: np.ndarray, spec: PairingSpec,
+                 run_seed: int) -> list[Pair]:
     n = len(keys)
     if n < 2:
         return []
     data = np.ascontiguousarray(embs, dtype=np.float32)
-    index = faiss.IndexFlatIP(data.shape[1])
-    index.add(data)
     k = min(n, spec.max_rank + 1)  # +1: an image finds itself first
-    sims, nbrs = index.search(data, k)
+    sims, nbrs = neighbours(data, k, spec, run_seed)
     out: list[Pair] = []
     for i in range(n):
         candidates = []

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -32,7 +31,8 @@ from m3t_gen.stages.read import read_shards
 from m3t_gen.stages.reward import RewardStage
 from m3t_gen.rows import usage_fields
 from m3t_gen.templates import load_template
-from m3t_gen.writer import OutputWriter, atomic_write_bytes
+from m3t_gen.store import LOCK_FILE, OutputBusy, Store, is_remote, lock_output
+from m3t_gen.writer import OutputWriter
 
 # The M3T recipe after `read`, in order. A new stage is one file under stages/ plus its place here.
 SAMPLE_STAGES: list[type[Stage]] = [DedupeStage, CaptionStage, EmbedStage, DialogueStage, RewardStage, FilterStage]
@@ -162,48 +162,65 @@ def init_ray(cfg: PipelineConfig) -> None:
 
 OWNER_FILE = ".m3t-gen"  # written first into every output: the proof that m3t-gen made this folder
 # What a run (and refilter, card) writes at the top of an output; --overwrite removes these and nothing else.
-OWNED = ("shards", "filtered", "index", "rejects", "stats", "pool", "triplets", "triplet_shards",
+OWNED = ("shards", "filtered", "index", "rejects", "stats", "pool", "pairs", "triplets", "triplet_shards",
          "triplet_rejects", "triplet_stats", "card", "manifest.json", "README.md", OWNER_FILE)
 
 
-def _owner_records(out: Path) -> list[tuple[str, dict[str, Any]]]:
+def _owner_records(store: Store) -> list[tuple[str, dict[str, Any]]]:
     """(where, {config_hash, config?}) from every file that says which config made this output: the owner file,
     the manifest, each finished shard's stats (these exist before the manifest does)."""
     found = []
-    for path in [out / OWNER_FILE, out / "manifest.json", *sorted((out / "stats").glob("*.json"))]:
+    for rel in [OWNER_FILE, "manifest.json", *store.files("stats", ".json")]:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(store.read_bytes(rel))
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and data.get("config_hash"):
-            found.append((path.relative_to(out).as_posix(), data))
+            found.append((rel, data))
     return found
 
 
-def write_owner_file(out: Path, cfg: PipelineConfig) -> None:
-    atomic_write_bytes(out / OWNER_FILE, json.dumps({
+def write_owner_file(out: Store | Path, cfg: PipelineConfig) -> None:
+    store = out if isinstance(out, Store) else Store(out)
+    store.write_bytes(OWNER_FILE, json.dumps({
         "tool": "m3t-gen", "version": __version__, "config_hash": result_hash(cfg),
         "config": cfg.model_dump(mode="json", by_alias=True),
         "written": datetime.now(timezone.utc).isoformat()}, indent=1).encode())
 
 
-def prepare_output(out: Path, cfg: PipelineConfig, overwrite: bool) -> None:
-    """Make ``out`` ready: refuse what m3t-gen did not write or a run made with another config, clear it with
-    --overwrite (only what m3t-gen writes), write the owner file, drop a crashed run's temporary files."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output.dir: {out} is a file, not a folder")
-    records = _owner_records(out) if out.is_dir() else []
-    if out.is_dir() and any(out.iterdir()) and not records:
-        raise ConfigError(f"output.dir: {out} is a non-empty folder that m3t-gen did not write (no {OWNER_FILE}); "
-                          f"refusing to {'delete' if overwrite else 'write into'} it: give a new or empty folder")
+def prepare_output(out: Store | Path, cfg: PipelineConfig, overwrite: bool) -> Any:
+    """Make the output ready and hold it: refuse what m3t-gen did not write, an output another run is writing,
+    or a run made with another config; clear it with --overwrite (only what m3t-gen writes); write the owner file;
+    drop a crashed run's temporary files. Returns the held lock (``release()`` it when the run ends)."""
+    store = out if isinstance(out, Store) else Store(out)
+    if not store.remote and os.path.exists(store.root) and not os.path.isdir(store.root):
+        raise ConfigError(f"output.dir: {store.root} is a file, not a folder")
+    try:
+        present = [n for n in store.names() if n != LOCK_FILE]
+        records = _owner_records(store) if present else []
+        if present and not records:
+            raise ConfigError(
+                f"output.dir: {store.root} is a non-empty folder that m3t-gen did not write (no {OWNER_FILE}); "
+                f"refusing to {'delete' if overwrite else 'write into'} it: give a new or empty folder")
+        store.makedirs()
+        lock = lock_output(store)
+    except OutputBusy as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"output.dir: {store.root}: cannot write there ({e.strerror or e})") from None
+    try:
+        _make_ready(store, cfg, overwrite, records)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _make_ready(store: Store, cfg: PipelineConfig, overwrite: bool, records: list[tuple[str, dict[str, Any]]]) -> None:
     current = result_hash(cfg)
     if overwrite:
         for name in OWNED:
-            target = out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
+            store.remove(name)
     else:
         for where, data in records:
             if data["config_hash"] != current:
@@ -211,19 +228,21 @@ def prepare_output(out: Path, cfg: PipelineConfig, overwrite: bool) -> None:
                 changed = config_changes(earlier, cfg.model_dump(mode="json", by_alias=True)) if earlier else []
                 shown = ", ".join(changed[:5]) + (f" (+{len(changed) - 5} more)" if len(changed) > 5 else "")
                 raise ConfigError(
-                    f"{out}: holds a run made with a different config "
+                    f"{store.root}: holds a run made with a different config "
                     f"({shown or 'config hash ' + str(data['config_hash']) + ' vs ' + current}) according to {where};"
                     " use --overwrite to start over, or another --output")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / OWNER_FILE).exists():
-            write_owner_file(out, cfg)
-        # Leftovers of a crashed run (their shards are redone); only where m3t-gen writes.
-        for tmp in [*out.glob("*.tmp"), *(t for name in OWNED if (out / name).is_dir() for t in (out / name).rglob("*.tmp"))]:
-            if tmp.is_file():
-                tmp.unlink()
+        if not store.exists(OWNER_FILE):
+            write_owner_file(store, cfg)
+        if not store.remote:
+            # Leftovers of a crashed run (their shards are redone); only where m3t-gen writes.
+            out = store.local()
+            for tmp in [*out.glob("*.tmp"), *(t for name in OWNED if (out / name).is_dir()
+                                              for t in (out / name).rglob("*.tmp"))]:
+                if tmp.is_file():
+                    tmp.unlink()
     except OSError as e:
-        raise ConfigError(f"output.dir: {out}: cannot write there ({e.strerror or e})") from None
+        raise ConfigError(f"output.dir: {store.root}: cannot write there ({e.strerror or e})") from None
 
 
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -238,19 +257,30 @@ def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, log=print) -> dict[str, Any]:
+def run_pipeline(cfg: PipelineConfig, out: str | Path, overwrite: bool = False, log=print) -> dict[str, Any]:
+    """Run the config into ``out`` (a local folder or an fsspec URL such as s3://bucket/prefix)."""
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    out = out.expanduser().resolve()
     # Actors may run elsewhere (another cwd, another node): give them the absolute output path.
-    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(out)})})
+    store = Store(out if is_remote(out) else Path(out).expanduser().resolve())
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": store.root})})
     shards = expand_inputs(cfg)
-    prepare_output(out, cfg, overwrite)
-    done = {s.shard for s in shards if (out / "stats" / f"{s.shard}.json").exists()}
+    lock = prepare_output(store, cfg, overwrite)
+    try:
+        return _run_held(cfg, store, shards, started, t0, log)
+    finally:
+        lock.release()
+
+
+def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], started: datetime, t0: float,
+              log) -> dict[str, Any]:
+    out = store.root
+    finished = set(store.files("stats", ".json"))
+    done = {s.shard for s in shards if f"stats/{s.shard}.json" in finished}
     todo = [s for s in shards if s.shard not in done]
     log(f"m3t-gen: {len(shards)} input shard(s), {len(done)} already done, {len(todo)} to run -> {out}")
     ctx = make_context(cfg)
-    writer = OutputWriter(out, ctx, {s.shard: s.path for s in shards})
+    writer = OutputWriter(store, ctx, {s.shard: s.path for s in shards})
     if todo:
         init_ray(cfg)
         ds = build_dataset(cfg, ctx, todo)
@@ -258,13 +288,13 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, log=pr
             writer.consume(batch.to_pylist())
     if writer.incomplete():
         raise RuntimeError(f"shards never completed: {writer.incomplete()}")
-    all_stats = [json.loads((out / "stats" / f"{s.shard}.json").read_text()) for s in shards]
+    all_stats = [json.loads(store.read_bytes(f"stats/{s.shard}.json")) for s in shards]
     summary = summarize(all_stats)
     cir_summary = None
     if cfg.wants("cir"):
         from m3t_gen.cir import run_cir
 
-        cir_summary = run_cir(cfg, ctx, out, [s.shard for s in shards], log)
+        cir_summary = run_cir(cfg, ctx, store, [s.shard for s in shards], log)
     manifest = {
         "name": cfg.name, "recipe": cfg.recipe, "config_hash": result_hash(cfg),
         "config": cfg.model_dump(mode="json", by_alias=True),
@@ -275,7 +305,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, log=pr
     }
     if cir_summary is not None:
         manifest["cir"] = cir_summary
-    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    store.write_bytes("manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
 
 

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from m3t_gen.config import ConfigError, PipelineConfig, apply_overrides, format_validation_error
 from m3t_gen.pipeline import OWNER_FILE, result_hash, summarize, write_owner_file
+from m3t_gen.store import LOCK_FILE, OutputBusy, Store, local_copy, lock_output
 from m3t_gen.rows import MARKER, REJECTED, new_row
 from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.filter import apply_filter
@@ -36,6 +37,17 @@ def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
     manifest_path = out / "manifest.json"
     if not manifest_path.exists():
         raise ConfigError(f"{out}: no manifest.json (not a finished m3t-gen run)")
+    try:
+        lock = lock_output(Store(out), "refilter")  # not while a run (or another refilter) writes it
+    except OutputBusy as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return _refilter_held(out, overrides, manifest_path)
+    finally:
+        lock.release()
+
+
+def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict[str, Any]:
     manifest = json.loads(manifest_path.read_text())
     bad = [o for o in overrides if not o.startswith("filter.")]
     if bad:
@@ -92,7 +104,8 @@ def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
     write_owner_file(new, cfg)
     # Everything else in the output comes along: the CIR results (not refiltered) and anything m3t-gen did not
     # write. The card (README.md, card/) described the old results and is not carried.
-    rewritten = {"shards", "filtered", "index", "rejects", "stats", "manifest.json", OWNER_FILE, "README.md", "card"}
+    rewritten = {"shards", "filtered", "index", "rejects", "stats", "manifest.json", OWNER_FILE, LOCK_FILE,
+                 "README.md", "card"}
     for entry in out.iterdir():
         if entry.name in rewritten or entry.name.endswith(".tmp"):
             continue
@@ -104,4 +117,34 @@ def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
     os.replace(out, old)
     os.replace(new, out)
     shutil.rmtree(old)
+    return manifest
+
+
+def refilter_remote(location: str, overrides: list[str]) -> dict[str, Any]:
+    """Refilter an output on object storage: on a local copy, then the remote made equal to it: new files first,
+    then the shard stats (the completion markers) and the manifest, then files the refilter no longer has."""
+    store = Store(location)
+    if not store.exists("manifest.json"):
+        raise ConfigError(f"{location}: no manifest.json (not a finished m3t-gen run)")
+    try:
+        lease = lock_output(store, "refilter")
+    except OutputBusy as e:
+        raise ConfigError(str(e)) from None
+    try:
+        with local_copy(location) as local:
+            (local / LOCK_FILE).unlink(missing_ok=True)
+            manifest = refilter(local, overrides)
+            new = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
+                         if p.is_file() and p.name != LOCK_FILE)
+            last = [r for r in new if r.startswith("stats/")] + ["manifest.json"]
+            for rel in [r for r in new if r not in last] + last:
+                store.fs.put_file(str(local / rel), store._path(rel))
+            keep = set(new) | {LOCK_FILE}
+            old = sorted(store.fs.find(store._path("")))
+            for path in old:
+                rel = path[len(store._path("")):].lstrip("/")
+                if rel not in keep:
+                    store.fs.rm(path)
+    finally:
+        lease.release()
     return manifest

@@ -45,6 +45,7 @@ ROW_SCHEMA = pa.schema(
         ("timings", pa.string()),        # JSON {stage: seconds attributed to this row}
         ("tokens", pa.string()),         # JSON {stage: output tokens, "stage.prompt": ...}: see add_usage
         ("reasoning", pa.string()),      # JSON {stage: reasoning text of the accepted answer} (reasoning models)
+        ("workers", pa.string()),        # JSON {stage: "host:pid"}: which actor served the row (balance, debugging)
         ("shard_rows", pa.int64()),      # marker rows only: rows the shard produced
     ]
 )
@@ -101,6 +102,16 @@ def usage_fields(tokens: dict[str, int], stage: str) -> dict[str, Any]:
     return out
 
 
+def worker_counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """{stage: {worker: rows}} over rows that carry ``workers``: how the work spread over an actor pool."""
+    out: dict[str, dict[str, int]] = {}
+    for row in rows:
+        for stage, worker in json.loads(row.get("workers") or "{}").items():
+            out.setdefault(stage, {})
+            out[stage][worker] = out[stage].get(worker, 0) + 1
+    return out
+
+
 def add_timing(row: dict[str, Any], stage: str, seconds: float) -> None:
     timings = json.loads(row["timings"] or "{}")
     timings[stage] = timings.get(stage, 0.0) + seconds
@@ -120,10 +131,8 @@ PAIR_SCHEMA = pa.schema(
         ("tgt_image", pa.string()),
         ("similarity", pa.float64()),    # CLIP image-image cosine
         ("rank", pa.int32()),            # the target's rank among the reference's neighbours
-        ("ref_emb", pa.binary()),
-        ("tgt_emb", pa.binary()),
-        ("ref_caption_emb", pa.binary()),
-        ("tgt_caption_emb", pa.binary()),
+        ("ref_index", pa.int64()),       # rows of the pool's embedding bank (handed to actors once, not per pair)
+        ("tgt_index", pa.int64()),
         ("status", pa.string()),
         ("reject_stage", pa.string()),
         ("reject_reason", pa.string()),
@@ -134,6 +143,7 @@ PAIR_SCHEMA = pa.schema(
         ("timings", pa.string()),
         ("tokens", pa.string()),
         ("reasoning", pa.string()),
+        ("workers", pa.string()),
         ("image", pa.binary()),          # unused for pairs (kept so shared helpers see the same field names)
     ]
 )

@@ -504,6 +504,9 @@ def _build_qwen3(out_dir: Path) -> None:
     tok.save_pretrained(out_dir)
 
 
+TINY_CLIP_DIM = 64  # the tiny CLIP's embedding width (synthetic pools in bench/ match it)
+
+
 def _build_clip(out_dir: Path) -> None:
     from transformers import CLIPConfig, CLIPModel
 
@@ -516,12 +519,12 @@ def _build_clip(out_dir: Path) -> None:
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=77,
-        projection_dim=64,
+        projection_dim=TINY_CLIP_DIM,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
     )
-    config = CLIPConfig(text_config=text_config, vision_config=_clip_vision_dims(), projection_dim=64)
+    config = CLIPConfig(text_config=text_config, vision_config=_clip_vision_dims(), projection_dim=TINY_CLIP_DIM)
     config.architectures = ["CLIPModel"]
     model = CLIPModel(config).eval()
     model.save_pretrained(out_dir)

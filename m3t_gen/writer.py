@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3t_gen import __version__
-from m3t_gen.rows import MARKER, OK, REJECTED
+from m3t_gen.rows import MARKER, OK, REJECTED, worker_counts
 from m3t_gen.stages.base import RunContext
+from m3t_gen.store import Store
 
-TMP = ".tmp"
 INDEX_ROW_GROUP = 1000  # small row groups: the HF dataset viewer fails on big ones
 
 
@@ -101,18 +101,16 @@ def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[st
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    Store(path.parent).write_bytes(path.name, data)
 
 
 class TarSeries:
-    """``DIR/<shard>-0000.tar``, ``-0001.tar``...: at most ``per_tar`` samples each, written under temporary
-    names until ``commit``."""
+    """``FOLDER/<shard>-0000.tar``, ``-0001.tar``...: at most ``per_tar`` samples each, built in staging files
+    and made visible only by ``commit``."""
 
-    def __init__(self, directory: Path, shard: str, per_tar: int) -> None:
-        self.dir, self.shard, self.per_tar = directory, shard, per_tar
-        self.paths: list[Path] = []
+    def __init__(self, store: Store, folder: str, shard: str, per_tar: int) -> None:
+        self.store, self.folder, self.shard, self.per_tar = store, folder, shard, per_tar
+        self.rels: list[str] = []
         self.writer: Any = None
         self.count = 0
 
@@ -121,24 +119,29 @@ class TarSeries:
 
         if self.writer is None or self.count >= self.per_tar:
             self.close()
-            path = self.dir / f"{self.shard}-{len(self.paths):04d}.tar"
-            self.paths.append(path)
-            self.writer = wds.TarWriter(str(path.with_name(path.name + TMP)), encoder=False, mtime=0)
+            rel = f"{self.folder}/{self.shard}-{len(self.rels):04d}.tar"
+            self.rels.append(rel)
+            self.writer = wds.TarWriter(str(self.store.staging(rel)), encoder=False, mtime=0)
             self.count = 0
         self.writer.write({"__key__": key, "jpg": image, "json": json.dumps(meta, ensure_ascii=False).encode()})
         self.count += 1
-        return self.paths[-1].name
+        return posixpath.basename(self.rels[-1])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
 
+    def locations(self) -> dict[str, tuple[int, int]]:
+        """key -> (offset, size) of KEY.jpg in the staged tars (headers only are read), before they are committed."""
+        self.close()
+        return member_locations([self.store.staging(rel) for rel in self.rels])
+
     def commit(self) -> list[str]:
         self.close()
-        for path in self.paths:
-            os.replace(path.with_name(path.name + TMP), path)
-        return [p.name for p in self.paths]
+        for rel in self.rels:
+            self.store.commit(rel)
+        return [posixpath.basename(rel) for rel in self.rels]
 
 
 @dataclass
@@ -155,6 +158,7 @@ class _ShardState:
     shard_errors: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     repairs: Counter = field(default_factory=Counter)
+    workers: list[dict[str, Any]] = field(default_factory=list)
     index: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     stage_seconds: Counter = field(default_factory=Counter)
@@ -162,8 +166,8 @@ class _ShardState:
 
 
 class OutputWriter:
-    def __init__(self, out_dir: Path, ctx: RunContext, shard_sources: dict[str, str]) -> None:
-        self.out = out_dir
+    def __init__(self, out: Store | Path, ctx: RunContext, shard_sources: dict[str, str]) -> None:
+        self.store = out if isinstance(out, Store) else Store(out)
         self.ctx = ctx
         self.sources = shard_sources
         self.per_tar = ctx.config.output.samples_per_tar
@@ -171,8 +175,7 @@ class OutputWriter:
         self.finished: list[dict[str, Any]] = []
         self.m3t = ctx.config.wants("m3t")
         self.cir = ctx.config.wants("cir")
-        for sub in ("shards", "filtered", "index", "rejects", "stats") + (("pool",) if self.cir else ()):
-            (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.store.makedirs(*(("shards", "filtered", "index", "rejects", "stats") + (("pool",) if self.cir else ())))
 
     # ---------------------------------------------------------------- streaming
     def consume(self, rows: list[dict[str, Any]]) -> None:
@@ -181,9 +184,9 @@ class OutputWriter:
             state = self.open.get(shard)
             if state is None:
                 state = self.open[shard] = _ShardState(
-                    shard, self.sources.get(shard, ""), TarSeries(self.out / "shards", shard, self.per_tar),
-                    TarSeries(self.out / "filtered", shard, self.per_tar),
-                    TarSeries(self.out / "pool", shard, self.per_tar))
+                    shard, self.sources.get(shard, ""), TarSeries(self.store, "shards", shard, self.per_tar),
+                    TarSeries(self.store, "filtered", shard, self.per_tar),
+                    TarSeries(self.store, "pool", shard, self.per_tar))
             if row["status"] == MARKER:
                 state.expected = row["shard_rows"]
                 detail = json.loads(row["reject_detail"] or "{}")
@@ -191,6 +194,8 @@ class OutputWriter:
             else:
                 state.seen += 1
                 state.repairs.update(json.loads(row["flags"] or "[]"))
+                if row.get("workers"):
+                    state.workers.append({"workers": row["workers"]})
                 for stage, seconds in json.loads(row["timings"] or "{}").items():
                     state.stage_seconds[stage] += seconds
                 state.stage_tokens.update(json.loads(row["tokens"] or "{}"))
@@ -246,12 +251,13 @@ class OutputWriter:
         tars = state.kept.commit()
         filtered = state.filtered.commit()
         if self.cir:
-            locations = member_locations(self.out / "pool", state.pool.commit())
+            locations = state.pool.locations()
+            state.pool.commit()
             for rec in state.pool_rows:
                 rec["offset"], rec["size"] = locations[rec["key"]]
-            self._write_parquet(self.out / "pool" / f"{state.shard}.parquet", state.pool_rows, POOL_SCHEMA)
-        self._write_parquet(self.out / "index" / f"{state.shard}.parquet", state.index, INDEX_SCHEMA)
-        self._write_parquet(self.out / "rejects" / f"{state.shard}.parquet", state.rejects, REJECT_SCHEMA)
+            self._write_parquet(f"pool/{state.shard}.parquet", state.pool_rows, POOL_SCHEMA)
+        self._write_parquet(f"index/{state.shard}.parquet", state.index, INDEX_SCHEMA)
+        self._write_parquet(f"rejects/{state.shard}.parquet", state.rejects, REJECT_SCHEMA)
         reasons = Counter(f"{r['stage']}:{r['reason']}" for r in state.rejects)
         stats = {
             "shard": state.shard, "source": state.source, "read": state.seen, "kept": state.ok,
@@ -261,19 +267,19 @@ class OutputWriter:
             "turns_dropped": sum(r["dropped_turns"] for r in state.index),
             "tars": tars, "filtered_tars": filtered, "shard_errors": state.shard_errors,
             "skipped_entries": state.skipped, "repairs": dict(sorted(state.repairs.items())),
-            "config_hash": self.ctx.config_hash,
+            "config_hash": self.ctx.config_hash, "rows_per_worker": worker_counts(state.workers),
             "stage_seconds": {k: round(v, 4) for k, v in state.stage_seconds.items()},
             "stage_tokens": dict(state.stage_tokens),
         }
         assert stats["read"] == stats["kept"] + stats["rejected"], stats  # conservation, by construction
-        atomic_write_bytes(self.out / "stats" / f"{state.shard}.json", json.dumps(stats, indent=1).encode())
+        # Written last: the shard's completion marker (its tars and tables above are committed already).
+        self.store.write_bytes(f"stats/{state.shard}.json", json.dumps(stats, indent=1).encode())
         self.finished.append(stats)
 
-    @staticmethod
-    def _write_parquet(path: Path, records: list[dict[str, Any]], schema: pa.Schema) -> None:
+    def _write_parquet(self, rel: str, records: list[dict[str, Any]], schema: pa.Schema) -> None:
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(records, schema=schema), buf, row_group_size=INDEX_ROW_GROUP)
-        atomic_write_bytes(path, buf.getvalue())
+        self.store.write_bytes(rel, buf.getvalue())
 
 
 INDEX_SCHEMA = pa.schema([
@@ -290,21 +296,28 @@ POOL_SCHEMA = pa.schema([
 ])
 
 
-def member_locations(directory: Path, tars: list[str]) -> dict[str, tuple[int, int]]:
-    """key -> (byte offset, size) of KEY.jpg in the finished tars (headers only are read)."""
+def member_locations(tars: list[Path]) -> dict[str, tuple[int, int]]:
+    """key -> (byte offset, size) of KEY.jpg in the given tars (headers only are read)."""
     import tarfile
 
     out: dict[str, tuple[int, int]] = {}
-    for name in tars:
-        with tarfile.open(directory / name) as tar:
+    for path in tars:
+        with tarfile.open(path) as tar:
             for info in tar:
                 if info.name.endswith(".jpg"):
                     out[info.name[: -len(".jpg")]] = (info.offset_data, info.size)
     return out
 
 
-def read_member(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as fh:
+def read_member(location: str, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of a local file or a URL (one ranged read on object storage)."""
+    if "://" in location:
+        import fsspec
+
+        with fsspec.open(location, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
+    with open(location, "rb") as fh:
         fh.seek(offset)
         return fh.read(size)
 REJECT_SCHEMA = pa.schema([

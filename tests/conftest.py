@@ -21,6 +21,22 @@ def smoke_yaml() -> Path:
     return ROOT / "pipelines" / "smoke.yaml"
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its children (Ray workers, engine cores): a crash, not a shutdown."""
+    import signal
+
+    import psutil
+
+    proc = psutil.Process(pid)
+    family = [proc] + proc.children(recursive=True)
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
 def run_cli(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
     """`m3t-gen ARGS` in a subprocess, as a user would run it."""
     cmd = [sys.executable, "-m", "m3t_gen.cli", *args]

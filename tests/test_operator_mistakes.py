@@ -12,7 +12,7 @@ from m3t_gen.backends.base import GenerationResult
 from m3t_gen.cli import main
 from m3t_gen.config import ConfigError, Sampling, load_config
 from m3t_gen.generation import generate_validated
-from m3t_gen.pipeline import OWNER_FILE, prepare_output, result_hash
+from m3t_gen.pipeline import LOCK_FILE, OWNER_FILE, prepare_output, result_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = yaml.safe_load((ROOT / "pipelines" / "smoke.yaml").read_text())
@@ -57,7 +57,7 @@ def test_a_folder_m3t_gen_did_not_write_is_never_touched(tmp_path, overwrite):
 def test_overwrite_removes_only_what_m3t_gen_writes(tmp_path):
     cfg = load_config(_pipeline(tmp_path))
     out = tmp_path / "out"
-    prepare_output(out, cfg, overwrite=False)
+    prepare_output(out, cfg, overwrite=False).release()
     assert json.loads((out / OWNER_FILE).read_text())["config_hash"] == result_hash(cfg)
     for sub in ("shards", "stats", "triplets"):
         (out / sub).mkdir()
@@ -65,8 +65,8 @@ def test_overwrite_removes_only_what_m3t_gen_writes(tmp_path):
     (out / "manifest.json").write_text("{}")
     (out / "my-notes.md").write_text("mine")
     (out / "analysis").mkdir()
-    prepare_output(out, cfg, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [OWNER_FILE, "analysis", "my-notes.md"]
+    prepare_output(out, cfg, overwrite=True).release()
+    assert sorted(p.name for p in out.iterdir()) == [OWNER_FILE, LOCK_FILE, "analysis", "my-notes.md"]
 
 
 def test_config_change_after_stats_before_manifest_is_refused(tmp_path):
@@ -74,17 +74,17 @@ def test_config_change_after_stats_before_manifest_is_refused(tmp_path):
     config made the data, so a resume with another config is refused, naming the change."""
     cfg = load_config(_pipeline(tmp_path))
     out = tmp_path / "out"
-    prepare_output(out, cfg, overwrite=False)
+    prepare_output(out, cfg, overwrite=False).release()
     (out / "stats").mkdir()
     (out / "stats" / "smoke-000000.json").write_text(json.dumps({"shard": "smoke-000000",
                                                                  "config_hash": result_hash(cfg)}))
     other = load_config(_pipeline(tmp_path), ["seed=7"])
     with pytest.raises(ConfigError, match=r"different config \(seed: 0 -> 7\) according to \.m3t-gen"):
-        prepare_output(out, other, overwrite=False)
+        prepare_output(out, other, overwrite=False).release()
     (out / OWNER_FILE).unlink()  # even without the owner file, the shard stats know
     with pytest.raises(ConfigError, match=r"according to stats/smoke-000000.json"):
-        prepare_output(out, other, overwrite=False)
-    prepare_output(out, cfg, overwrite=False)  # the same config resumes
+        prepare_output(out, other, overwrite=False).release()
+    prepare_output(out, cfg, overwrite=False).release()  # the same config resumes
 
 
 def test_output_that_is_a_file_or_cannot_be_written(tmp_path):
@@ -149,3 +149,31 @@ def test_templates_and_schemas_stay_inside_the_allowed_folders(tmp_path):
     ok = CliRunner().invoke(main, ["validate", str(_pipeline(tmp_path, caption__template=str(shared / "caption.j2"),
                                                              file_roots=[str(shared)]))])
     assert ok.exit_code == 0, ok.output
+
+
+def test_one_writer_per_output_and_a_killed_one_holds_nothing(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pipeline = _pipeline(tmp_path)
+    cfg = load_config(pipeline)
+    out = tmp_path / "out"
+    prepare_output(out, cfg, overwrite=False).release()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from m3t_gen.store import Store, lock_output; "
+         "lock_output(Store(sys.argv[1])); print('held', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = _one_line_exit_2(["run", str(pipeline), "--output", str(out)], "another m3t-gen run is writing this output")
+        assert f"pid {holder.pid}" in err
+        _one_line_exit_2(["run", str(pipeline), "--output", str(out), "--overwrite"], "is writing this output")
+        _one_line_exit_2(["refilter", str(out), "--set", "filter.min_turns=2"], "no manifest.json")
+        (out / "manifest.json").write_text(json.dumps({"config_hash": result_hash(cfg)}))
+        _one_line_exit_2(["refilter", str(out), "--set", "filter.min_turns=2"], "is writing this output")
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    prepare_output(out, cfg, overwrite=False).release()  # the kernel dropped the dead holder's lock

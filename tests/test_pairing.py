@@ -54,3 +54,27 @@ def test_deterministic_and_bucketed():
 
 def test_tiny_pool_gives_no_pairs():
     assert mine_pairs(_embs(1), ["a"], PairingSpec(), 0) == []
+
+
+def test_approximate_indexes_keep_band_and_window_and_find_the_exact_neighbours():
+    """ivf and hnsw: every pair still satisfies the band and the rank window (ranks among what the index returns),
+    and on clustered data almost all neighbours they return are the exact ones."""
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(20, 32))
+    x = (centers[rng.integers(0, 20, 2000)] + 0.3 * rng.normal(size=(2000, 32))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    keys = [f"k{i:05d}" for i in range(len(x))]
+    from m3t_gen.pairing import neighbours
+
+    exact_sims, exact = neighbours(x, 11, PairingSpec(), 0)
+    for kind in ("ivf", "hnsw"):
+        spec = PairingSpec(index=kind, min_similarity=0.3, max_similarity=0.99, min_rank=2, max_rank=10, nprobe=8)
+        sims, nbrs = neighbours(x, 11, spec, 0)
+        recall = np.mean([len(set(a) & set(b)) / 11 for a, b in zip(nbrs, exact)])
+        assert recall > 0.9, (kind, recall)
+        pairs = mine_pairs(x, keys, spec, run_seed=0)
+        assert len(pairs) > 1500
+        for p in pairs:
+            assert p.ref != p.tgt and 0.3 <= p.similarity <= 0.99 and 2 <= p.rank <= 10
+            assert abs(float(x[p.ref] @ x[p.tgt]) - p.similarity) < 1e-4
+        assert mine_pairs(x, keys, spec, run_seed=0) == pairs  # reproducible

@@ -3,30 +3,17 @@ temporary files left, stats add up."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import webdataset as wds
 
-from conftest import ROOT, run_cli  # noqa: E402
+from conftest import ROOT, kill_tree, run_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _kill_tree(pid: int) -> None:
-    proc = psutil.Process(pid)
-    family = [proc] + proc.children(recursive=True)
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
 
 
 def _keys(out: Path) -> list[str]:
@@ -62,7 +49,7 @@ def test_kill_and_resume_equals_clean_run(point, smoke_run, tmp_path):
     start, killed = time.time(), False
     while proc.poll() is None and time.time() - start < 600:
         if KILL_POINTS[point](out, time.time() - start, wall):
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
             killed = True
             break
         time.sleep(0.05)

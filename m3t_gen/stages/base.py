@@ -11,6 +11,9 @@ must then be thread-safe (stages keep no per-batch state on ``self``; backends h
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +33,9 @@ class RunContext:
     config_hash: str
     template_hashes: dict[str, str] = field(default_factory=dict)
     model_names: dict[str, str] = field(default_factory=dict)
+    # Read-only data built once on the driver and handed to every actor through Ray's object store (ObjectRefs
+    # by name; each actor ray.get()s them once, zero-copy for numpy arrays), e.g. the CIR pool's embeddings.
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 class SharedClock:
@@ -86,6 +92,10 @@ class Stage:
     def process(self, rows: list[dict[str, Any]]) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def worker_id() -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
     def close(self) -> None:
         """Shut the stage's engine down (its processes, its GPU memory). Ray Data deletes the stage object when
         the actor pool winds down (``__ray_shutdown__``), which lands here."""
@@ -109,6 +119,11 @@ class Stage:
             finally:
                 seconds = self.clock.stop(token)
             share = seconds / len(live)
+            worker = self.worker_id() if self.uses_actor() else None
             for r in live:
                 add_timing(r, self.name, share)
+                if worker:
+                    workers = json.loads(r.get("workers") or "{}")
+                    workers[self.name] = worker
+                    r["workers"] = json.dumps(workers)
         return to_table(rows, self.row_schema)

@@ -31,14 +31,13 @@ def template_fields(row: dict[str, Any], cfg: ModifyConfig) -> dict[str, Any]:
 def load_pool_image(location: str) -> Any:
     """Read one pool image by seek from "<tar path>:<offset>:<size>" (no tar scan, no driver round trip)."""
     import io
-    from pathlib import Path
 
     from PIL import Image
 
     from m3t_gen.writer import read_member
 
     path, offset, size = location.rsplit(":", 2)
-    img = Image.open(io.BytesIO(read_member(Path(path), int(offset), int(size))))
+    img = Image.open(io.BytesIO(read_member(path, int(offset), int(size))))
     img.load()
     return img.convert("RGB")
 

@@ -17,7 +17,6 @@ from m3t_gen.config import PipelineConfig, Resources
 from m3t_gen.rows import PAIR_SCHEMA
 from m3t_gen.scoring import directional
 from m3t_gen.stages.base import RunContext, Stage
-from m3t_gen.stages.embed import from_bytes
 
 
 class TripletRewardStage(Stage):
@@ -29,8 +28,13 @@ class TripletRewardStage(Stage):
         return config.reward.resources
 
     def __init__(self, ctx: RunContext) -> None:
+        import ray
+
         super().__init__(ctx)
         self.clip = ClipEmbedder.for_run(ctx.config.reward)
+        # The pool's image and caption embeddings, once per actor from the object store (not four per pair row).
+        bank = ray.get(ctx.shared["pool_embeddings"])
+        self.image_embs, self.caption_embs = bank["image"], bank["caption"]
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         mods = [json.loads(r["modifications"]) for r in rows]
@@ -38,8 +42,8 @@ class TripletRewardStage(Stage):
         emb = self.clip.embed_texts(texts) if texts else None
         at = 0
         for row, row_mods in zip(rows, mods):
-            ref, tgt = from_bytes(row["ref_emb"]), from_bytes(row["tgt_emb"])
-            ref_cap, tgt_cap = from_bytes(row["ref_caption_emb"]), from_bytes(row["tgt_caption_emb"])
+            ref, tgt = self.image_embs[row["ref_index"]], self.image_embs[row["tgt_index"]]
+            ref_cap, tgt_cap = self.caption_embs[row["ref_index"]], self.caption_embs[row["tgt_index"]]
             mod_scores = [float(emb[at + i] @ tgt) for i in range(len(row_mods))]
             at += len(row_mods)
             row["scores"] = json.dumps({

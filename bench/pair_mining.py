@@ -1,0 +1,158 @@
+"""CIR pair mining at scale (issue 13): time, peak memory and recall of each FAISS index choice on synthetic
+CLIP-like embeddings, against exact search measured in the same run.
+
+    python bench/pair_mining.py --sizes 100000 1000000 --indexes exact ivf hnsw [--dim 768]
+
+Embeddings: a mixture of N/100 clusters in d dimensions (a point = its cluster centre + Gaussian noise, L2-
+normalised; same-cluster cosine ~0.7, other pairs ~0), so that neighbours mean something as CLIP's do.
+Each (size, index) runs in a fresh process: the real ``m3t_gen.pairing`` code with the band and rank window of
+pipelines/cir.yaml (similarity 0.55-0.92, ranks 2..30, two partners per image). Reported: index build + search seconds (``neighbours``), the whole ``mine_pairs``
+seconds (search + the per-reference seeded choice), the process's peak RSS above the embeddings themselves, and
+on a sample of 1000 references: recall@31 of the returned neighbour lists against exact search, and the share of
+chosen partners whose exact rank lies in the window. ``exact`` at sizes above --max-exact is timed on a query
+sample and extrapolated (marked). One JSON line per run, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def synthetic(n: int, d: int, seed: int = 0):
+    """CLIP-like: a shared mean direction (unrelated images still have cosine ~0.3, as CLIP's do), N/50 concepts of
+    uneven size (log-normal weights) and spread (noise norm 0.8-1.4), so same-concept cosines are ~0.5-0.7 and the
+    near-duplicate and band edges of the recipe fall inside the data."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    concepts = max(1, n // 50)
+    mean = rng.standard_normal(d).astype(np.float32)
+    mean /= np.linalg.norm(mean)
+    centres = rng.standard_normal((concepts, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    spread = rng.uniform(0.8, 1.4, concepts).astype(np.float32)
+    weights = rng.lognormal(0.0, 1.0, concepts)
+    weights /= weights.sum()
+    out = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, 65536):
+        m = min(65536, n - start)
+        z = rng.choice(concepts, size=m, p=weights)
+        noise = rng.standard_normal((m, d), dtype=np.float32) * (spread[z, None] / np.sqrt(d))
+        block = mean + centres[z] + noise
+        out[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def rss_gb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class Peak:
+    def __init__(self) -> None:
+        self.value = rss_gb()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.value = max(self.value, rss_gb())
+            time.sleep(0.05)
+
+    def done(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return max(self.value, rss_gb())
+
+
+def one(n: int, d: int, kind: str, max_exact: int, sample: int = 1000) -> dict:
+    import faiss
+    import numpy as np
+
+    from m3t_gen.config import PairingSpec
+    from m3t_gen.pairing import mine_pairs, neighbours
+
+    x = synthetic(n, d)
+    keys = [f"k{i:08d}" for i in range(n)]
+    spec = PairingSpec(index=kind, min_similarity=0.55, max_similarity=0.92, min_rank=2, max_rank=30,
+                       pairs_per_image=2)
+    k = spec.max_rank + 1
+    rng = np.random.default_rng(7)
+    probe = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+    flat = faiss.IndexFlatIP(d)
+    flat.add(x)
+    t = time.perf_counter()
+    exact_sims, exact_nbrs = flat.search(x[probe], k)
+    exact_sample_s = time.perf_counter() - t
+    del flat
+    base = rss_gb()
+    result = {"bench": "pair_mining", "n": n, "dim": d, "index": kind, "threads": faiss.omp_get_max_threads()}
+    if kind == "exact" and n > max_exact:
+        result.update(extrapolated=True, search_s=round(exact_sample_s * n / len(probe), 1),
+                      peak_above_data_gb=round(4 * n * d / 2**30, 2), recall=1.0, partner_in_window=1.0)
+        return result
+    peak = Peak()
+    t = time.perf_counter()
+    sims, nbrs = neighbours(x, k, spec, 0)
+    search_s = time.perf_counter() - t
+    del sims
+    t = time.perf_counter()
+    pairs = mine_pairs(x, keys, spec, 0)
+    mine_s = time.perf_counter() - t
+    result["peak_above_data_gb"] = round(peak.done() - base, 2)
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(nbrs[probe], exact_nbrs)]))
+    chosen: dict[int, list[int]] = {}
+    for p in pairs:
+        chosen.setdefault(p.ref, []).append(p.tgt)
+    in_window = []
+    for row, ref in enumerate(probe):
+        # Each chosen partner's exact rank is inside the window (it is in the band by construction).
+        exact_list = [int(j) for j in exact_nbrs[row] if j != ref][: spec.max_rank]
+        in_window += [t in exact_list[spec.min_rank - 1:] for t in chosen.get(int(ref), [])]
+    result.update(search_s=round(search_s, 1), mine_pairs_s=round(mine_s, 1), pairs=len(pairs),
+                  recall=round(recall, 4), partner_in_window=round(float(np.mean(in_window)), 4) if in_window else None)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--indexes", nargs="+", default=["exact", "ivf", "hnsw"])
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--max-exact", type=int, default=200_000, help="above: exact search is extrapolated")
+    ap.add_argument("--one", nargs=2, metavar=("N", "INDEX"))
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(int(args.one[0]), args.dim, args.one[1], args.max_exact)), flush=True)
+        return
+    rows = []
+    for n in args.sizes:
+        for kind in args.indexes:
+            cmd = [sys.executable, __file__, "--one", str(n), kind, "--dim", str(args.dim),
+                   "--max-exact", str(args.max_exact)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith('{"bench"')), None)
+            if line is None:
+                print(json.dumps({"bench": "pair_mining", "n": n, "index": kind, "error": proc.stderr[-500:]}))
+                continue
+            print(line, flush=True)
+            rows.append(json.loads(line))
+    print(f"{'N':>9} {'index':>6} {'search s':>9} {'mine s':>8} {'peak GB':>8} {'recall':>7} {'in window':>9}")
+    for r in rows:
+        print(f"{r['n']:>9} {r['index']:>6} {r['search_s']:>9}{'*' if r.get('extrapolated') else ' '}"
+              f"{r.get('mine_pairs_s', '-'):>7} {r['peak_above_data_gb']:>8} {r['recall']:>7} {r['partner_in_window']!s:>9}")
+
+
+if __name__ == "__main__":
+    main()
