@@ -71,11 +71,8 @@ def _stage_config(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
 
 
 def _license(manifest: dict[str, Any]) -> str:
-    cfg = manifest.get("config") or {}
-    for candidate in (cfg.get("license"), (cfg.get("output") or {}).get("license"), manifest.get("license")):
-        if isinstance(candidate, str) and candidate.strip():
-            return candidate.strip()
-    return "other"
+    candidate = ((manifest.get("config") or {}).get("output") or {}).get("license")
+    return candidate.strip() if isinstance(candidate, str) and candidate.strip() else "other"
 
 
 # ----------------------------------------------------------------------------------------- markdown text
@@ -147,8 +144,8 @@ def _templates(manifest: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"stage": stage, "name": name, "hash": recorded, "sha256": None, "text": None,
                                  "note": None, "fence": "```"}
         try:
-            snapshot = out_dir / "prompts" / Path(name).name  # a copy kept with the run, when there is one
-            text = (snapshot if snapshot.is_file() else find_file(name, "prompts")).read_text()
+            # The text the run used, as its manifest keeps it; a bundled file of that name otherwise (older runs).
+            text = (manifest.get("template_texts") or {}).get(stage) or find_file(name, "prompts").read_text()
         except (FileNotFoundError, OSError):
             entry["note"] = "the template file is not available where this card was written"
             out.append(entry)

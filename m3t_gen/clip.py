@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from m3t_gen.models import resolve
+from m3t_gen.models import resolve, torch_dtype
 
 
 class ClipEmbedder:
@@ -21,15 +21,15 @@ class ClipEmbedder:
 
         path = resolve(model_ref)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.float16 if self.device == "cuda" else torch.float32)
-        self.model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        dtype = torch_dtype(dtype, self.device)
+        self.model = AutoModel.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.image_processor = AutoImageProcessor.from_pretrained(path)
         text_cfg = getattr(self.model.config, "text_config", self.model.config)
         self.max_text_tokens = int(getattr(text_cfg, "max_position_embeddings", 77))
         # SigLIP was trained with fixed-length padding; CLIP with padding to the longest text.
         self.text_padding = "max_length" if "siglip" in self.model.config.model_type else True
-        self.dtype = torch_dtype
+        self.dtype = dtype
         # CLIP's learned softmax temperature (SigLIP has one too); used by the self-retrieval probability.
         scale = getattr(self.model, "logit_scale", None)
         self.logit_scale = float(scale.exp().item()) if scale is not None else 100.0

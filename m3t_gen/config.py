@@ -6,7 +6,6 @@ through the registry so that a bad option fails at ``validate`` time, not after 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,6 +35,21 @@ def _check_model_ref(v: str) -> str:
 
 ModelRef = Annotated[str, AfterValidator(_check_model_ref)]
 
+# One spelling per dtype in the config (and in its hash): aliases folded here, read by every engine.
+DTYPE_ALIASES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
+                 "float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
+                 "bf16": "bfloat16"}
+
+
+def _canonical_dtype(v: str) -> str:
+    try:
+        return DTYPE_ALIASES[str(v).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {v!r} (expected one of {', '.join(sorted(DTYPE_ALIASES))})") from None
+
+
+Dtype = Annotated[str, AfterValidator(_canonical_dtype)]
+
 
 class ConfigError(Exception):
     """A bad pipeline config: one line, naming the YAML path and what was expected."""
@@ -43,6 +57,48 @@ class ConfigError(Exception):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# Fields that say where and with how much the run happens (or only what the card says), not what it writes: left
+# out of the config hash and of the config comparison on resume (a crashed run resumes on a bigger or smaller
+# cluster, into a moved folder).
+PLACEMENT = {"placement": True}
+
+
+def placement_exclude(model: type[BaseModel]) -> dict[str, Any]:
+    """The nested ``exclude`` spec of a model's placement fields (by alias), read from the marks on the models."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        if (info.json_schema_extra or {}).get("placement"):
+            out[key] = True
+            continue
+        for sub in _model_types(info.annotation):
+            nested = placement_exclude(sub)
+            if nested:
+                out[key] = nested
+    return out
+
+
+def _model_types(annotation: Any) -> list[type[BaseModel]]:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [t for arg in typing.get_args(annotation) for t in _model_types(arg)]
+
+
+def drop_excluded(data: Any, exclude: dict[str, Any]) -> Any:
+    """``data`` (a config as plain JSON) without the keys ``exclude`` names: old manifests compare the same way."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        rule = exclude.get(key)
+        if rule is True:
+            continue
+        out[key] = drop_excluded(value, rule) if isinstance(rule, dict) else value
+    return out
 
 
 class ReasoningSpec(Strict):
@@ -71,7 +127,7 @@ class ModelSpec(Strict):
     model: ModelRef = Field(description="tiny:<kind>, a local HF checkpoint directory, or a hub id org/name")
     revision: str | None = None
     trust_remote_code: bool = False  # remote model code runs only when the config says so
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     options: dict[str, Any] = Field(default_factory=dict, description="the backend's own settings")
     reasoning: ReasoningSpec | None = Field(None, description="for models that reason before they answer")
 
@@ -160,14 +216,15 @@ class ReadSpec(Strict):
     max_text_chars: int = Field(2000, ge=1, description="alt-text longer than this is truncated and flagged")
     jpeg_quality: int = Field(92, ge=1, le=100)
     dedupe: DedupeSpec = Field(default_factory=DedupeSpec)
-    num_cpus: float = Field(1, gt=0, description="CPUs per read task (one task per input shard at a time)")
+    num_cpus: float = Field(1, gt=0, description="CPUs per read task (one task per input shard at a time)",
+                            json_schema_extra=PLACEMENT)
 
 
 class GenerationStage(Strict):
     model: ModelSpec
     template: str
     sampling: Sampling = Field(default_factory=Sampling)
-    resources: GenerationResources = Field(default_factory=GenerationResources)
+    resources: GenerationResources = Field(default_factory=GenerationResources, json_schema_extra=PLACEMENT)
     max_attempts: int = Field(3, ge=1, description="tries with a new seed before a sample is rejected")
 
     @model_validator(mode="after")
@@ -231,9 +288,9 @@ class SelfRetrievalSpec(Strict):
 
 class RewardStage(Strict):
     model: ModelRef = Field(description="CLIP or SigLIP checkpoint (HF format): tiny:clip, a directory, or org/name")
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     self_retrieval: SelfRetrievalSpec = Field(default_factory=SelfRetrievalSpec)
-    resources: Resources = Field(default_factory=lambda: Resources(batch_size=32))
+    resources: Resources = Field(default_factory=lambda: Resources(batch_size=32), json_schema_extra=PLACEMENT)
 
 
 class PrivacySpec(Strict):
@@ -261,14 +318,18 @@ class FilterSpec(Strict):
 
 
 class OutputSpec(Strict):
-    dir: str = "out"
+    dir: str = Field("out", json_schema_extra=PLACEMENT)
     samples_per_tar: int = Field(1000, ge=1)
+    license: str = Field("other", json_schema_extra=PLACEMENT,
+                         description="the dataset card's license tag (Hugging Face / SPDX id); the generated text's "
+                         "terms follow the models', the images keep their own")
 
 
 class RaySpec(Strict):
-    address: str | None = Field(None, description="join this cluster; RAY_ADDRESS also works; none: local Ray")
-    num_cpus: int | None = Field(None, ge=1, description="local Ray only")
-    progress: bool = True
+    address: str | None = Field(None, description="join this cluster; RAY_ADDRESS also works; none: local Ray",
+                                json_schema_extra=PLACEMENT)
+    num_cpus: int | None = Field(None, ge=1, description="local Ray only", json_schema_extra=PLACEMENT)
+    progress: bool = Field(True, json_schema_extra=PLACEMENT)
     preserve_order: bool = Field(True, description="rows reach single-actor stages (dedupe) in input order: "
                                  "which copy of a duplicate survives does not depend on timing")
 
@@ -360,7 +421,7 @@ class PipelineConfig(Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     file_roots: list[str] = Field(
-        default_factory=list,
+        default_factory=list, json_schema_extra=PLACEMENT,
         description="folders besides the pipeline file's own and the bundled prompts/ and schemas/ that "
         "templates and schemas may be read from (a prompt is sent to models and printed in the card)")
 
@@ -387,10 +448,6 @@ class PipelineConfig(Strict):
     def resolve_path(self, p: str) -> Path:
         path = Path(p).expanduser()
         return path if path.is_absolute() else Path(self.base_dir) / path
-
-    def config_hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- loading

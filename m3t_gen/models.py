@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from m3t_gen.tiny_models import KINDS as TINY_KINDS  # noqa: E402  (tiny_models imports no engine)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -47,3 +48,13 @@ def resolve(ref: str) -> str:
 
         return str(ensure_tiny_model(ref[len("tiny:"):], tiny_cache_dir()))
     return str(Path(ref).expanduser()) if ref.startswith(("/", "./", "../", "~")) else ref
+
+
+def torch_dtype(name: str, device: str = "cpu") -> Any:
+    """The torch dtype of a config dtype (already canonical: m3t_gen.config.Dtype); ``auto``: half precision on a
+    GPU, float32 on CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, name)

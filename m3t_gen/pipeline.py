@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from m3t_gen import __version__
-from m3t_gen.config import ConfigError, PipelineConfig
+from m3t_gen.config import ConfigError, PipelineConfig, drop_excluded, placement_exclude
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.stages.caption import CaptionStage
 from m3t_gen.stages.dedupe import DedupeStage
@@ -85,12 +85,9 @@ def _stem(path: str) -> str:
 
 
 def result_hash(cfg: PipelineConfig) -> str:
-    """Hash of everything that changes what a run writes: not where Ray runs, where output goes, or how many
-    actors/GPUs a stage gets (so a crashed run can resume on a bigger or smaller cluster)."""
-    placement = {"resources": True}
-    data = cfg.model_dump(mode="json", by_alias=True, exclude={
-        "ray": True, "file_roots": True, "output": {"dir"}, "caption": placement, "dialogue": placement, "reward": placement,
-        "read": {"num_cpus"}, "cir": {"modify": placement}})
+    """Hash of everything that changes what a run writes: every config field but those marked as placement on the
+    config models (where Ray runs, where output goes, how many actors/GPUs/CPUs a stage gets)."""
+    data = cfg.model_dump(mode="json", by_alias=True, exclude=placement_exclude(PipelineConfig))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -144,17 +141,19 @@ def build_dataset(cfg: PipelineConfig, ctx: RunContext, shards: list[InputShard]
 
 
 def init_ray(cfg: PipelineConfig) -> None:
+    """Start or join Ray, then apply the config's data-context settings, also when Ray was already up (a second
+    pass of the same run, a caller's own ray.init): preserve_order decides which duplicate survives."""
     import ray
+    import ray.data
 
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,
-                              "log_to_driver": True, "configure_logging": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+    if not ray.is_initialized():
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,
+                                  "log_to_driver": True, "configure_logging": True}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = cfg.ray.progress
     data_ctx.execution_options.preserve_order = cfg.ray.preserve_order
@@ -245,14 +244,17 @@ def _make_ready(store: Store, cfg: PipelineConfig, overwrite: bool, records: lis
         raise ConfigError(f"output.dir: {store.root}: cannot write there ({e.strerror or e})") from None
 
 
-def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ, as 'key: old -> new' (placement-only keys are not compared)."""
+def config_changes(old: Any, new: Any) -> list[str]:
+    """Dotted keys whose values differ, as 'key: old -> new', placement fields left out (as in the hash)."""
+    exclude = placement_exclude(PipelineConfig)
+    return _differences(drop_excluded(old, exclude), drop_excluded(new, exclude), "")
+
+
+def _differences(old: Any, new: Any, prefix: str) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
-            if key in ("resources", "ray", "num_cpus") or (prefix == "output." and key == "dir"):
-                continue
-            out += config_changes(old.get(key), new.get(key), f"{prefix}{key}.")
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
@@ -298,7 +300,8 @@ def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], start
     manifest = {
         "name": cfg.name, "recipe": cfg.recipe, "config_hash": result_hash(cfg),
         "config": cfg.model_dump(mode="json", by_alias=True),
-        "versions": _versions(), "templates": ctx.template_hashes, "models": ctx.model_names,
+        "versions": _versions(), "templates": ctx.template_hashes, "template_texts": _template_texts(cfg, ctx),
+        "models": ctx.model_names,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "wall_seconds": round(time.perf_counter() - t0, 2), "shards": len(shards),
         "shards_this_run": len(todo), "totals": summary["totals"], "stages": summary["stages"],
@@ -396,6 +399,16 @@ def _request_lines(stages: list[dict[str, Any]]) -> list[str]:
             line += f", {s['reasoning_tokens'] / n:.1f} reasoning tokens"
         lines.append(line)
     return lines
+
+
+def _template_texts(cfg: PipelineConfig, ctx: RunContext) -> dict[str, str]:
+    """The prompt templates the run used, verbatim (the card shows them; the files may move or change later)."""
+    names = {"caption": cfg.caption.template}
+    if cfg.dialogue is not None:
+        names["dialogue"] = cfg.dialogue.template
+    if cfg.cir is not None:
+        names["modify"] = cfg.cir.modify.template
+    return {stage: load_template(names[stage], cfg.base_dir).source for stage in ctx.template_hashes}
 
 
 def _versions() -> dict[str, str]:

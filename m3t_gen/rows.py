@@ -70,8 +70,20 @@ def reject(row: dict[str, Any], stage: str, reason: str, keep_image: bool = Fals
         row["image"] = None
 
 
+class RowContractError(ValueError):
+    """A stage set a field its row schema does not have (Arrow would drop it without a word)."""
+
+
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=schema or ROW_SCHEMA)
+    schema = schema or ROW_SCHEMA
+    names = frozenset(schema.names)
+    for row in rows:
+        if not names.issuperset(row):
+            extra = sorted(set(row) - names)
+            raise RowContractError(f"row {row.get('key')!r} has field(s) {extra} that the row schema lacks: "
+                                   "add them to the schema in m3t_gen/rows.py (or do not set them)")
+    return pa.Table.from_pylist(rows, schema=schema)
+
 
 
 # Besides a stage's output tokens (key: the stage name), a row counts per stage the requests sent for it and what

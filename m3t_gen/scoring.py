@@ -1,6 +1,6 @@
 """Reward scores as plain numpy functions on L2-normalised embeddings (the stage only feeds them).
 
-- cosine(text, image)
+- cosine(text, image): a dot product of the normalised embeddings, in the stages themselves
 - directional similarity (CompoDiff): cos(E_img(target) - E_img(ref), E_txt(target caption) - E_txt(ref caption))
 - self-retrieval: where a text ranks its own image among K distractor images, and the softmax probability it
   gives its own image (CLIP's logit scale as temperature). A raw cosine says how similar; this says whether the
@@ -10,11 +10,6 @@
 from __future__ import annotations
 
 import numpy as np
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of already-normalised vectors (a: [n, d], b: [n, d] or [d])."""
-    return np.sum(a * b, axis=-1)
 
 
 def directional(img_ref: np.ndarray, img_tgt: np.ndarray, txt_ref: np.ndarray, txt_tgt: np.ndarray) -> float:

@@ -1,7 +1,6 @@
 """Input formats: each turns one input shard into raw samples (bytes, not yet decoded).
 
-A raw sample is a plain dict: ``source_key``, ``image`` (bytes or None), ``image_name``, ``text`` (bytes/str or
-None), ``meta`` (bytes/dict or None), ``problem`` (a reason code when the sample is unusable before decoding,
+A raw sample is a plain dict: ``source_key``, ``image`` (bytes or None), ``text`` (bytes/str or None), ``meta`` (bytes/dict or None), ``problem`` (a reason code when the sample is unusable before decoding,
 e.g. ``duplicate_key``) and ``problem_detail``. Every entry a reader meets becomes a sample (kept or rejected
 later with its reason) or, when it carries no data of its own (a tar's directory members, webdataset's
 ``__*`` metadata), a count in ``ShardReport.skipped``. Damage to the shard itself (a tar cut off in the middle,
@@ -145,7 +144,6 @@ def _finish(sample: RawSample) -> RawSample:
     members = sample.pop("members")
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     sample["image"] = members.get(image_ext) if image_ext else None
-    sample["image_name"] = f"{sample['source_key']}.{image_ext}" if image_ext else None
     sample["text"] = members.get("txt")
     sample["meta"] = members.get("json")
     if image_ext is None:
@@ -281,7 +279,6 @@ def read_parquet(path: str, spec: InputSpec, report: ShardReport) -> Iterator[Ra
                             ref = rec.get(column)
                             if ref is not None and not isinstance(ref, str):
                                 raise EntryProblem("bad_value", column=column, type=type(ref).__name__)
-                        sample["image_name"] = ref or key
                         if ref and sample["problem"] is None:
                             sample["image"] = _read_ref(ref, base, roots)
                     except EntryProblem as p:
@@ -379,8 +376,8 @@ def _walk_folder(root: str, rel: str, roots: Roots, report: ShardReport) -> Iter
 
 
 def _entry_sample(name: str, problem: tuple[str, dict[str, Any]] | None = None) -> RawSample:
-    sample: RawSample = {"source_key": name, "problem": None, "problem_detail": None, "image_name": name,
-                         "image": None, "text": None, "meta": None}
+    sample: RawSample = {"source_key": name, "problem": None, "problem_detail": None, "image": None, "text": None,
+                         "meta": None}
     if problem:
         _problem(sample, problem[0], **problem[1])
     return sample

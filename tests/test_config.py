@@ -124,3 +124,46 @@ def test_recipes_validate_without_loading_models():
 def test_error_is_a_config_error_not_a_crash(tmp_path):
     with pytest.raises(ConfigError):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_config_hash_leaves_out_exactly_the_fields_marked_placement(tmp_path):
+    """Placement (where and with how much a run happens) is marked on the config models; the hash and the resume
+    comparison read the marks. ray.preserve_order decides which duplicate survives: it is in the hash."""
+    from m3t_gen.config import PLACEMENT, PipelineConfig, placement_exclude
+    from m3t_gen.pipeline import config_changes, result_hash
+
+    path = _write(tmp_path, _mutate("seed", 0))
+    base = load_config(path)
+    same = ["caption.resources.concurrency=7", "reward.resources.batch_size=3", "read.num_cpus=0.5",
+            "ray.num_cpus=64", "ray.address=ray://head:10001", "ray.progress=false", "output.dir=/elsewhere",
+            "cir.modify.resources.num_gpus=1", "dialogue.resources.batches_in_flight=2", "file_roots=[/srv]"]
+    for change in same:
+        assert result_hash(load_config(path, [change])) == result_hash(base), change
+    for change in ("seed=1", "ray.preserve_order=false", "output.samples_per_tar=5", "read.max_aspect_ratio=3"):
+        other = load_config(path, [change])
+        assert result_hash(other) != result_hash(base), change
+        assert config_changes(base.model_dump(mode="json", by_alias=True),
+                              other.model_dump(mode="json", by_alias=True)) == [
+            f"{change.split('=')[0]}: {_value(base, change)!r} -> {_value(other, change)!r}"]
+    assert placement_exclude(PipelineConfig)["ray"] == {"address": True, "num_cpus": True, "progress": True}
+    assert PLACEMENT == {"placement": True}
+
+
+def _value(cfg, change):
+    node = cfg.model_dump(mode="json", by_alias=True)
+    for part in change.split("=")[0].split("."):
+        node = node[part]
+    return node
+
+
+def test_one_dtype_spelling_for_every_engine(tmp_path):
+    path = _write(tmp_path, _mutate("seed", 0))
+    cfg = load_config(path, ["caption.model.dtype=bf16", "reward.dtype=FP16", "dialogue.model.dtype=float"])
+    assert (cfg.caption.model.dtype, cfg.reward.dtype, cfg.dialogue.model.dtype) == ("bfloat16", "float16", "float32")
+    with pytest.raises(ConfigError, match="caption.model.dtype: unknown dtype 'int3'"):
+        load_config(path, ["caption.model.dtype=int3"])
+    from m3t_gen.models import torch_dtype
+
+    import torch
+
+    assert torch_dtype("bfloat16") is torch.bfloat16 and torch_dtype("auto", "cuda") is torch.float16

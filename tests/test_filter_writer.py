@@ -86,3 +86,17 @@ def test_writer_finishes_a_shard_only_when_every_row_arrived(tmp_path, smoke_yam
     keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "shards" / "s-0000.tar"), shardshuffle=False)]
     assert sorted(keys) == ["s_000000", "s_000001", "s_000002"]
     assert pq.read_table(tmp_path / "rejects" / "s.parquet").column("reason").to_pylist() == ["decode_error"]
+
+
+def test_a_field_outside_the_row_schema_fails_loudly():
+    import pytest
+
+    from m3t_gen.rows import PAIR_SCHEMA, RowContractError, to_table
+
+    row = new_row(key="k", shard="s")
+    assert to_table([row]).num_rows == 1
+    row["colour"] = "red"  # a stage writing a field nobody declared: Arrow would drop it silently
+    with pytest.raises(RowContractError, match=r"row 'k' has field\(s\) \['colour'\]"):
+        to_table([row])
+    with pytest.raises(RowContractError, match="ref_emb"):
+        to_table([{"key": "p", "ref_emb": b"x"}], PAIR_SCHEMA)

@@ -279,6 +279,7 @@ class FakeServer:
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.ports: set[int] = set()  # client ports seen: one per TCP connection
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -292,6 +293,7 @@ class FakeServer:
                 body = json.loads(self.rfile.read(length))
                 seed = body.get("seed")
                 with server.lock:
+                    server.ports.add(self.client_address[1])
                     server.seen.append({"path": self.path, "headers": dict(self.headers), "body": body})
                     answers = server.script.get(seed) or []
                     answer = answers.pop(0) if answers else None
@@ -722,3 +724,26 @@ def test_server_reasoning_writer(tmp_path_factory):
         for res in backend(thinking=False).generate(ask):
             jsonschema.validate(json.loads(res.text), CAPTION_SCHEMA)
             assert not (res.reasoning or "").strip()
+
+
+def test_one_bound_and_one_connection_pool_per_backend_across_batches(fake):
+    """Two batches in flight at once (two actor threads) share the backend's bound: never more than
+    max_concurrency requests at the server; and later batches reuse the kept-alive connections."""
+    seeds = list(range(200, 216))
+    for s in seeds:
+        fake.delay[s] = 0.1
+    backend = _backend(fake.base_url, max_concurrency=3, **FAST_RETRY)
+    out: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, backend.generate(
+        [_hello(seed=s) for s in seeds[i * 8:(i + 1) * 8]]))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.text for i in range(2) for r in out[i]] == [f"text-{s}" for s in seeds]
+    assert fake.max_in_flight == 3  # the bound is the backend's, not each call's (that would allow 6)
+    ports_before = len(fake.ports)
+    backend.generate([_hello(seed=s) for s in range(300, 306)])
+    assert len(fake.ports) == ports_before  # no new connection: the pool lives across batches
+    backend.close()
+    backend.close()  # idempotent

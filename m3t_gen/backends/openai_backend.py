@@ -1,8 +1,10 @@
 """OpenAI-compatible HTTP backend: any ``/v1/chat/completions`` server (``vllm serve``, SGLang, hosted APIs).
 
 No engine in this process: ``__init__`` only validates options and reads the API key from the environment;
-``generate`` sends the whole batch concurrently (asyncio + ``httpx.AsyncClient``, at most ``max_concurrency``
-requests in flight) and returns the results in request order.
+``generate`` sends the whole batch concurrently and returns the results in request order. The backend owns one
+event loop (in its own thread), one ``httpx.AsyncClient`` (its connections are reused from batch to batch) and
+one semaphore: at most ``max_concurrency`` requests are in flight per backend, however many batches (threads)
+call ``generate`` at once.
 
 Failures:
 - connection errors, timeouts, HTTP 429 and 5xx are retried ``max_retries`` times with exponential backoff and
@@ -265,7 +267,7 @@ class OpenAIBackend(Backend):
     name = "openai"
     Options = OpenAIOptions
     supports_reasoning = True  # the server's --reasoning-parser does the work
-    batches_in_flight = 2  # each call runs its own event loop and connection pool: thread-safe
+    batches_in_flight = 2  # generate() is thread-safe: every call goes through the backend's one loop and bound
 
     def __init__(self, spec: "ModelSpec") -> None:
         super().__init__(spec)
@@ -274,6 +276,11 @@ class OpenAIBackend(Backend):
         self.url = opts.base_url + "/chat/completions"
         # Kept out of options/spec/repr; only the headers and the scrubber see it.
         self.__api_key = os.environ.get(opts.api_key_env) or None
+        self._loop: asyncio.AbstractEventLoop | None = None  # started on the first generate()
+        self._loop_thread: threading.Thread | None = None
+        self._client: Any = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._start_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(url={self.url!r}, model={self.model_name!r})"
@@ -291,7 +298,7 @@ class OpenAIBackend(Backend):
             )
             for r in requests
         ]
-        outcomes = _run_coroutine(self._send_all(bodies))
+        outcomes = asyncio.run_coroutine_threadsafe(self._send_all(bodies), self._running_loop()).result()
         failures = [o for o in outcomes if isinstance(o, _Failure)]
         if len(failures) == len(outcomes):
             if all(f.connection for f in failures):
@@ -317,7 +324,40 @@ class OpenAIBackend(Backend):
         return results
 
     def close(self) -> None:
-        """Nothing to release: each ``generate`` call opens and closes its own connection pool."""
+        """Close the connection pool and stop the loop thread."""
+        with self._start_lock:
+            loop, self._loop = self._loop, None
+            if loop is None:
+                return
+            if self._client is not None:
+                asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result(timeout=30)
+                self._client = None
+            loop.call_soon_threadsafe(loop.stop)
+            self._loop_thread.join(timeout=30)
+            loop.close()
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The backend's event loop, started once, in a daemon thread: callers in any thread (or inside their own
+        running loop) hand it coroutines, so one client and one semaphore serve every batch."""
+        with self._start_lock:
+            if self._loop is None:
+                import httpx
+
+                opts: OpenAIOptions = self.options
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="openai-backend-loop", daemon=True)
+                thread.start()
+
+                async def setup() -> None:  # created inside the loop they belong to
+                    limits = httpx.Limits(max_connections=opts.max_concurrency,
+                                          max_keepalive_connections=opts.max_concurrency)
+                    self._client = httpx.AsyncClient(headers=self._headers(), timeout=httpx.Timeout(opts.timeout_s),
+                                                     limits=limits)
+                    self._semaphore = asyncio.Semaphore(opts.max_concurrency)
+
+                asyncio.run_coroutine_threadsafe(setup(), loop).result()
+                self._loop, self._loop_thread = loop, thread
+            return self._loop
 
     # ---------------------------------------------------------------------------------- internals
 
@@ -334,20 +374,11 @@ class OpenAIBackend(Backend):
         return text[:_ERROR_CHARS]
 
     async def _send_all(self, bodies: list[dict[str, Any]]) -> list[GenerationResult | _Failure]:
-        import httpx
+        async def one(body: dict[str, Any]) -> GenerationResult | _Failure:
+            async with self._semaphore:
+                return await self._send_one(self._client, body)
 
-        opts: OpenAIOptions = self.options
-        limits = httpx.Limits(max_connections=opts.max_concurrency, max_keepalive_connections=opts.max_concurrency)
-        semaphore = asyncio.Semaphore(opts.max_concurrency)
-        async with httpx.AsyncClient(
-            headers=self._headers(), timeout=httpx.Timeout(opts.timeout_s), limits=limits
-        ) as client:
-
-            async def one(body: dict[str, Any]) -> GenerationResult | _Failure:
-                async with semaphore:
-                    return await self._send_one(client, body)
-
-            return list(await asyncio.gather(*(one(b) for b in bodies)))
+        return list(await asyncio.gather(*(one(b) for b in bodies)))
 
     async def _send_one(self, client: "httpx.AsyncClient", body: dict[str, Any]) -> GenerationResult | _Failure:
         import httpx
@@ -403,26 +434,3 @@ def _error_message(response: "httpx.Response") -> str:
         if data.get("message"):  # some servers: {"message": ..., "object": "error"}
             return str(data["message"])
     return str(data)
-
-
-def _run_coroutine(coro: Any) -> Any:
-    """``asyncio.run`` from sync code; from inside a running event loop (an async actor, a notebook), run it
-    on a fresh loop in a helper thread instead, since that loop cannot be re-entered."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as err:  # re-raised in the caller's thread
-            box["error"] = err
-
-    thread = threading.Thread(target=target, name="openai-backend-loop", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]

@@ -25,26 +25,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, register
+from m3t_gen.models import torch_dtype
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-}
 _IMAGE_PART_TYPES = ("image", "image_pil", "image_url")
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    if name == "auto":
-        return "auto"
-    try:
-        return getattr(torch, _DTYPES[name.lower()])
-    except KeyError:
-        raise ValueError(f"unsupported dtype {name!r} (expected auto, {', '.join(sorted(_DTYPES))})") from None
 
 
 def _make_gumbel_processor(seeds: list[int], temperatures: list[float], top_ps: list[float]):
@@ -127,7 +112,8 @@ class TransformersBackend(Backend):
         config = AutoConfig.from_pretrained(self.model_path, **common)
         self.is_vlm = self._is_vision_language(config)
 
-        model_kwargs: dict[str, Any] = {"dtype": _torch_dtype(spec.dtype)}
+        # "auto": the checkpoint's own dtype, as transformers reads it (a CPU run of a bf16 checkpoint stays bf16).
+        model_kwargs: dict[str, Any] = {"dtype": "auto" if spec.dtype == "auto" else torch_dtype(spec.dtype)}
         if opts.attn_implementation:
             model_kwargs["attn_implementation"] = opts.attn_implementation
         if self.is_vlm:
