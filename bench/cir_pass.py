@@ -89,7 +89,8 @@ def rss_mb() -> float:
 
 
 def one_pass(args: argparse.Namespace) -> dict:
-    from m3t_gen.pipeline import init_ray, make_context, write_owner_file
+    from m3t_gen.pipeline import make_context, write_owner_file
+    from m3t_gen.recipe import init_ray
     from m3t_gen.tiny_models import TINY_CLIP_DIM
 
     out = Path(args.out)

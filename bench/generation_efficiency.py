@@ -146,7 +146,8 @@ def _requests(stage, rows):
 def in_pipeline(cfg, stage_name: str, n: int) -> tuple[float, int]:
     import ray
 
-    from m3t_gen.pipeline import apply_stages, make_context
+    from m3t_gen.pipeline import make_context
+    from m3t_gen.recipe import apply_stages
     from m3t_gen.rows import to_table
 
     stage_cls, make_rows = _stage(stage_name)

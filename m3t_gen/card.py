@@ -61,13 +61,12 @@ def recipe_parts(manifest: dict[str, Any]) -> list[str]:
 
 
 def _stage_config(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
-    """A generation stage's config: top level (caption, dialogue) or inside a recipe section (cir.modify)."""
-    if isinstance(cfg.get(stage), dict):
-        return cfg[stage]
-    for section in cfg.values():
-        if isinstance(section, dict) and isinstance(section.get(stage), dict):
-            return section[stage]
-    return {}
+    """A stage's (or a model role's: the roles are stage names) section of the run's config, where the stage's
+    declaration says it is."""
+    from m3t_gen.recipe import STAGES
+
+    found = STAGES[stage].settings(cfg) if stage in STAGES else None
+    return found if isinstance(found, dict) else {}
 
 
 def _license(manifest: dict[str, Any]) -> str:

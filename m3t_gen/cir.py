@@ -25,13 +25,10 @@ import pyarrow.parquet as pq
 from m3t_gen import __version__
 from m3t_gen.pairing import mine_pairs
 from m3t_gen.rows import OK, PAIR_SCHEMA, REJECTED, usage_fields, worker_counts
+from m3t_gen.recipe import CIR_STAGES, apply_stages, init_ray
 from m3t_gen.stages.base import RunContext
-from m3t_gen.stages.modify import ModifyStage
-from m3t_gen.stages.triplet_filter import TripletFilterStage
-from m3t_gen.stages.triplet_reward import TripletRewardStage
 from m3t_gen.store import Store
 
-CIR_STAGES = [ModifyStage, TripletRewardStage, TripletFilterStage]
 TRIPLET_REJECT_SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.string()), ("target_image", pa.string()), ("stage", pa.string()),
     ("reason", pa.string()), ("detail", pa.string()), ("scores", pa.string()),
@@ -228,8 +225,6 @@ def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
             log: Callable[[str], None]) -> dict[str, Any]:
     import ray
     import ray.data
-
-    from m3t_gen.pipeline import apply_stages, init_ray
 
     store = out if isinstance(out, Store) else Store(out)
     pool = load_pool(store, shards)

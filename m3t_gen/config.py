@@ -6,7 +6,6 @@ through the registry so that a bad option fails at ``validate`` time, not after 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,16 +13,9 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from m3t_gen.models import check_reference
+from m3t_gen.turns import CAPTION_TURN, DEFAULT_MIX, TURN_TYPE_NAMES
 
-TurnType = Literal["classification", "retrieval", "vqa_holistic", "vqa_localized", "vqa_creative"]
-# The MuCo mix: 7 pairs in one call.
-DEFAULT_MIX: dict[str, int] = {
-    "classification": 1,
-    "retrieval": 1,
-    "vqa_holistic": 2,
-    "vqa_localized": 2,
-    "vqa_creative": 1,
-}
+TurnType = Literal[TURN_TYPE_NAMES]  # m3t_gen/turns.py: the one table of turn types
 
 
 def _check_model_ref(v: str) -> str:
@@ -260,8 +252,8 @@ class DialogueStage(GenerationStage):
     @model_validator(mode="after")
     def _single_stage(self) -> "DialogueStage":
         if self.source == "image":
-            if not self.mix.get("retrieval"):
-                raise ValueError("source: image needs a retrieval turn in the mix (its target is the description)")
+            if not self.mix.get(CAPTION_TURN):
+                raise ValueError(f"source: image needs a {CAPTION_TURN} turn in the mix (its target is the description)")
             if self.template == "m3t_dialogue.j2":
                 self.template = "m3t_dialogue_image.j2"
         return self
@@ -358,8 +350,8 @@ class PairingSpec(Strict):
     index: Literal["exact", "ivf", "hnsw"] = Field(
         "exact", description="neighbour search: exact (FAISS flat, O(N^2 d)), ivf (inverted lists, probes nprobe of "
         "nlist clusters), hnsw (graph); see docs/BENCHMARKS.md for time, memory and recall at 100K / 1M")
-    nlist: int | None = Field(None, ge=1, description="ivf: clusters (default 4 sqrt(N), at least 39 images each)")
-    nprobe: int = Field(32, ge=1, description="ivf: clusters searched per query")
+    nlist: int | None = Field(None, ge=1, description="ivf: clusters (default sqrt(N), at least 39 images each)")
+    nprobe: int = Field(16, ge=1, description="ivf: clusters searched per query")
     hnsw_m: int = Field(32, ge=4, description="hnsw: links per node")
     ef_search: int = Field(128, ge=1, description="hnsw: candidate list size at search time")
 

@@ -21,22 +21,14 @@ from typing import Any
 
 from m3t_gen import __version__
 from m3t_gen.config import ConfigError, PipelineConfig, drop_excluded, placement_exclude
-from m3t_gen.stages.base import RunContext, Stage
-from m3t_gen.stages.caption import CaptionStage
-from m3t_gen.stages.dedupe import DedupeStage
-from m3t_gen.stages.dialogue import DialogueStage
-from m3t_gen.stages.embed import EmbedStage
-from m3t_gen.stages.filter import FilterStage
+from m3t_gen.recipe import SAMPLE_ORDER, SAMPLE_STAGES, apply_stages, init_ray, lineage
+from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.read import read_shards
-from m3t_gen.stages.reward import RewardStage
 from m3t_gen.rows import usage_fields
 from m3t_gen.templates import load_template
 from m3t_gen.store import LOCK_FILE, OutputBusy, Store, is_remote, lock_output
 from m3t_gen.writer import OutputWriter
 
-# The M3T recipe after `read`, in order. A new stage is one file under stages/ plus its place here.
-SAMPLE_STAGES: list[type[Stage]] = [DedupeStage, CaptionStage, EmbedStage, DialogueStage, RewardStage, FilterStage]
-STAGE_ORDER = ["read"] + [s.name for s in SAMPLE_STAGES]
 
 
 @dataclass
@@ -92,41 +84,9 @@ def result_hash(cfg: PipelineConfig) -> str:
 
 
 def make_context(cfg: PipelineConfig) -> RunContext:
-    templates = {"caption": load_template(cfg.caption.template, cfg.base_dir).short_hash}
-    models = {"caption": cfg.caption.model.model, "reward": cfg.reward.model}
-    if cfg.dialogue is not None and cfg.wants("m3t"):
-        templates["dialogue"] = load_template(cfg.dialogue.template, cfg.base_dir).short_hash
-        models["dialogue"] = cfg.dialogue.model.model
-    if cfg.cir is not None and cfg.wants("cir"):
-        templates["modify"] = load_template(cfg.cir.modify.template, cfg.base_dir).short_hash
-        models["modify"] = cfg.cir.modify.model.model
+    names, models = lineage(cfg)
+    templates = {stage: load_template(name, cfg.base_dir).short_hash for stage, name in names.items()}
     return RunContext(config=cfg, config_hash=result_hash(cfg), template_hashes=templates, model_names=models)
-
-
-def _run_stateless(batch: Any, stage_cls: type[Stage], ctx: RunContext) -> Any:
-    return stage_cls(ctx)(batch)
-
-
-def apply_stages(ds: Any, stages: list[type[Stage]], cfg: PipelineConfig, ctx: RunContext) -> Any:
-    """Each enabled stage becomes one map_batches: an actor pool (models) or stateless tasks."""
-    from ray.data import ActorPoolStrategy
-
-    for stage in stages:
-        if not stage.enabled(cfg):
-            continue
-        res = stage.resources(cfg)
-        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
-        if stage.uses_actor():
-            # Restart actors lost with a node and retry their batches (Ray Data's default today; pinned here).
-            # batches_in_flight > 1: that many __call__s run at once in the actor's threads (the stage and its
-            # backend are thread-safe), so an engine never waits for the next batch to arrive.
-            pool = ActorPoolStrategy(size=res.concurrency, max_concurrent_calls_per_actor=res.batches_in_flight,
-                                     enable_true_multi_threading=res.batches_in_flight > 1)
-            ds = ds.map_batches(stage, fn_constructor_kwargs={"ctx": ctx}, compute=pool,
-                                num_gpus=res.num_gpus or None, max_restarts=-1, max_task_retries=-1, **common)
-        else:
-            ds = ds.map_batches(_run_stateless, fn_kwargs={"stage_cls": stage, "ctx": ctx}, **common)
-    return ds
 
 
 def build_dataset(cfg: PipelineConfig, ctx: RunContext, shards: list[InputShard]) -> Any:
@@ -138,25 +98,6 @@ def build_dataset(cfg: PipelineConfig, ctx: RunContext, shards: list[InputShard]
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=cfg.read.num_cpus,
                         fn_kwargs={"input_spec": cfg.input, "spec": cfg.read, "limit": cfg.limit})
     return apply_stages(ds, SAMPLE_STAGES, cfg, ctx)
-
-
-def init_ray(cfg: PipelineConfig) -> None:
-    """Start or join Ray, then apply the config's data-context settings, also when Ray was already up (a second
-    pass of the same run, a caller's own ray.init): preserve_order decides which duplicate survives."""
-    import ray
-    import ray.data
-
-    if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,
-                                  "log_to_driver": True, "configure_logging": True}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
-    data_ctx = ray.data.DataContext.get_current()
-    data_ctx.enable_progress_bars = cfg.ray.progress
-    data_ctx.execution_options.preserve_order = cfg.ray.preserve_order
 
 
 OWNER_FILE = ".m3t-gen"  # written first into every output: the proof that m3t-gen made this folder
@@ -300,7 +241,7 @@ def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], start
     manifest = {
         "name": cfg.name, "recipe": cfg.recipe, "config_hash": result_hash(cfg),
         "config": cfg.model_dump(mode="json", by_alias=True),
-        "versions": _versions(), "templates": ctx.template_hashes, "template_texts": _template_texts(cfg, ctx),
+        "versions": _versions(), "templates": ctx.template_hashes, "template_texts": _template_texts(cfg),
         "models": ctx.model_names,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "wall_seconds": round(time.perf_counter() - t0, 2), "shards": len(shards),
@@ -327,7 +268,7 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
         tokens.update(s.get("stage_tokens", {}))
     stages = []
     rows_in = read
-    for name in STAGE_ORDER:
+    for name in SAMPLE_ORDER:
         if name != "read" and name not in seconds and not by_stage[name]:
             continue  # a stage this recipe does not use
         out = rows_in - by_stage[name]
@@ -401,14 +342,10 @@ def _request_lines(stages: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _template_texts(cfg: PipelineConfig, ctx: RunContext) -> dict[str, str]:
+def _template_texts(cfg: PipelineConfig) -> dict[str, str]:
     """The prompt templates the run used, verbatim (the card shows them; the files may move or change later)."""
-    names = {"caption": cfg.caption.template}
-    if cfg.dialogue is not None:
-        names["dialogue"] = cfg.dialogue.template
-    if cfg.cir is not None:
-        names["modify"] = cfg.cir.modify.template
-    return {stage: load_template(names[stage], cfg.base_dir).source for stage in ctx.template_hashes}
+    names, _ = lineage(cfg)
+    return {stage: load_template(name, cfg.base_dir).source for stage, name in names.items()}
 
 
 def _versions() -> dict[str, str]:

@@ -180,12 +180,12 @@ def with_reasoning(answer_bound: int, stage: Any) -> int:
 
 
 def dialogue_output_bound(cfg: PipelineConfig) -> int:
-    from m3t_gen.stages.dialogue import turn_plan
+    from m3t_gen.turns import turn_plan, writes_target
 
     per_string = math.ceil(cfg.dialogue.max_text_chars / CHARS_PER_TOKEN)
     bound = 4  # {"turns": [ ... ]}
     for turn in turn_plan(cfg.dialogue.mix):
-        strings = 1 if turn["type"] == "retrieval" else 2
+        strings = 2 if writes_target(turn["type"], cfg.dialogue.source == "image") else 1
         bound += strings * per_string + JSON_TURN_OVERHEAD
     return with_reasoning(bound, cfg.dialogue)
 
@@ -336,32 +336,18 @@ def _max_tokens(cfg: dict[str, Any], stage: str) -> int | None:
 
 
 def stage_section(cfg: Any, stage: str) -> Any:
-    """The config section that holds a stage's model and resources (a PipelineConfig or its JSON dump)."""
-    path = {"embed": "reward", "triplet_reward": "reward", "modify": "cir.modify"}.get(stage, stage)
-    node = cfg
-    for part in path.split("."):
-        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
-        if node is None:
-            return None
-    return node
+    """The config section that holds a stage's model and resources (a PipelineConfig or its JSON dump), as the
+    stage declares it."""
+    from m3t_gen.recipe import STAGES
+
+    return STAGES[stage].settings(cfg)
 
 
 def planned_stages(cfg: PipelineConfig) -> list[str]:
-    """The model stages this config runs, in pipeline order."""
-    from m3t_gen.stages.dialogue import DialogueStage
-    from m3t_gen.stages.embed import EmbedStage
-    from m3t_gen.stages.reward import RewardStage
+    """The model stages this config runs, in pipeline order (a single-stage run has no caption stage)."""
+    from m3t_gen.recipe import enabled
 
-    stages = ["caption"]
-    if EmbedStage.enabled(cfg):
-        stages.append("embed")
-    if DialogueStage.enabled(cfg):
-        stages.append("dialogue")
-    if RewardStage.enabled(cfg):
-        stages.append("reward")
-    if cfg.wants("cir"):
-        stages += ["modify", "triplet_reward"]
-    return stages
+    return [s.name for s in enabled(cfg) if s.model_role]
 
 
 def modify_output_bound(cfg: PipelineConfig) -> int:

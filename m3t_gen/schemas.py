@@ -48,14 +48,17 @@ def bounded_text(max_chars: int) -> dict[str, Any]:
     return {"type": "string", "pattern": "^[%s]{1,%d}$" % (TEXT_CLASS, max_chars)}
 
 
-def dialogue_decoding_schema(mix: dict[str, int], max_chars: int, retrieval_target: bool = False) -> dict[str, Any]:
-    """The dialogue schema narrowed to an exact, ordered turn mix, for constrained decoding. Retrieval turns
-    carry a target only when the model writes the description itself (single-stage)."""
+def dialogue_decoding_schema(mix: dict[str, int], max_chars: int, single_stage: bool = False) -> dict[str, Any]:
+    """The dialogue schema narrowed to an exact, ordered turn mix, for constrained decoding. A turn whose target
+    is the dense caption (retrieval) carries one only when the model writes the description itself
+    (single-stage)."""
+    from m3t_gen.turns import writes_target
+
     items = []
     for turn_type, count in mix.items():
         props: dict[str, Any] = {"type": {"const": turn_type}, "query": bounded_text(max_chars)}
         required = ["type", "query"]
-        if turn_type != "retrieval" or retrieval_target:  # two-stage: the retrieval target IS the dense caption
+        if writes_target(turn_type, single_stage):  # two-stage: the retrieval target IS the dense caption
             props["target"] = bounded_text(max_chars)
             required.append("target")
         item = {"type": "object", "properties": props, "required": required, "additionalProperties": False}

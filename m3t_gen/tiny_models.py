@@ -37,6 +37,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from m3t_gen.turns import TURN_TYPE_NAMES
+
 KINDS = ("vlm", "qwen2_5_vl", "lm", "qwen3", "clip")
 SEED = 20240531
 VOCAB_SIZE = 2000  # BPE vocabulary, special tokens included (the VLM adds <image> on top)
@@ -105,7 +107,7 @@ _PARAGRAPHS = [
 ]
 
 _JSON_KEYS = ["type", "question", "answer", "caption", "turns", "label", "score", "text", "reason", "index"]
-_TURN_TYPES = ["classification", "retrieval", "vqa_holistic", "vqa_localized", "vqa_creative"]
+_TURN_TYPES = list(TURN_TYPE_NAMES)
 # Pure-Python standard-library sources whose docstrings are read (by parsing the files, never importing them,
 # so the text does not depend on what is imported or monkeypatched in the process). Missing files are skipped.
 _DOC_SOURCES = [

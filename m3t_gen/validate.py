@@ -9,6 +9,7 @@ from m3t_gen.resources import data_dir, find_file
 from m3t_gen.schemas import dialogue_decoding_schema, load_schema, validation_error
 from m3t_gen.stages import caption, dialogue, modify
 from m3t_gen.templates import TemplateError, check_template, load_template
+from m3t_gen.turns import turn_plan, writes_target
 
 EXAMPLE_ROW = {
     "key": "example_000000", "width": 640, "height": 480, "text": "a photo of a cat on a sofa",
@@ -85,10 +86,9 @@ def validate_config(cfg: PipelineConfig) -> list[str]:
     except Exception as e:  # jsonschema.SchemaError
         raise ConfigError(f"dialogue.schema: not a valid JSON schema: {str(e).splitlines()[0]}") from None
     single = cfg.dialogue.source == "image"
-    decoding = dialogue_decoding_schema(cfg.dialogue.mix, cfg.dialogue.max_text_chars, retrieval_target=single)
-    probe = {"turns": [{"type": t["type"], "query": "q",
-                        **({} if t["type"] == "retrieval" and not single else {"target": "t"})}
-                       for t in dialogue.turn_plan(cfg.dialogue.mix)]}
+    decoding = dialogue_decoding_schema(cfg.dialogue.mix, cfg.dialogue.max_text_chars, single_stage=single)
+    probe = {"turns": [{"type": t["type"], "query": "q", **({"target": "t"} if writes_target(t["type"], single) else {})}
+                       for t in turn_plan(cfg.dialogue.mix)]}
     for label, s in (("schema file", schema), ("decoding schema", decoding)):
         err = validation_error(probe, s)
         if err:

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every stage in every test run (Ray workers inherit it) checks that it set only the row fields it declares.
+os.environ.setdefault("M3T_GEN_CHECK_ROWS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

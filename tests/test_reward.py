@@ -14,7 +14,8 @@ from m3t_gen.pipeline import make_context
 from m3t_gen.rows import new_row
 from m3t_gen.scoring import directional, self_retrieval
 from m3t_gen.stages.embed import EmbedStage
-from m3t_gen.stages.reward import RewardStage, turn_text
+from m3t_gen.stages.reward import RewardStage
+from m3t_gen.turns import scored_text
 
 
 def _unit(rng, n, d=16):
@@ -76,7 +77,7 @@ def test_reward_stage_scores_equal_numpy_on_same_embeddings(stage):
     imgs = clip.embed_images([Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows])
     for i, row in enumerate(rows):
         scores = json.loads(row["scores"])
-        texts = clip.embed_texts([row["caption"]] + [turn_text(t) for t in turns])
+        texts = clip.embed_texts([row["caption"]] + [scored_text(t) for t in turns])
         np.testing.assert_allclose(scores["caption"], texts[0] @ imgs[i], atol=1e-5)
         np.testing.assert_allclose(scores["turns"], texts[1:] @ imgs[i], atol=1e-5)
         assert scores["k"] == 2  # drawn from a bank of the first 4 smoke images
@@ -92,6 +93,6 @@ def test_reward_stage_scores_equal_numpy_on_same_embeddings(stage):
         assert all(0 < p < 1 for p in scores["turn_probs"])
 
 
-def test_turn_text_rule():
-    assert turn_text({"type": "retrieval", "query": "q", "target": "the caption"}) == "the caption"
-    assert turn_text({"type": "vqa_holistic", "query": "where?", "target": "beach"}) == "where? beach"
+def test_scored_text_rule():
+    assert scored_text({"type": "retrieval", "query": "q", "target": "the caption"}) == "the caption"
+    assert scored_text({"type": "vqa_holistic", "query": "where?", "target": "beach"}) == "where? beach"

@@ -2,7 +2,6 @@
 engine (CPU build), tiny CLIP reward; then the output read back by the tools trainers use."""
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter

@@ -20,7 +20,6 @@ Notes on running inside a Ray actor (Ray Data ``map_batches`` with a callable cl
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os

@@ -68,8 +68,22 @@ class SharedClock:
             return self._running.pop(token)
 
 
+# Fields any stage may set on a row besides its declared ``writes``: the decision and the bookkeeping.
+BOOKKEEPING = frozenset({"status", "reject_stage", "reject_reason", "reject_detail", "image", "timings", "tokens",
+                         "workers", "reasoning"})
+
+
 class Stage:
+    """A stage's class is its one declaration: name, pass, config section, the model it runs (lineage, plan),
+    whether it writes text from a template, the row fields it writes, when it is enabled and its resources.
+    The recipe (m3t_gen/recipe.py) lists the stages in order; everything else reads these."""
+
     name: ClassVar[str]
+    recipe_pass: ClassVar[str] = "sample"  # "sample": one row per image; "cir": one row per image pair
+    section: ClassVar[str | None] = None  # dotted path of the stage's settings in the config
+    model_role: ClassVar[str | None] = None  # the lineage key of the model it runs: caption, dialogue, modify, reward
+    generates: ClassVar[bool] = False  # writes text with a generation model from the section's template
+    writes: ClassVar[tuple[str, ...]] = ()  # row fields it sets (besides BOOKKEEPING); checked under M3T_GEN_CHECK_ROWS
     row_schema: ClassVar[pa.Schema | None] = None  # None: the sample row schema (m3t_gen.rows.ROW_SCHEMA)
 
     def __init__(self, ctx: RunContext) -> None:
@@ -78,6 +92,12 @@ class Stage:
 
     @classmethod
     def resources(cls, config: PipelineConfig) -> Resources:
+        """From the section's ``resources`` (generation stages fill in the backend's batches in flight)."""
+        section = cls.settings(config)
+        if hasattr(section, "stage_resources"):
+            return section.stage_resources()
+        if isinstance(getattr(section, "resources", None), Resources):
+            return section.resources
         return Resources(batch_size=64, concurrency=1, num_gpus=0, num_cpus=0.25)
 
     @classmethod
@@ -91,6 +111,14 @@ class Stage:
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         raise NotImplementedError
+
+    def _check_writes(self, before: list[dict[str, Any]], after: list[dict[str, Any]]) -> None:
+        allowed = BOOKKEEPING | set(self.writes)
+        for old, new in zip(before, after):
+            changed = {k for k in new if old.get(k) != new[k]}
+            if not changed <= allowed:
+                raise AssertionError(f"stage {self.name} set {sorted(changed - allowed)} on row {new.get('key')!r}, "
+                                     f"which it does not declare in writes {self.writes}")
 
     @staticmethod
     def worker_id() -> str:
@@ -109,15 +137,28 @@ class Stage:
         except Exception:  # interpreter shutdown: modules may be half gone
             pass
 
+    @classmethod
+    def settings(cls, config: Any) -> Any:
+        """The stage's config section (of a PipelineConfig or of its JSON dump in a manifest); None if absent."""
+        node = config
+        for part in (cls.section or "").split(".") if cls.section else []:
+            node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+            if node is None:
+                return None
+        return node if cls.section else None
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         live = [r for r in rows if r["status"] == OK]
         if live:
+            before = [dict(r) for r in live] if os.environ.get("M3T_GEN_CHECK_ROWS") else None
             token = self.clock.start()
             try:
                 self.process(live)
             finally:
                 seconds = self.clock.stop(token)
+            if before is not None:
+                self._check_writes(before, live)
             share = seconds / len(live)
             worker = self.worker_id() if self.uses_actor() else None
             for r in live:

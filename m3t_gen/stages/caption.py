@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from m3t_gen.backends.base import GenerationResult, get_backend
-from m3t_gen.config import PipelineConfig, Resources
+from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import generate_validated, open_image
 from m3t_gen.quality import degenerate_reason
 from m3t_gen.stages.base import RunContext, Stage
@@ -19,14 +19,14 @@ def template_fields(row: dict[str, Any]) -> dict[str, Any]:
 
 class CaptionStage(Stage):
     name = "caption"
+    section = "caption"
+    model_role = "caption"
+    generates = True
+    writes = ("caption", "caption_attempts")
 
     @classmethod
     def enabled(cls, config: PipelineConfig) -> bool:
-        return not config.single_stage()
-
-    @classmethod
-    def resources(cls, config: PipelineConfig) -> Resources:
-        return config.caption.stage_resources()
+        return not config.single_stage()  # single-stage: the dialogue MLLM writes the description
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

@@ -59,6 +59,7 @@ class HashIndex:
 
 class DedupeStage(Stage):
     name = "dedupe"
+    section = "read.dedupe"
 
     @classmethod
     def resources(cls, config: PipelineConfig) -> Resources:

@@ -7,25 +7,13 @@ import json
 from typing import Any
 
 from m3t_gen.backends.base import GenerationResult, get_backend
-from m3t_gen.config import PipelineConfig, Resources
+from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import generate_validated, open_image, parse_json_answer
 from m3t_gen.quality import degenerate_reason
 from m3t_gen.schemas import dialogue_decoding_schema, load_schema
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.templates import load_template
-
-TURN_INSTRUCTIONS = {
-    "classification": "a question asking what the image mainly shows; the target is a label of one to three words",
-    "retrieval": "a search query someone would type to find exactly this image; its target is the description",
-    "vqa_holistic": "a question about the scene as a whole; the target is its short answer",
-    "vqa_localized": "a question about one specific object, region or detail; the target is its short answer",
-    "vqa_creative": "an imaginative question still grounded in what is visible; the target is its answer",
-}
-
-
-def turn_plan(mix: dict[str, int]) -> list[dict[str, str]]:
-    return [{"type": t, "instruction": TURN_INSTRUCTIONS[t]} for t, n in mix.items() for _ in range(n)]
-
+from m3t_gen.turns import TURN_TYPES, turn_plan, writes_target
 
 def template_fields(row: dict[str, Any], mix: dict[str, int]) -> dict[str, Any]:
     """The fields the dialogue template may use (checked by ``m3t-gen validate``); single-stage templates get
@@ -39,14 +27,14 @@ def template_fields(row: dict[str, Any], mix: dict[str, int]) -> dict[str, Any]:
 
 class DialogueStage(Stage):
     name = "dialogue"
+    section = "dialogue"
+    model_role = "dialogue"
+    generates = True
+    writes = ("turns", "dialogue_attempts", "caption")  # caption: single-stage, the description it wrote
 
     @classmethod
     def enabled(cls, config: PipelineConfig) -> bool:
         return config.wants("m3t")
-
-    @classmethod
-    def resources(cls, config: PipelineConfig) -> Resources:
-        return config.dialogue.stage_resources()
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
@@ -55,7 +43,7 @@ class DialogueStage(Stage):
         self.schema = load_schema(self.cfg.schema_, ctx.config.base_dir)
         self.from_image = self.cfg.source == "image"
         self.decoding_schema = dialogue_decoding_schema(self.cfg.mix, self.cfg.max_text_chars,
-                                                        retrieval_target=self.from_image)
+                                                        single_stage=self.from_image)
         self.expected_types = [t["type"] for t in turn_plan(self.cfg.mix)]
         self.backend = get_backend(self.cfg.model.backend)(self.cfg.model)
 
@@ -79,7 +67,7 @@ class DialogueStage(Stage):
                 bad = degenerate_reason(turn.get(field, "x"))
                 if bad:
                     return None, f"{bad}_turn: {turn['type']} {field} {turn[field][:120]!r}"
-            if turn["type"] == "retrieval" and not self.from_image:
+            if not writes_target(turn["type"], self.from_image):
                 turn["target"] = row["caption"]  # M3T: the retrieval target IS the dense caption
         queries = [t["query"].strip().lower() for t in turns]
         if len(set(queries)) < len(queries):
@@ -95,4 +83,4 @@ class DialogueStage(Stage):
             row["turns"] = json.dumps(turns)
             row["dialogue_attempts"] = attempts
             if self.from_image:  # the description written in the same call serves as the dense caption
-                row["caption"] = next(t["target"] for t in turns if t["type"] == "retrieval")
+                row["caption"] = next(t["target"] for t in turns if TURN_TYPES[t["type"]].target_is_caption)

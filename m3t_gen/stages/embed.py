@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from m3t_gen.clip import ClipEmbedder
-from m3t_gen.config import PipelineConfig, Resources
 from m3t_gen.generation import open_image
 from m3t_gen.stages.base import RunContext, Stage
 
@@ -23,10 +22,9 @@ def from_bytes(raw: bytes) -> np.ndarray:
 
 class EmbedStage(Stage):
     name = "embed"
-
-    @classmethod
-    def resources(cls, config: PipelineConfig) -> Resources:
-        return config.reward.resources  # same model as the reward: same placement
+    section = "reward"  # same model as the reward: same placement
+    model_role = "reward"
+    writes = ("image_emb", "caption_emb")
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

@@ -13,7 +13,7 @@ from typing import Any
 from m3t_gen.config import FilterSpec, PipelineConfig
 from m3t_gen.quality import privacy_hit
 from m3t_gen.rows import OK, reject
-from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.base import Stage
 
 
 def turn_failure(scores: dict[str, Any], i: int, spec: FilterSpec, turn: dict[str, Any]) -> str | None:
@@ -62,6 +62,8 @@ def apply_filter(row: dict[str, Any], spec: FilterSpec, stage: str = "filter") -
 
 class FilterStage(Stage):
     name = "filter"
+    section = "filter"
+    writes = ("turns",)  # each turn marked kept or dropped with its reason
 
     @classmethod
     def enabled(cls, config: PipelineConfig) -> bool:

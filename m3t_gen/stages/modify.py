@@ -8,7 +8,7 @@ from typing import Any
 
 from m3t_gen.backends.base import GenerationResult, get_backend
 from m3t_gen.config import ModifyStage as ModifyConfig
-from m3t_gen.config import PipelineConfig, Resources
+from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import generate_validated, parse_json_answer
 from m3t_gen.quality import degenerate_reason
 from m3t_gen.rows import PAIR_SCHEMA
@@ -53,11 +53,16 @@ def decoding_schema(cfg: ModifyConfig) -> dict[str, Any]:
 
 class ModifyStage(Stage):
     name = "modify"
+    recipe_pass = "cir"
+    section = "cir.modify"
+    model_role = "modify"
+    generates = True
+    writes = ("modifications", "modify_attempts")
     row_schema = PAIR_SCHEMA
 
     @classmethod
-    def resources(cls, config: PipelineConfig) -> Resources:
-        return config.cir.modify.stage_resources()
+    def enabled(cls, config: PipelineConfig) -> bool:
+        return config.wants("cir")
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

@@ -23,12 +23,7 @@ from m3t_gen.scoring import pick_distractors, self_retrieval
 from m3t_gen.seeds import derive_seed
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.stages.embed import from_bytes
-
-
-def turn_text(turn: dict[str, str]) -> str:
-    if turn["type"] in ("classification", "retrieval"):
-        return turn["target"]
-    return f"{turn['query']} {turn['target']}"
+from m3t_gen.turns import scored_text
 
 
 def _r(x: float) -> float:
@@ -37,6 +32,9 @@ def _r(x: float) -> float:
 
 class RewardStage(Stage):
     name = "reward"
+    section = "reward"
+    model_role = "reward"
+    writes = ("scores",)
 
     @classmethod
     def enabled(cls, config: PipelineConfig) -> bool:
@@ -82,7 +80,7 @@ class RewardStage(Stage):
         turns = [json.loads(r["turns"]) for r in rows]
         texts: list[str] = []
         for row_turns in turns:
-            texts.extend(turn_text(t) for t in row_turns)
+            texts.extend(scored_text(t) for t in row_turns)
         text_emb = self.clip.embed_texts(texts)
         missing = [r for r in rows if r["caption_emb"] is None]  # single-stage: captioned by the dialogue call
         if missing:

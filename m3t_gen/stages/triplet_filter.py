@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from m3t_gen.config import TripletFilterSpec
+from m3t_gen.config import PipelineConfig, TripletFilterSpec
 from m3t_gen.quality import privacy_hit
 from m3t_gen.rows import PAIR_SCHEMA, reject
 from m3t_gen.stages.base import Stage
@@ -38,7 +38,14 @@ def apply_triplet_filter(row: dict[str, Any], spec: TripletFilterSpec, stage: st
 
 class TripletFilterStage(Stage):
     name = "triplet_filter"
+    recipe_pass = "cir"
+    section = "cir.filter"
+    writes = ("modifications",)
     row_schema = PAIR_SCHEMA
+
+    @classmethod
+    def enabled(cls, config: PipelineConfig) -> bool:
+        return config.wants("cir")
 
     @classmethod
     def uses_actor(cls) -> bool:

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from m3t_gen.clip import ClipEmbedder
-from m3t_gen.config import PipelineConfig, Resources
+from m3t_gen.config import PipelineConfig
 from m3t_gen.rows import PAIR_SCHEMA
 from m3t_gen.scoring import directional
 from m3t_gen.stages.base import RunContext, Stage
@@ -21,11 +21,15 @@ from m3t_gen.stages.base import RunContext, Stage
 
 class TripletRewardStage(Stage):
     name = "triplet_reward"
+    recipe_pass = "cir"
+    section = "reward"
+    model_role = "reward"
+    writes = ("scores",)
     row_schema = PAIR_SCHEMA
 
     @classmethod
-    def resources(cls, config: PipelineConfig) -> Resources:
-        return config.reward.resources
+    def enabled(cls, config: PipelineConfig) -> bool:
+        return config.wants("cir")
 
     def __init__(self, ctx: RunContext) -> None:
         import ray

@@ -1,0 +1,92 @@
+"""The recipe: every stage in pipeline order, each declared once by its class (m3t_gen/stages/*.py), and how a
+list of stages becomes Ray Data operators. The pipeline, the CIR pass, lineage, `plan` and the card read the
+stages from here; adding a stage is its file, its place in one of these lists, and a test.
+
+    sample pass: read -> dedupe -> caption -> embed -> dialogue -> reward -> filter   (one row per image)
+    CIR pass:    pairs -> modify -> triplet_reward -> triplet_filter                  (one row per image pair)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from m3t_gen.config import PipelineConfig
+from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.caption import CaptionStage
+from m3t_gen.stages.dedupe import DedupeStage
+from m3t_gen.stages.dialogue import DialogueStage
+from m3t_gen.stages.embed import EmbedStage
+from m3t_gen.stages.filter import FilterStage
+from m3t_gen.stages.modify import ModifyStage
+from m3t_gen.stages.reward import RewardStage
+from m3t_gen.stages.triplet_filter import TripletFilterStage
+from m3t_gen.stages.triplet_reward import TripletRewardStage
+
+SAMPLE_STAGES: list[type[Stage]] = [DedupeStage, CaptionStage, EmbedStage, DialogueStage, RewardStage, FilterStage]
+CIR_STAGES: list[type[Stage]] = [ModifyStage, TripletRewardStage, TripletFilterStage]
+STAGES: dict[str, type[Stage]] = {s.name: s for s in SAMPLE_STAGES + CIR_STAGES}
+SAMPLE_ORDER = ["read"] + [s.name for s in SAMPLE_STAGES]  # the summary table's rows (read is the reader)
+
+
+def enabled(cfg: PipelineConfig, stages: list[type[Stage]] | None = None) -> list[type[Stage]]:
+    return [s for s in (stages if stages is not None else SAMPLE_STAGES + CIR_STAGES) if s.enabled(cfg)]
+
+
+def lineage(cfg: PipelineConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """(template name per generating stage, model per role) of the stages this config runs: what the manifest
+    and every sample's lineage record, so a stage that does not run (the captioner of a single-stage run) is
+    not named."""
+    templates: dict[str, str] = {}
+    models: dict[str, str] = {}
+    for stage in enabled(cfg):
+        section = stage.settings(cfg)
+        if stage.generates:
+            templates[stage.name] = section.template
+        if stage.model_role:
+            model = section.model
+            models[stage.model_role] = model if isinstance(model, str) else model.model
+    return templates, models
+
+
+def _run_stateless(batch: Any, stage_cls: type[Stage], ctx: RunContext) -> Any:
+    return stage_cls(ctx)(batch)
+
+
+def apply_stages(ds: Any, stages: list[type[Stage]], cfg: PipelineConfig, ctx: RunContext) -> Any:
+    """Each enabled stage becomes one map_batches: an actor pool (models) or stateless tasks."""
+    from ray.data import ActorPoolStrategy
+
+    for stage in enabled(cfg, stages):
+        res = stage.resources(cfg)
+        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
+        if stage.uses_actor():
+            # Restart actors lost with a node and retry their batches (Ray Data's default today; pinned here).
+            # batches_in_flight > 1: that many __call__s run at once in the actor's threads (the stage and its
+            # backend are thread-safe), so an engine never waits for the next batch to arrive.
+            pool = ActorPoolStrategy(size=res.concurrency, max_concurrent_calls_per_actor=res.batches_in_flight,
+                                     enable_true_multi_threading=res.batches_in_flight > 1)
+            ds = ds.map_batches(stage, fn_constructor_kwargs={"ctx": ctx}, compute=pool,
+                                num_gpus=res.num_gpus or None, max_restarts=-1, max_task_retries=-1, **common)
+        else:
+            ds = ds.map_batches(_run_stateless, fn_kwargs={"stage_cls": stage, "ctx": ctx}, **common)
+    return ds
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    """Start or join Ray, then apply the config's data-context settings, also when Ray was already up (a second
+    pass of the same run, a caller's own ray.init): preserve_order decides which duplicate survives."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,
+                                  "log_to_driver": True, "configure_logging": True}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = cfg.ray.progress
+    data_ctx.execution_options.preserve_order = cfg.ray.preserve_order
