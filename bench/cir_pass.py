@@ -6,7 +6,7 @@ pair count grows.
 
 A synthetic image pool (``pool/<shard>.parquet`` as the sample pass writes it: keys, captions, L2-normalised
 image and caption embeddings of the tiny CLIP's width) is built once under --out; then the real CIR pass runs on
-it (`m3t_gen.cir.run_cir`: pair mining, part files, Ray Data with the modify / triplet_reward / triplet_filter
+it (`m3t_gen.run.cir.run_cir`: pair mining, part files, Ray Data with the modify / triplet_reward / triplet_filter
 stages, tiny random-weight models; the modify stage writes from captions with a small token budget, so most
 answers are rejected, which costs the pass the same bookkeeping). Printed (one JSON line per pass): pairs, parts,
 rows per modify actor and their balance (max / min), the driver's RSS before the pass and its peak during it
@@ -36,7 +36,7 @@ def build_pool(out: Path, images: int, shards: int, dim: int, seed: int = 0) -> 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from m3t_gen.writer import POOL_SCHEMA
+    from m3t_gen.run.writer import POOL_SCHEMA
 
     (out / "pool").mkdir(parents=True, exist_ok=True)
     words = ["red", "blue", "car", "house", "dog", "tree", "street", "snow", "beach", "cat", "lamp", "sofa"]
@@ -89,16 +89,16 @@ def rss_mb() -> float:
 
 
 def one_pass(args: argparse.Namespace) -> dict:
-    from m3t_gen.pipeline import make_context, write_owner_file
-    from m3t_gen.recipe import init_ray
-    from m3t_gen.tiny_models import TINY_CLIP_DIM
+    from m3t_gen.run.pipeline import make_context, write_owner_file
+    from m3t_gen.run.recipe import init_ray
+    from m3t_gen.testing.tiny_models import TINY_CLIP_DIM
 
     out = Path(args.out)
     shards = build_pool(out, args.images, args.shards, TINY_CLIP_DIM)
     cfg = pass_config(out, args.pairs_per_image, args.concurrency, args.per_part, args.max_tokens)
     if not (out / ".m3t-gen").exists():
         write_owner_file(out, cfg)
-    from m3t_gen.cir import run_cir
+    from m3t_gen.run.cir import run_cir
 
     init_ray(cfg)
     log_lines: list[str] = []

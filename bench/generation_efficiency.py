@@ -99,7 +99,7 @@ def config(stage: str, backend: str, batch: int, in_flight: int, actor_cpus: flo
 
 def standalone(cfg, stage_name: str, n_small: int, n_large: int) -> dict:
     """The same backend engine the stage uses, driven directly: generate() over every prompt at once."""
-    from m3t_gen.pipeline import make_context
+    from m3t_gen.run.pipeline import make_context
 
     stage_cls, make_rows = _stage(stage_name)
     stage = stage_cls(make_context(cfg))  # builds the engine once; we drive it directly below
@@ -146,8 +146,8 @@ def _requests(stage, rows):
 def in_pipeline(cfg, stage_name: str, n: int) -> tuple[float, int]:
     import ray
 
-    from m3t_gen.pipeline import make_context
-    from m3t_gen.recipe import apply_stages
+    from m3t_gen.run.pipeline import make_context
+    from m3t_gen.run.recipe import apply_stages
     from m3t_gen.rows import to_table
 
     stage_cls, make_rows = _stage(stage_name)

@@ -5,7 +5,7 @@ CLIP-like embeddings, against exact search measured in the same run.
 
 Embeddings: a mixture of N/100 clusters in d dimensions (a point = its cluster centre + Gaussian noise, L2-
 normalised; same-cluster cosine ~0.7, other pairs ~0), so that neighbours mean something as CLIP's do.
-Each (size, index) runs in a fresh process: the real ``m3t_gen.pairing`` code with the band and rank window of
+Each (size, index) runs in a fresh process: the real ``m3t_gen.run.pairing`` code with the band and rank window of
 pipelines/cir.yaml (similarity 0.55-0.92, ranks 2..30, two partners per image). Reported: index build + search seconds (``neighbours``), the whole ``mine_pairs``
 seconds (search + the per-reference seeded choice), the process's peak RSS above the embeddings themselves, and
 on a sample of 1000 references: recall@31 of the returned neighbour lists against exact search, and the share of
@@ -81,7 +81,7 @@ def one(n: int, d: int, kind: str, max_exact: int, sample: int = 1000) -> dict:
     import numpy as np
 
     from m3t_gen.config import PairingSpec
-    from m3t_gen.pairing import mine_pairs, neighbours
+    from m3t_gen.run.pairing import mine_pairs, neighbours
 
     x = synthetic(n, d)
     keys = [f"k{i:08d}" for i in range(n)]

@@ -80,7 +80,7 @@ def main() -> None:
     import torch
 
     from m3t_gen.config import load_config
-    from m3t_gen.pipeline import make_context
+    from m3t_gen.run.pipeline import make_context
     from m3t_gen.rows import new_row, to_table
     from m3t_gen.stages.embed import EmbedStage
 

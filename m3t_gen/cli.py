@@ -38,7 +38,7 @@ def _load(pipeline: str, sets: tuple[str, ...], extra: list[str] | None = None):
 @click.option("--overwrite", is_flag=True, help="Delete an existing output directory and start over.")
 def run(pipeline: str, inputs: tuple[str, ...], output: str | None, limit: int | None, sets: tuple[str, ...], overwrite: bool) -> None:
     """Run PIPELINE (a pipeline.yaml) on Ray; resumes an existing output directory."""
-    from m3t_gen.pipeline import format_summary, run_pipeline
+    from m3t_gen.run.pipeline import format_summary, run_pipeline
     from m3t_gen.validate import validate_config
 
     extra = []
@@ -82,9 +82,9 @@ def validate(pipeline: str, sets: tuple[str, ...]) -> None:
               help="New threshold, e.g. filter.min_turn_score=0.25 (repeatable).")
 def refilter(output: str, sets: tuple[str, ...]) -> None:
     """Re-apply new filter thresholds to a finished run OUTPUT (a folder or a URL) without re-scoring."""
-    from m3t_gen.pipeline import format_summary
-    from m3t_gen.refilter import refilter as do_refilter
-    from m3t_gen.refilter import refilter_remote
+    from m3t_gen.run.pipeline import format_summary
+    from m3t_gen.tools.refilter import refilter as do_refilter
+    from m3t_gen.tools.refilter import refilter_remote
 
     try:
         if "://" in output:
@@ -99,7 +99,7 @@ def refilter(output: str, sets: tuple[str, ...]) -> None:
     click.echo(format_summary(manifest))
 
 
-from m3t_gen.export import EXPORTERS as _EXPORTERS  # noqa: E402  (stdlib-only module: cheap at start-up)
+from m3t_gen.tools.export import EXPORTERS as _EXPORTERS  # noqa: E402  (stdlib-only module: cheap at start-up)
 
 
 @main.command("export")
@@ -116,9 +116,9 @@ from m3t_gen.export import EXPORTERS as _EXPORTERS  # noqa: E402  (stdlib-only m
 @click.option("--split", default="train", help="cirr / fashioniq: the split name in the file names.")
 def export_cmd(output: str, fmt: str, to: str, image_ext: str, category: str, split: str) -> None:
     """Export the finished run OUTPUT in a trainer's format."""
-    from m3t_gen.export import ExportOptions, RunOutputError, export
+    from m3t_gen.tools.export import ExportOptions, RunOutputError, export
 
-    from m3t_gen.store import local_copy
+    from m3t_gen.storage.store import local_copy
 
     try:
         with local_copy(output) as run_dir:
@@ -136,9 +136,9 @@ def export_cmd(output: str, fmt: str, to: str, image_ext: str, category: str, sp
 @click.argument("output")
 def card_cmd(output: str) -> None:
     """Write OUTPUT/README.md, a Hugging Face dataset card with plots and examples under OUTPUT/card/."""
-    from m3t_gen.card import write_card
-    from m3t_gen.export import RunOutputError
-    from m3t_gen.store import local_copy, upload_tree
+    from m3t_gen.tools.card import write_card
+    from m3t_gen.tools.run_reader import RunOutputError
+    from m3t_gen.storage.store import local_copy, upload_tree
 
     try:
         with local_copy(output) as run_dir:
@@ -157,10 +157,10 @@ def card_cmd(output: str) -> None:
 @click.option("--n", "n", type=click.IntRange(min=1), default=24, show_default=True, help="Samples to show.")
 def inspect_cmd(output: str, html_path: str, n: int) -> None:
     """Write one self-contained HTML page showing N samples of the finished run OUTPUT."""
-    from m3t_gen.export import RunOutputError
-    from m3t_gen.inspect_html import write_html
+    from m3t_gen.tools.run_reader import RunOutputError
+    from m3t_gen.tools.inspect_html import write_html
 
-    from m3t_gen.store import local_copy
+    from m3t_gen.storage.store import local_copy
 
     try:
         with local_copy(output) as run_dir:
@@ -190,7 +190,7 @@ def plan_cmd(pipeline: str, images: int, sets: tuple[str, ...], throughputs: tup
     """Dry run: estimate tokens, GPU-hours and wall-clock per stage for IMAGES images, without loading a model."""
     import json as _json
 
-    from m3t_gen.plan import format_plan, load_measured, make_plan, parse_throughputs
+    from m3t_gen.tools.plan import format_plan, load_measured, make_plan, parse_throughputs
     from m3t_gen.validate import validate_config
 
     cfg = _load(pipeline, sets)
@@ -211,7 +211,7 @@ def plan_cmd(pipeline: str, images: int, sets: tuple[str, ...], throughputs: tup
 def tiny_models(directory: str) -> None:
     """Build the tiny random-weight models (vlm, lm, clip) used by the small-shard test mode."""
     from m3t_gen.models import TINY_KINDS
-    from m3t_gen.tiny_models import ensure_tiny_model
+    from m3t_gen.testing.tiny_models import ensure_tiny_model
 
     for kind in TINY_KINDS:
         path = ensure_tiny_model(kind, Path(directory))

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from m3t_gen.tiny_models import KINDS as TINY_KINDS  # noqa: E402  (tiny_models imports no engine)
+from m3t_gen.testing.tiny_models import KINDS as TINY_KINDS  # noqa: E402  (tiny_models imports no engine)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -44,7 +44,7 @@ def tiny_cache_dir() -> Path:
 def resolve(ref: str) -> str:
     """Return what the engines load: a local directory for tiny models (built if missing), else ``ref``."""
     if ref.startswith("tiny:"):
-        from m3t_gen.tiny_models import ensure_tiny_model
+        from m3t_gen.testing.tiny_models import ensure_tiny_model
 
         return str(ensure_tiny_model(ref[len("tiny:"):], tiny_cache_dir()))
     return str(Path(ref).expanduser()) if ref.startswith(("/", "./", "../", "~")) else ref

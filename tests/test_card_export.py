@@ -41,7 +41,7 @@ def manifest(run_out):
 @pytest.fixture(scope="module")
 def triplets(run_out):
     """The kept CIR triplets of the run (the smoke recipe is m3t+cir); [] for an M3T-only run."""
-    from m3t_gen.export import iter_triplets
+    from m3t_gen.tools.run_reader import iter_triplets
 
     return list(iter_triplets(run_out))
 
@@ -59,7 +59,7 @@ def card(run_out):
 def test_card_parses_as_a_dataset_card_with_the_configs_entry(card, manifest, triplets):
     from huggingface_hub import DatasetCard
 
-    from m3t_gen.card import md
+    from m3t_gen.tools.card import md
 
     parsed = DatasetCard.load(card)
     data = parsed.data.to_dict()
@@ -91,7 +91,7 @@ def test_card_parses_as_a_dataset_card_with_the_configs_entry(card, manifest, tr
 @pytest.mark.parametrize("kept,label", [(0, "n<1K"), (999, "n<1K"), (1000, "1K<n<10K"), (54_321, "10K<n<100K"),
                                         (2_000_000, "1M<n<10M")])
 def test_size_category(kept, label):
-    from m3t_gen.card import size_category
+    from m3t_gen.tools.card import size_category
 
     assert size_category(kept) == label
 
@@ -120,7 +120,7 @@ def test_card_of_a_cir_only_run_points_at_the_triplets(run_out, triplets, tmp_pa
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
-    from m3t_gen.card import write_card
+    from m3t_gen.tools.card import write_card
 
     if not triplets:
         pytest.skip("the smoke recipe wrote no CIR triplets")
@@ -157,7 +157,7 @@ def test_plots_and_gallery_exist_and_are_valid_images(card, manifest, triplets):
 
 
 def test_card_escapes_untrusted_text(tmp_path):
-    from m3t_gen.card import write_card
+    from m3t_gen.tools.card import write_card
 
     out = _evil_run(tmp_path)
     text = write_card(out).read_text()
@@ -168,7 +168,7 @@ def test_card_escapes_untrusted_text(tmp_path):
 
 # ----------------------------------------------------------------------------------------- export
 def test_mtcir_export_without_triplets_is_a_clear_error(run_out, tmp_path):
-    from m3t_gen.export import RunOutputError, export
+    from m3t_gen.tools.export import RunOutputError, export
 
     m3t_only = tmp_path / "run"  # the run as an M3T-only recipe leaves it: no triplets/
     shutil.copytree(run_out, m3t_only, ignore=shutil.ignore_patterns("triplets", "card", "README.md"))
@@ -200,7 +200,7 @@ def test_mtcir_export_of_the_run_s_triplets(run_out, triplets, tmp_path):
 
 
 def test_mtcir_export_reads_triplets_written_into_a_run(run_out, tmp_path):
-    from m3t_gen.export import export
+    from m3t_gen.tools.export import export
 
     copy = tmp_path / "run"
     shutil.copytree(run_out, copy, ignore=shutil.ignore_patterns("triplets", "card", "README.md"))
@@ -253,7 +253,7 @@ def test_html_is_self_contained(html_page, manifest, triplets):
 
 
 def test_html_escapes_untrusted_text(tmp_path):
-    from m3t_gen.inspect_html import write_html
+    from m3t_gen.tools.inspect_html import write_html
 
     text = write_html(_evil_run(tmp_path), tmp_path / "evil.html").read_text()
     assert "<script>alert" not in text and "<img src=x" not in text and 'href="javascript' not in text

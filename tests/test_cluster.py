@@ -46,7 +46,7 @@ def ray_tmpdir(monkeypatch):
 def _tiny_models_built():
     # Build once here rather than in several actors at once on different nodes.
     from m3t_gen.models import TINY_KINDS, tiny_cache_dir
-    from m3t_gen.tiny_models import ensure_tiny_model
+    from m3t_gen.testing.tiny_models import ensure_tiny_model
 
     for kind in TINY_KINDS:
         ensure_tiny_model(kind, tiny_cache_dir())

@@ -130,7 +130,7 @@ def test_config_hash_leaves_out_exactly_the_fields_marked_placement(tmp_path):
     """Placement (where and with how much a run happens) is marked on the config models; the hash and the resume
     comparison read the marks. ray.preserve_order decides which duplicate survives: it is in the hash."""
     from m3t_gen.config import PLACEMENT, PipelineConfig, placement_exclude
-    from m3t_gen.pipeline import config_changes, result_hash
+    from m3t_gen.run.pipeline import config_changes, result_hash
 
     path = _write(tmp_path, _mutate("seed", 0))
     base = load_config(path)

@@ -59,8 +59,8 @@ def test_mean_threshold_records_value_and_threshold():
 
 def test_writer_finishes_a_shard_only_when_every_row_arrived(tmp_path, smoke_yaml):
     from m3t_gen.config import load_config
-    from m3t_gen.pipeline import make_context
-    from m3t_gen.writer import OutputWriter
+    from m3t_gen.run.pipeline import make_context
+    from m3t_gen.run.writer import OutputWriter
 
     ctx = make_context(load_config(smoke_yaml))
     writer = OutputWriter(tmp_path, ctx, {"s": "/in/s.tar"})

@@ -18,7 +18,8 @@ from skimage import data as skdata
 
 from m3t_gen.config import InputSpec, ReadSpec
 from m3t_gen.rows import MARKER
-from m3t_gen.stages.read import prepare_image, read_shard, strip_jpeg_metadata
+from m3t_gen.stages.read import prepare_image, read_shard
+from m3t_gen.storage.images import strip_jpeg_metadata
 
 SPEC = ReadSpec(min_side=64, max_pixels=4_000_000)
 PHOTO = Image.fromarray(skdata.astronaut()).resize((256, 256))
@@ -445,7 +446,7 @@ def test_hostile_shards_through_a_run_every_entry_accounted_and_visible(tmp_path
 
     card = subprocess.run(cli + ["card", str(out)], capture_output=True, text=True, timeout=300)
     assert card.returncode == 0, card.stderr[-2000:]
-    from m3t_gen.card import md
+    from m3t_gen.tools.card import md
 
     text = (out / "README.md").read_text()
     assert f"| {md('text_not_utf8')} | 1 |" in text and f"| {md('fake-000000')} | damaged tar" in text

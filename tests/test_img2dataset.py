@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from m3t_gen.config import InputSpec, ReadSpec
-from m3t_gen.sources import parse_meta, read_webdataset
+from m3t_gen.storage.sources import parse_meta, read_webdataset
 from m3t_gen.stages.read import read_shard
 
 pytestmark = pytest.mark.slow

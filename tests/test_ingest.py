@@ -233,7 +233,7 @@ def test_input_patterns_globs_braces_and_remote(tmp_path):
     import yaml
 
     from m3t_gen.config import load_config
-    from m3t_gen.pipeline import expand_inputs
+    from m3t_gen.storage.sources import expand_inputs
 
     for i in range(3):
         (tmp_path / f"part-{i:03d}.tar").write_bytes(_tar([("a.jpg", GOOD)]))

@@ -169,7 +169,7 @@ def test_kill_9_mid_run_on_s3_then_resume_each_key_once(s3, clean_run, pipeline)
 
 
 def test_second_writer_on_s3_is_refused_while_the_first_lives(s3, pipeline):
-    from m3t_gen.store import Store, lock_output
+    from m3t_gen.storage.store import Store, lock_output
 
     prefix = "s3://runs/leased"
     lease = lock_output(Store(prefix))

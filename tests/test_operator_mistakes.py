@@ -12,7 +12,7 @@ from m3t_gen.backends.base import GenerationResult
 from m3t_gen.cli import main
 from m3t_gen.config import ConfigError, Sampling, load_config
 from m3t_gen.generation import generate_validated
-from m3t_gen.pipeline import LOCK_FILE, OWNER_FILE, prepare_output, result_hash
+from m3t_gen.run.pipeline import LOCK_FILE, OWNER_FILE, prepare_output, result_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = yaml.safe_load((ROOT / "pipelines" / "smoke.yaml").read_text())
@@ -162,7 +162,7 @@ def test_one_writer_per_output_and_a_killed_one_holds_nothing(tmp_path):
     out = tmp_path / "out"
     prepare_output(out, cfg, overwrite=False).release()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from m3t_gen.store import Store, lock_output; "
+        [sys.executable, "-c", "import sys, time; from m3t_gen.storage.store import Store, lock_output; "
          "lock_output(Store(sys.argv[1])); print('held', flush=True); time.sleep(120)", str(out)],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -1,7 +1,7 @@
 import numpy as np
 
 from m3t_gen.config import PairingSpec
-from m3t_gen.pairing import mine_pairs
+from m3t_gen.run.pairing import mine_pairs
 
 
 def _embs(n=40, d=16, seed=0):
@@ -64,7 +64,7 @@ def test_approximate_indexes_keep_band_and_window_and_find_the_exact_neighbours(
     x = (centers[rng.integers(0, 20, 2000)] + 0.3 * rng.normal(size=(2000, 32))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     keys = [f"k{i:05d}" for i in range(len(x))]
-    from m3t_gen.pairing import neighbours
+    from m3t_gen.run.pairing import neighbours
 
     exact_sims, exact = neighbours(x, 11, PairingSpec(), 0)
     for kind in ("ivf", "hnsw"):

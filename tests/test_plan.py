@@ -143,7 +143,7 @@ def test_from_run_uses_measured_throughput_and_pass_rates(tmp_path):
 
 def test_tiny_models_are_counted_with_their_tokenizer_when_built():
     from m3t_gen.models import tiny_cache_dir
-    from m3t_gen.tiny_models import ensure_tiny_model
+    from m3t_gen.testing.tiny_models import ensure_tiny_model
 
     ensure_tiny_model("qwen2_5_vl", tiny_cache_dir())
     ensure_tiny_model("lm", tiny_cache_dir())

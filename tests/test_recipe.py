@@ -1,14 +1,12 @@
 """The stage declarations (each stage's class) and the readers of them: pipeline order, lineage, plan, card."""
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import yaml
 
 from m3t_gen.config import PipelineConfig, load_config
-from m3t_gen.recipe import CIR_STAGES, SAMPLE_STAGES, STAGES, enabled, lineage
+from m3t_gen.run.recipe import CIR_STAGES, SAMPLE_STAGES, enabled, lineage
 from m3t_gen.rows import ROW_SCHEMA, new_row
 from m3t_gen.stages.base import BOOKKEEPING, RunContext, Stage
 
@@ -34,7 +32,7 @@ def test_every_declaration_is_complete_and_consistent():
 
 
 def test_single_stage_run_names_no_captioner_and_plans_none():
-    from m3t_gen.plan import planned_stages
+    from m3t_gen.tools.plan import planned_stages
 
     both = load_config(ROOT / "pipelines" / "smoke.yaml")
     assert planned_stages(both) == ["caption", "embed", "dialogue", "reward", "modify", "triplet_reward"]

@@ -10,7 +10,7 @@ from skimage import data as skdata
 
 from m3t_gen.clip import ClipEmbedder
 from m3t_gen.config import load_config
-from m3t_gen.pipeline import make_context
+from m3t_gen.run.pipeline import make_context
 from m3t_gen.rows import new_row
 from m3t_gen.scoring import directional, self_retrieval
 from m3t_gen.stages.embed import EmbedStage

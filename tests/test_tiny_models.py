@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from m3t_gen import tiny_models  # noqa: E402
-from m3t_gen.tiny_models import (  # noqa: E402
+from m3t_gen.testing import tiny_models  # noqa: E402
+from m3t_gen.testing.tiny_models import (  # noqa: E402
     EOS_TOKEN,
     IM_END,
     IM_START,

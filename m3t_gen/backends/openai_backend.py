@@ -141,15 +141,9 @@ class OpenAIServerError(RuntimeError):
 def image_to_data_url(image: Any, quality: int = 90) -> str:
     """A PIL image as a ``data:image/jpeg;base64,...`` URL (converted to RGB when JPEG cannot hold its mode)."""
     if image.mode not in ("RGB", "L"):
-        if image.mode in ("RGBA", "LA", "P", "PA"):
-            rgba = image.convert("RGBA")
-            from PIL import Image
+        from m3t_gen.storage.images import to_rgb
 
-            flat = Image.new("RGB", rgba.size, (255, 255, 255))  # transparent areas become white, not black
-            flat.paste(rgba, mask=rgba.getchannel("A"))
-            image = flat
-        else:
-            image = image.convert("RGB")
+        image = to_rgb(image)  # transparent areas become white, not black
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

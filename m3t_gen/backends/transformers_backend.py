@@ -24,12 +24,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, register
+from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, convert_messages, register
 from m3t_gen.models import torch_dtype
 
 log = logging.getLogger(__name__)
 
-_IMAGE_PART_TYPES = ("image", "image_pil", "image_url")
+_IMAGE_PART_TYPES = ("image", "image_pil")
 
 
 def _make_gumbel_processor(seeds: list[int], temperatures: list[float], top_ps: list[float]):
@@ -184,28 +184,16 @@ class TransformersBackend(Backend):
     def _render(self, request: GenerationRequest) -> tuple[str, list[Any]]:
         """The prompt text (chat template applied, generation prompt open) and the request's images in order."""
         images: list[Any] = []
-        messages: list[dict[str, Any]] = []
-        for message in request.messages:
-            content = message.get("content")
-            if isinstance(content, list):
-                parts: list[dict[str, Any]] = []
-                for part in content:
-                    kind = part.get("type")
-                    if kind in _IMAGE_PART_TYPES:
-                        image = part.get("image", part.get(kind))
-                        if image is None or isinstance(image, (str, dict)):
-                            raise ValueError("image parts must carry a PIL image under 'image'")
-                        images.append(image)
-                        parts.append({"type": "image"})
-                    elif kind == "text":
-                        parts.append({"type": "text", "text": part.get("text", "")})
-                    else:
-                        raise ValueError(f"unsupported message part type {kind!r}")
-                if not self.is_vlm:
-                    content = "".join(p["text"] for p in parts if p["type"] == "text")
-                else:
-                    content = parts
-            messages.append({**message, "content": content})
+
+        def image_part(image: Any) -> dict[str, Any]:  # the processor's placeholder; the image goes apart, in order
+            images.append(image)
+            return {"type": "image"}
+
+        messages = convert_messages(request.messages, image_part, image_kinds=_IMAGE_PART_TYPES)
+        if not self.is_vlm:
+            for message in messages:
+                if isinstance(message.get("content"), list):
+                    message["content"] = "".join(p["text"] for p in message["content"] if p["type"] == "text")
         if images and not self.is_vlm:
             raise ValueError(f"{self.spec.model} is a text-only model; it cannot take image parts")
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer

@@ -76,7 +76,7 @@ BOOKKEEPING = frozenset({"status", "reject_stage", "reject_reason", "reject_deta
 class Stage:
     """A stage's class is its one declaration: name, pass, config section, the model it runs (lineage, plan),
     whether it writes text from a template, the row fields it writes, when it is enabled and its resources.
-    The recipe (m3t_gen/recipe.py) lists the stages in order; everything else reads these."""
+    The recipe (m3t_gen/run/recipe.py) lists the stages in order; everything else reads these."""
 
     name: ClassVar[str]
     recipe_pass: ClassVar[str] = "sample"  # "sample": one row per image; "cir": one row per image pair

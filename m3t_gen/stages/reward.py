@@ -3,7 +3,7 @@ decides, so thresholds can change later without re-scoring (`m3t-gen refilter`).
 
 Per text: cosine with its image, and self-retrieval (rank and softmax probability of its own image among K
 distractors drawn, reproducibly from the sample's seed, from a fixed bank: the first images of the configured
-bank or of the run's input, embedded once per actor; a sample never meets its own image as a distractor).
+bank or of the run's input, read once per run and embedded once per actor; a sample never meets its own image as a distractor).
 Turn text rule: classification and retrieval turns score their target (a label / the dense caption);
 VQA turns score "query target" together, since the answer alone is often too short to describe the image.
 Each image is embedded once: the embedding serves every text of its sample.
@@ -11,14 +11,15 @@ Each image is embedded once: the embedding serves every text of its sample.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from m3t_gen.clip import ClipEmbedder
-from m3t_gen.config import PipelineConfig, Resources
-from m3t_gen.generation import open_image
+from m3t_gen.config import PipelineConfig
 from m3t_gen.scoring import pick_distractors, self_retrieval
 from m3t_gen.seeds import derive_seed
 from m3t_gen.stages.base import RunContext, Stage
@@ -28,6 +29,31 @@ from m3t_gen.turns import scored_text
 
 def _r(x: float) -> float:
     return round(float(x), 6)
+
+
+def bank_images(cfg: PipelineConfig) -> tuple[list[str], list[bytes]]:
+    """The self-retrieval distractor bank: the first ``bank_size`` distinct readable images of the configured
+    bank (or of the run's input), as (source sha256s, JPEG bytes). Built once per run."""
+    from m3t_gen.stages.read import read_shard
+    from m3t_gen.storage.sources import expand_inputs
+
+    sr = cfg.reward.self_retrieval
+    if sr.bank:
+        cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"paths": sr.bank})})
+    shas: list[str] = []
+    images: list[bytes] = []
+    for shard in expand_inputs(cfg):
+        for row in read_shard(shard.path, shard.shard, cfg.input, cfg.read, None):
+            if row["status"] == "ok" and row["source_sha256"] not in shas:
+                shas.append(row["source_sha256"])
+                images.append(row["image"])
+            if len(images) >= sr.bank_size:
+                break
+        if len(images) >= sr.bank_size:
+            break
+    if not images:
+        raise ValueError("self-retrieval: the distractor bank has no readable image")
+    return shas, images
 
 
 class RewardStage(Stage):
@@ -40,39 +66,23 @@ class RewardStage(Stage):
     def enabled(cls, config: PipelineConfig) -> bool:
         return config.wants("m3t")
 
-    @classmethod
-    def resources(cls, config: PipelineConfig) -> Resources:
-        return config.reward.resources
-
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         cfg = ctx.config.reward
         self.clip = ClipEmbedder.for_run(cfg)
         self.sr = cfg.self_retrieval
         if self.sr.enabled:
-            self.bank_shas, self.bank = self._build_bank(ctx)
+            # The bank's images are read once for the run (the driver hands them over through the object store);
+            # each actor embeds them once with its own CLIP.
+            if "reward_bank" in ctx.shared:
+                import ray
 
-    def _build_bank(self, ctx: RunContext) -> tuple[list[str], np.ndarray]:
-        from m3t_gen.pipeline import expand_inputs
-        from m3t_gen.stages.read import read_shard
-
-        cfg = ctx.config
-        if self.sr.bank:
-            cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"paths": self.sr.bank})})
-        shas, images = [], []
-        for shard in expand_inputs(cfg):
-            for row in read_shard(shard.path, shard.shard, cfg.input, cfg.read, None):
-                if row["status"] == "ok" and row["source_sha256"] not in shas:
-                    shas.append(row["source_sha256"])
-                    images.append(open_image(row))
-                if len(images) >= self.sr.bank_size:
-                    break
-            if len(images) >= self.sr.bank_size:
-                break
-        if not images:
-            raise ValueError("self-retrieval: the distractor bank has no readable image")
-        embs = np.concatenate([self.clip.embed_images(images[i:i + 64]) for i in range(0, len(images), 64)])
-        return shas, embs
+                shas, images = ray.get(ctx.shared["reward_bank"])
+            else:
+                shas, images = bank_images(ctx.config)
+            pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+            self.bank_shas = shas
+            self.bank = np.concatenate([self.clip.embed_images(pil[i:i + 64]) for i in range(0, len(pil), 64)])
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         # Images were embedded once by the embed stage; the caption's embedding is reused too.

@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3t_gen import __version__
-from m3t_gen.pairing import mine_pairs
+from m3t_gen.run.pairing import mine_pairs
 from m3t_gen.rows import OK, PAIR_SCHEMA, REJECTED, usage_fields, worker_counts
-from m3t_gen.recipe import CIR_STAGES, apply_stages, init_ray
+from m3t_gen.run.recipe import CIR_STAGES, apply_stages, init_ray
 from m3t_gen.stages.base import RunContext
-from m3t_gen.store import Store
+from m3t_gen.storage.store import Store
 
 TRIPLET_REJECT_SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.string()), ("target_image", pa.string()), ("stage", pa.string()),
@@ -36,7 +36,7 @@ TRIPLET_REJECT_SCHEMA = pa.schema([
 
 
 def load_pool(store: Store, shards: list[str]) -> pa.Table:
-    from m3t_gen.writer import POOL_SCHEMA
+    from m3t_gen.run.writer import POOL_SCHEMA
 
     tables = [pq.read_table(io.BytesIO(store.read_bytes(f"pool/{s}.parquet"))) for s in sorted(shards)]
     return pa.concat_tables(tables) if tables else POOL_SCHEMA.empty_table()

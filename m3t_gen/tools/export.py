@@ -49,73 +49,16 @@ This module also holds the small readers of a finished run (manifest, samples in
 from __future__ import annotations
 
 import json
-import os
-import tarfile
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-TMP = ".tmp"
+from m3t_gen.storage.store import atomic_write_bytes, staged_file
+from m3t_gen.tools.run_reader import (RunOutputError, find_images, iter_samples, iter_triplets, read_manifest,
+                                      sorted_turns, triplet_files)
+
 ROW_GROUP = 1000  # small row groups: the HF dataset viewer and streaming readers cope badly with big ones
 NO_TRIPLETS = "this run has no CIR triplets; run a CIR recipe"
-
-
-class RunOutputError(Exception):
-    """A finished run's output cannot be read or exported; the message is one line for the user."""
-
-
-# ----------------------------------------------------------------------------------------- reading a run
-def read_manifest(out_dir: Path) -> dict[str, Any]:
-    path = Path(out_dir) / "manifest.json"
-    if not path.is_file():
-        raise RunOutputError(f"{out_dir}: no manifest.json (not a finished m3t-gen run)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RunOutputError(f"{path}: unreadable manifest ({e})") from None
-
-
-def tar_paths(out_dir: Path, sub: str = "shards") -> list[Path]:
-    """The committed tars of ``OUT/<sub>`` (shards or filtered) in a stable order; ``*.tar.tmp`` are not."""
-    return sorted((Path(out_dir) / sub).glob("*.tar"))
-
-
-def iter_tar(path: Path) -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
-    """(key, JPEG bytes, KEY.json) for each sample of one tar, in tar order (members of a key are adjacent)."""
-    key: str | None = None
-    parts: dict[str, bytes] = {}
-
-    def emit() -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
-        if key is not None and "json" in parts:
-            yield key, parts.get("jpg"), json.loads(parts["json"])
-
-    with tarfile.open(path) as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            k, _, ext = base.partition(".")
-            if k != key:
-                yield from emit()
-                key, parts = k, {}
-            fh = tf.extractfile(member)
-            parts[ext.lower()] = fh.read() if fh else b""
-        yield from emit()
-
-
-def iter_samples(out_dir: Path, sub: str = "shards") -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
-    for path in tar_paths(out_dir, sub):
-        yield from iter_tar(path)
-
-
-def sorted_turns(sample: dict[str, Any]) -> list[dict[str, Any]]:
-    return sorted(sample.get("turns", []), key=lambda t: t.get("i", 0))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------- registry
@@ -182,7 +125,7 @@ def _make_dirs(target: Path) -> Path:
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(data, ensure_ascii=False, indent=1).encode())
+    atomic_write_bytes(path, json.dumps(data, ensure_ascii=False, indent=1).encode())
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]], schema: Any) -> None:
@@ -190,9 +133,8 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]], schema: Any) -> None:
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(tmp), row_group_size=ROW_GROUP)
-    os.replace(tmp, path)
+    with staged_file(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(tmp), row_group_size=ROW_GROUP)
 
 
 # ----------------------------------------------------------------------------------------- muco
@@ -249,7 +191,7 @@ def export_muco(out_dir: Path, target: Path, options: ExportOptions) -> dict[str
     for key, image, sample in iter_samples(out_dir, "shards"):
         if image is None:
             raise RunOutputError(f"{out_dir}: sample {key} has no JPEG in its tar")
-        _atomic_write(images / f"{key}.jpg", image)
+        atomic_write_bytes(images / f"{key}.jpg", image)
         turns = sorted_turns(sample)
         if not turns:
             left_out["no kept turn (both files)"] += 1
@@ -285,7 +227,7 @@ def _triplet_images(out_dir: Path, triplets: list[dict[str, Any]], directory: Pa
             buf = io.BytesIO()
             Image.open(io.BytesIO(image)).save(buf, format="PNG")
             image = buf.getvalue()
-        _atomic_write(directory / f"{key}.{ext}", image)
+        atomic_write_bytes(directory / f"{key}.{ext}", image)
         found.add(key)
     missing = sorted(wanted - found)
     if missing:
@@ -354,57 +296,18 @@ def export_fashioniq(out_dir: Path, target: Path, options: ExportOptions) -> dic
 
 
 # ----------------------------------------------------------------------------------------- mtcir
-def triplet_files(out_dir: Path) -> list[Path]:
-    return sorted((Path(out_dir) / "triplets").glob("*.jsonl"))
-
-
-def iter_triplets(out_dir: Path) -> Iterator[dict[str, Any]]:
-    """The kept triplets of the run, as the CIR recipe wrote them (all fields), file by file."""
-    for path in triplet_files(out_dir):
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    t = json.loads(line)
-                    for f in ("id", "image", "target_image"):
-                        if not isinstance(t[f], str) or not t[f]:
-                            raise ValueError(f"{f} must be a non-empty string")
-                    if not all(isinstance(m, dict) and isinstance(m["text"], str) for m in t["modifications"]):
-                        raise ValueError("modifications must be a list of {category, text}")
-                except (ValueError, KeyError, TypeError) as e:
-                    raise RunOutputError(f"{path}:{n}: not a CIR triplet ({type(e).__name__}: {e})") from None
-                yield t
-
-
-def find_images(out_dir: Path, keys: set[str], subs: tuple[str, ...] = ("pool", "shards", "filtered"),
-                ) -> Iterator[tuple[str, bytes]]:
-    """(key, JPEG) for each of ``keys`` found in the run's tars (the CIR image pool first), each key once."""
-    left = set(keys)
-    for sub in subs:
-        for path in tar_paths(out_dir, sub):
-            if not left:
-                return
-            for key, image, _ in iter_tar(path):
-                if key in left and image is not None:
-                    left.discard(key)
-                    yield key, image
-
-
 @exporter("mtcir", "train.jsonl")
 def export_mtcir(out_dir: Path, target: Path, options: ExportOptions) -> dict[str, Any]:
     triplets = _kept_triplets(out_dir)  # before any directory is made; also validates every line
     images = _make_dirs(target)
     _triplet_images(out_dir, triplets, images, "jpg")
-    tmp = target.with_name(target.name + TMP)
     count = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with staged_file(target) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for t in iter_triplets(out_dir):
             fh.write(json.dumps({"id": t["id"], "image": f"images/{t['image']}.jpg",
                                  "target_image": f"images/{t['target_image']}.jpg",
                                  "modifications": [{"category": m.get("category"), "text": m["text"]}
                                                    for m in t["modifications"]]}, ensure_ascii=False) + "\n")
             count += 1
-    os.replace(tmp, target)
     return {"format": "mtcir", "rows": count, "path": str(target), "images": str(images),
             "written": {str(target): count}, "left_out": {}}

@@ -140,6 +140,24 @@ class Store:
             os.unlink(path)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a local file whole: a temporary name, then a rename (readers never see it half-written)."""
+    Store(path.parent).write_bytes(path.name, data)
+
+
+@contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """A temporary path to write a big local file into (streamed, not held in memory); renamed to ``path`` when
+    the block ends without an error, removed otherwise."""
+    tmp = Path(str(path) + TMP)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 @contextlib.contextmanager
 def local_copy(location: str | os.PathLike) -> Iterator[Path]:
     """A local folder holding the output at ``location``: the folder itself, or a download of a remote one

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from m3t_gen import __version__
 from m3t_gen.rows import MARKER, OK, REJECTED, worker_counts
 from m3t_gen.stages.base import RunContext
-from m3t_gen.store import Store
+from m3t_gen.storage.store import Store
 
 INDEX_ROW_GROUP = 1000  # small row groups: the HF dataset viewer fails on big ones
 
@@ -98,10 +98,6 @@ def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[st
         reasoning=json.dumps(sample["reasoning"], ensure_ascii=False) if sample.get("reasoning") else None,
         flags=json.dumps(sample.get("flags", [])),
     )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    Store(path.parent).write_bytes(path.name, data)
 
 
 class TarSeries:

@@ -12,25 +12,19 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from m3t_gen.config import ConfigError, PipelineConfig, apply_overrides, format_validation_error
-from m3t_gen.pipeline import OWNER_FILE, result_hash, summarize, write_owner_file
-from m3t_gen.store import LOCK_FILE, OutputBusy, Store, local_copy, lock_output
+from m3t_gen.run.pipeline import OWNER_FILE, result_hash, summarize, write_owner_file
+from m3t_gen.storage.store import LOCK_FILE, OutputBusy, Store, atomic_write_bytes, local_copy, lock_output
 from m3t_gen.rows import MARKER, REJECTED, new_row
 from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.filter import apply_filter
-from m3t_gen.writer import OutputWriter, atomic_write_bytes, row_from_sample
-
-
-def _samples(tar_path: Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
-    import webdataset as wds
-
-    for sample in wds.WebDataset(str(tar_path), shardshuffle=False):
-        yield sample["__key__"], sample["jpg"], json.loads(sample["json"])
+from m3t_gen.run.writer import OutputWriter, row_from_sample
+from m3t_gen.tools.run_reader import iter_tar
 
 
 def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
@@ -70,7 +64,7 @@ def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict
         shard = stats["shard"]
         for sub, names in (("shards", stats["tars"]), ("filtered", stats.get("filtered_tars", []))):
             for name in names:
-                for _key, image, meta in _samples(out / sub / name):
+                for _key, image, meta in iter_tar(out / sub / name):
                     row = row_from_sample(meta, shard, image)
                     apply_filter(row, cfg.filter)
                     writer.consume([row])

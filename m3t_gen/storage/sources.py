@@ -14,16 +14,20 @@ files before a byte is read, so a named pipe or a device cannot hang a reader.
 from __future__ import annotations
 
 import errno
+import glob
+import hashlib
 import json
 import os
 import posixpath
+import re
 import stat
 import tarfile
 from collections import Counter
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from m3t_gen.config import InputSpec
+from m3t_gen.config import ConfigError, InputSpec, PipelineConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SIDECAR_EXTS = ("txt", "json")
@@ -398,6 +402,51 @@ def _sidecar(folder: str, name: str, names: set[str], roots: Roots, flags: list[
 
 
 FORMATS: dict[str, Reader] = {"webdataset": read_webdataset, "parquet": read_parquet, "folder": read_folder}
+
+
+@dataclass
+class InputShard:
+    shard: str  # stable id, used in keys and output names
+    path: str
+
+
+def expand_inputs(cfg: PipelineConfig) -> list[InputShard]:
+    """Input patterns -> shards (files, or folders for the folder format), in a stable order."""
+    from braceexpand import braceexpand
+
+    want_dirs = cfg.input.format == "folder"
+    paths: list[str] = []
+    for pattern in cfg.input.paths:
+        matches: list[str] = []
+        for expanded in braceexpand(pattern):
+            matches.extend(_glob(expanded if "://" in expanded else str(cfg.resolve_path(expanded)), want_dirs))
+        if not matches:
+            raise ConfigError(f"input.paths: {pattern!r} matches no {'folder' if want_dirs else 'file'}")
+        paths.extend(matches)
+    paths = list(dict.fromkeys(paths))
+    stems = Counter(_stem(p) for p in paths)
+    shards = []
+    for p in paths:
+        sid = _stem(p)
+        if stems[sid] > 1:  # same file name in two folders: disambiguate by path
+            sid = f"{sid}-{hashlib.sha1(p.encode()).hexdigest()[:6]}"
+        shards.append(InputShard(sid, p))
+    return shards
+
+
+def _glob(pattern: str, want_dirs: bool) -> list[str]:
+    if "://" in pattern:
+        import fsspec
+
+        fs, _, found = fsspec.get_fs_token_paths(pattern)
+        return sorted(fs.unstrip_protocol(p) for p in found if fs.isdir(p) == want_dirs)
+    found = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
+    return sorted(os.path.abspath(p) for p in found if os.path.exists(p) and os.path.isdir(p) == want_dirs)
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name.split(".")[0] or "shard"
+    return re.sub(r"[^A-Za-z0-9-]", "-", name)
 
 
 def parse_meta(meta: Any, flags: list[str]) -> dict[str, Any]:

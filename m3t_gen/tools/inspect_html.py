@@ -10,12 +10,11 @@ generated text) is untrusted: the template autoescapes every value, and URLs are
 from __future__ import annotations
 
 import base64
-import io
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from m3t_gen.export import find_images, iter_samples, iter_triplets, read_manifest, triplet_files
+from m3t_gen.storage.store import atomic_write_bytes
+from m3t_gen.tools.run_reader import find_images, iter_samples, iter_triplets, read_manifest, triplet_files
 
 THUMB = 320
 
@@ -151,17 +150,13 @@ def _num(value: Any, digits: int = 4) -> str:
 def _thumb(image: bytes | None) -> str | None:
     if not image:
         return None
-    from PIL import Image
+    from m3t_gen.storage.images import thumbnail_jpeg
 
     try:
-        with Image.open(io.BytesIO(image)) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB, THUMB))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=80)
+        data = thumbnail_jpeg(image, THUMB, quality=80)
     except Exception:  # a damaged image must not stop the page
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 def _view(key: str, image: bytes | None, sample: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +265,5 @@ def write_html(out_dir: Path, html_path: Path, n: int = 24) -> Path:
     html_path = Path(html_path)
     text = render_html(out_dir, n)
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html_path.with_name(html_path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", errors="replace")
-    os.replace(tmp, html_path)
+    atomic_write_bytes(html_path, text.encode("utf-8", errors="replace"))
     return html_path

@@ -52,7 +52,7 @@ CHARS_PER_TOKEN = 4.0
 JSON_TURN_OVERHEAD = 16  # {"type": "...", "query": "...", "target": "..."} markup per turn, in tokens
 CLIP_MAX_TOKENS = 77
 ASPECT = 3 / 4  # shorter / longer side of the assumed image
-# m3t_gen.tiny_models: tiny:vlm sees 32x32 images in 8x8 patches; tiny:qwen2_5_vl at most 112x112 px at 28 px
+# m3t_gen.testing.tiny_models: tiny:vlm sees 32x32 images in 8x8 patches; tiny:qwen2_5_vl at most 112x112 px at 28 px
 # per token (its image processor's max_pixels).
 TINY_IMAGE_TOKENS = {"tiny:vlm": 16, "tiny:qwen2_5_vl": 16}
 
@@ -338,14 +338,14 @@ def _max_tokens(cfg: dict[str, Any], stage: str) -> int | None:
 def stage_section(cfg: Any, stage: str) -> Any:
     """The config section that holds a stage's model and resources (a PipelineConfig or its JSON dump), as the
     stage declares it."""
-    from m3t_gen.recipe import STAGES
+    from m3t_gen.run.recipe import STAGES
 
     return STAGES[stage].settings(cfg)
 
 
 def planned_stages(cfg: PipelineConfig) -> list[str]:
     """The model stages this config runs, in pipeline order (a single-stage run has no caption stage)."""
-    from m3t_gen.recipe import enabled
+    from m3t_gen.run.recipe import enabled
 
     return [s.name for s in enabled(cfg) if s.model_role]
 

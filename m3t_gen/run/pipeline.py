@@ -6,74 +6,27 @@ input shards --read (tasks)--> caption (actors) --> dialogue (actors) --> reward
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from m3t_gen import __version__
 from m3t_gen.config import ConfigError, PipelineConfig, drop_excluded, placement_exclude
-from m3t_gen.recipe import SAMPLE_ORDER, SAMPLE_STAGES, apply_stages, init_ray, lineage
+from m3t_gen.storage.sources import InputShard, expand_inputs
+from m3t_gen.run.recipe import SAMPLE_ORDER, SAMPLE_STAGES, apply_stages, init_ray, lineage
 from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.read import read_shards
 from m3t_gen.rows import usage_fields
 from m3t_gen.templates import load_template
-from m3t_gen.store import LOCK_FILE, OutputBusy, Store, is_remote, lock_output
-from m3t_gen.writer import OutputWriter
+from m3t_gen.storage.store import LOCK_FILE, OutputBusy, Store, is_remote, lock_output
+from m3t_gen.run.writer import OutputWriter
 
-
-
-@dataclass
-class InputShard:
-    shard: str  # stable id, used in keys and output names
-    path: str
-
-
-def expand_inputs(cfg: PipelineConfig) -> list[InputShard]:
-    """Input patterns -> shards (files, or folders for the folder format), in a stable order."""
-    from braceexpand import braceexpand
-
-    want_dirs = cfg.input.format == "folder"
-    paths: list[str] = []
-    for pattern in cfg.input.paths:
-        matches: list[str] = []
-        for expanded in braceexpand(pattern):
-            matches.extend(_glob(expanded if "://" in expanded else str(cfg.resolve_path(expanded)), want_dirs))
-        if not matches:
-            raise ConfigError(f"input.paths: {pattern!r} matches no {'folder' if want_dirs else 'file'}")
-        paths.extend(matches)
-    paths = list(dict.fromkeys(paths))
-    stems = Counter(_stem(p) for p in paths)
-    shards = []
-    for p in paths:
-        sid = _stem(p)
-        if stems[sid] > 1:  # same file name in two folders: disambiguate by path
-            sid = f"{sid}-{hashlib.sha1(p.encode()).hexdigest()[:6]}"
-        shards.append(InputShard(sid, p))
-    return shards
-
-
-def _glob(pattern: str, want_dirs: bool) -> list[str]:
-    if "://" in pattern:
-        import fsspec
-
-        fs, _, found = fsspec.get_fs_token_paths(pattern)
-        return sorted(fs.unstrip_protocol(p) for p in found if fs.isdir(p) == want_dirs)
-    found = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
-    return sorted(os.path.abspath(p) for p in found if os.path.exists(p) and os.path.isdir(p) == want_dirs)
-
-
-def _stem(path: str) -> str:
-    name = Path(path).name.split(".")[0] or "shard"
-    return re.sub(r"[^A-Za-z0-9-]", "-", name)
 
 
 def result_hash(cfg: PipelineConfig) -> str:
@@ -87,6 +40,19 @@ def make_context(cfg: PipelineConfig) -> RunContext:
     names, models = lineage(cfg)
     templates = {stage: load_template(name, cfg.base_dir).short_hash for stage, name in names.items()}
     return RunContext(config=cfg, config_hash=result_hash(cfg), template_hashes=templates, model_names=models)
+
+
+def share_reward_bank(cfg: PipelineConfig, ctx: RunContext) -> RunContext:
+    """Read the self-retrieval bank once and hand it to every reward actor through the object store."""
+    import dataclasses
+
+    import ray
+
+    from m3t_gen.stages.reward import RewardStage, bank_images
+
+    if not (RewardStage.enabled(cfg) and cfg.reward.self_retrieval.enabled):
+        return ctx
+    return dataclasses.replace(ctx, shared={**ctx.shared, "reward_bank": ray.put(bank_images(cfg))})
 
 
 def build_dataset(cfg: PipelineConfig, ctx: RunContext, shards: list[InputShard]) -> Any:
@@ -226,7 +192,7 @@ def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], start
     writer = OutputWriter(store, ctx, {s.shard: s.path for s in shards})
     if todo:
         init_ray(cfg)
-        ds = build_dataset(cfg, ctx, todo)
+        ds = build_dataset(cfg, share_reward_bank(cfg, ctx), todo)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.consume(batch.to_pylist())
     if writer.incomplete():
@@ -235,7 +201,7 @@ def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], start
     summary = summarize(all_stats)
     cir_summary = None
     if cfg.wants("cir"):
-        from m3t_gen.cir import run_cir
+        from m3t_gen.run.cir import run_cir
 
         cir_summary = run_cir(cfg, ctx, store, [s.shard for s in shards], log)
     manifest = {

@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from m3t_gen.export import iter_samples, iter_triplets, read_manifest, sorted_turns, tar_paths, triplet_files
+from m3t_gen.storage.store import atomic_write_bytes
+from m3t_gen.tools.run_reader import iter_samples, iter_triplets, read_manifest, sorted_turns, tar_paths, triplet_files
 
 TEMPLATE = "card_template.md.j2"
 GALLERY = 6
@@ -63,7 +63,7 @@ def recipe_parts(manifest: dict[str, Any]) -> list[str]:
 def _stage_config(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
     """A stage's (or a model role's: the roles are stage names) section of the run's config, where the stage's
     declaration says it is."""
-    from m3t_gen.recipe import STAGES
+    from m3t_gen.run.recipe import STAGES
 
     found = STAGES[stage].settings(cfg) if stage in STAGES else None
     return found if isinstance(found, dict) else {}
@@ -176,9 +176,7 @@ def _models(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 def _save(fig: Any, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _plots(index: dict[str, list[Any]], mix: dict[str, int], card_dir: Path) -> list[dict[str, str]]:
@@ -365,18 +363,13 @@ def _cir_plots(categories: dict[str, int], similarity: list[float], directional:
 
 
 def _thumb_bytes(image: bytes) -> bytes:
-    from PIL import Image
+    from m3t_gen.storage.images import thumbnail_jpeg
 
-    with Image.open(io.BytesIO(image)) as im:
-        im = im.convert("RGB")
-        im.thumbnail((THUMB, THUMB))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
+    return thumbnail_jpeg(image, THUMB)
 
 
 def _cir_gallery(out_dir: Path, triplets: list[dict[str, Any]], card_dir: Path) -> list[dict[str, Any]]:
-    from m3t_gen.export import find_images
+    from m3t_gen.tools.run_reader import find_images
 
     for stale in card_dir.glob("triplet-*.jpg"):
         stale.unlink()
@@ -449,7 +442,5 @@ def write_card(out_dir: Path) -> Path:
     }
     text = _environment().get_template(TEMPLATE).render(**context)
     path = out_dir / "README.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path

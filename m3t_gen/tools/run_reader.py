@@ -1,0 +1,97 @@
+"""Reading a finished run's output: its manifest, its sample tars, its triplets. Every tool over an output
+(export, card, inspect, refilter) reads it through these."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class RunOutputError(Exception):
+    """A finished run's output cannot be read or exported; the message is one line for the user."""
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    path = Path(out_dir) / "manifest.json"
+    if not path.is_file():
+        raise RunOutputError(f"{out_dir}: no manifest.json (not a finished m3t-gen run)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunOutputError(f"{path}: unreadable manifest ({e})") from None
+
+
+def tar_paths(out_dir: Path, sub: str = "shards") -> list[Path]:
+    """The committed tars of ``OUT/<sub>`` (shards or filtered) in a stable order; ``*.tar.tmp`` are not."""
+    return sorted((Path(out_dir) / sub).glob("*.tar"))
+
+
+def iter_tar(path: Path) -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
+    """(key, JPEG bytes, KEY.json) for each sample of one tar, in tar order (members of a key are adjacent)."""
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+
+    def emit() -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
+        if key is not None and "json" in parts:
+            yield key, parts.get("jpg"), json.loads(parts["json"])
+
+    with tarfile.open(path) as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            k, _, ext = base.partition(".")
+            if k != key:
+                yield from emit()
+                key, parts = k, {}
+            fh = tf.extractfile(member)
+            parts[ext.lower()] = fh.read() if fh else b""
+        yield from emit()
+
+
+def iter_samples(out_dir: Path, sub: str = "shards") -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
+    for path in tar_paths(out_dir, sub):
+        yield from iter_tar(path)
+
+
+def sorted_turns(sample: dict[str, Any]) -> list[dict[str, Any]]:
+    return sorted(sample.get("turns", []), key=lambda t: t.get("i", 0))
+
+
+def triplet_files(out_dir: Path) -> list[Path]:
+    return sorted((Path(out_dir) / "triplets").glob("*.jsonl"))
+
+
+def iter_triplets(out_dir: Path) -> Iterator[dict[str, Any]]:
+    """The kept triplets of the run, as the CIR recipe wrote them (all fields), file by file."""
+    for path in triplet_files(out_dir):
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    t = json.loads(line)
+                    for f in ("id", "image", "target_image"):
+                        if not isinstance(t[f], str) or not t[f]:
+                            raise ValueError(f"{f} must be a non-empty string")
+                    if not all(isinstance(m, dict) and isinstance(m["text"], str) for m in t["modifications"]):
+                        raise ValueError("modifications must be a list of {category, text}")
+                except (ValueError, KeyError, TypeError) as e:
+                    raise RunOutputError(f"{path}:{n}: not a CIR triplet ({type(e).__name__}: {e})") from None
+                yield t
+
+
+def find_images(out_dir: Path, keys: set[str], subs: tuple[str, ...] = ("pool", "shards", "filtered"),
+                ) -> Iterator[tuple[str, bytes]]:
+    """(key, JPEG) for each of ``keys`` found in the run's tars (the CIR image pool first), each key once."""
+    left = set(keys)
+    for sub in subs:
+        for path in tar_paths(out_dir, sub):
+            if not left:
+                return
+            for key, image, _ in iter_tar(path):
+                if key in left and image is not None:
+                    left.discard(key)
+                    yield key, image
