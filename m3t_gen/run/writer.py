@@ -305,17 +305,6 @@ def member_locations(tars: list[Path]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def read_member(location: str, offset: int, size: int) -> bytes:
-    """``size`` bytes at ``offset`` of a local file or a URL (one ranged read on object storage)."""
-    if "://" in location:
-        import fsspec
-
-        with fsspec.open(location, "rb") as fh:
-            fh.seek(offset)
-            return fh.read(size)
-    with open(location, "rb") as fh:
-        fh.seek(offset)
-        return fh.read(size)
 REJECT_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_shard", pa.string()), ("source_key", pa.string()), ("url", pa.string()),
     ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string()),

@@ -34,7 +34,7 @@ def load_pool_image(location: str) -> Any:
 
     from PIL import Image
 
-    from m3t_gen.run.writer import read_member
+    from m3t_gen.storage.store import read_member
 
     path, offset, size = location.rsplit(":", 2)
     img = Image.open(io.BytesIO(read_member(path, int(offset), int(size))))

@@ -140,6 +140,19 @@ class Store:
             os.unlink(path)
 
 
+def read_member(location: str, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of a local file or a URL (one ranged read on object storage)."""
+    if "://" in location:
+        import fsspec
+
+        with fsspec.open(location, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
+    with open(location, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(size)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a local file whole: a temporary name, then a rename (readers never see it half-written)."""
     Store(path.parent).write_bytes(path.name, data)
