@@ -60,7 +60,7 @@ class RewardStage(Stage):
     name = "reward"
     section = "reward"
     model_role = "reward"
-    writes = ("scores",)
+    writes = ("scores", "caption_emb")  # caption_emb: single-stage, the caption arrives after the embed stage
 
     @classmethod
     def enabled(cls, config: PipelineConfig) -> bool:
