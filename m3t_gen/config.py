@@ -322,6 +322,10 @@ class RaySpec(Strict):
                                 json_schema_extra=PLACEMENT)
     num_cpus: int | None = Field(None, ge=1, description="local Ray only", json_schema_extra=PLACEMENT)
     progress: bool = Field(True, json_schema_extra=PLACEMENT)
+    wait_for_actors_s: int = Field(
+        900, ge=0, json_schema_extra=PLACEMENT,
+        description="an actor pool starts work only once all its actors are up (models loaded), so the first "
+        "ready actor does not take every batch; a pool not up in this time fails the run (0: do not wait)")
     preserve_order: bool = Field(True, description="rows reach single-actor stages (dedupe) in input order: "
                                  "which copy of a duplicate survives does not depend on timing")
 

@@ -90,3 +90,4 @@ def init_ray(cfg: PipelineConfig) -> None:
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = cfg.ray.progress
     data_ctx.execution_options.preserve_order = cfg.ray.preserve_order
+    data_ctx.wait_for_min_actors_s = cfg.ray.wait_for_actors_s or -1
