@@ -145,7 +145,8 @@ def test_config_hash_leaves_out_exactly_the_fields_marked_placement(tmp_path):
         assert config_changes(base.model_dump(mode="json", by_alias=True),
                               other.model_dump(mode="json", by_alias=True)) == [
             f"{change.split('=')[0]}: {_value(base, change)!r} -> {_value(other, change)!r}"]
-    assert placement_exclude(PipelineConfig)["ray"] == {"address": True, "num_cpus": True, "progress": True}
+    assert placement_exclude(PipelineConfig)["ray"] == {"address": True, "num_cpus": True, "progress": True,
+                                                        "wait_for_actors_s": True}
     assert PLACEMENT == {"placement": True}
 
 
