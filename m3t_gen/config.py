@@ -354,8 +354,8 @@ class PairingSpec(Strict):
     index: Literal["exact", "ivf", "hnsw"] = Field(
         "exact", description="neighbour search: exact (FAISS flat, O(N^2 d)), ivf (inverted lists, probes nprobe of "
         "nlist clusters), hnsw (graph); see docs/BENCHMARKS.md for time, memory and recall at 100K / 1M")
-    nlist: int | None = Field(None, ge=1, description="ivf: clusters (default sqrt(N), at least 39 images each)")
-    nprobe: int = Field(16, ge=1, description="ivf: clusters searched per query")
+    nlist: int | None = Field(None, ge=1, description="ivf: clusters (default 4 sqrt(N), at least 39 images each)")
+    nprobe: int = Field(32, ge=1, description="ivf: clusters searched per query")
     hnsw_m: int = Field(32, ge=4, description="hnsw: links per node")
     ef_search: int = Field(128, ge=1, description="hnsw: candidate list size at search time")
 

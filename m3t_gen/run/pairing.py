@@ -50,7 +50,7 @@ def build_index(data: np.ndarray, spec: PairingSpec, run_seed: int):
         index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = max(spec.ef_search, spec.max_rank + 1)
     elif spec.index == "ivf" and n >= 2 * 39:
-        nlist = spec.nlist or int(np.sqrt(n))
+        nlist = spec.nlist or int(4 * np.sqrt(n))
         nlist = max(1, min(nlist, n // 39))  # FAISS wants >= 39 training points per cluster
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(derive_seed(run_seed, "pair-index", str(n)))
