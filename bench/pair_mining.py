@@ -108,7 +108,7 @@ def one(n: int, d: int, kind: str, max_exact: int, sample: int = 1000) -> dict:
         # Above --max-exact: the index is built on all N (timed), its search timed on a query sample and scaled
         # to N queries; recall as always on the probe sample. mine_pairs is not run (its choice step costs
         # ~30 us per reference on top of the search, measured at 100K).
-        from m3t_gen.pairing import build_index
+        from m3t_gen.run.pairing import build_index
 
         t = time.perf_counter()
         index = build_index(x, spec, 0)
