@@ -181,3 +181,30 @@ def test_second_writer_on_s3_is_refused_while_the_first_lives(s3, pipeline):
     finally:
         lease.release()
     assert not s3.exists("runs/leased/.m3t-gen.lock")
+
+
+def test_dedupe_resumes_from_shards_finished_on_s3(s3, pipeline):
+    """A resumed run's dedupe stage is seeded from the finished shards' index and rejects wherever the output
+    lives: a duplicate across the restart is caught on object storage too (it read a local path before)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from m3t_gen.config import load_config
+    from m3t_gen.run.writer import INDEX_SCHEMA, REJECT_SCHEMA
+    from m3t_gen.stages.base import RunContext
+    from m3t_gen.stages.dedupe import DedupeStage
+
+    prefix = "runs/dedupe-seed"
+    s3.pipe_file(f"{prefix}/stats/a-000000.json", b'{"shard": "a-000000"}')
+    for name, schema, rows in (("index", INDEX_SCHEMA, [{"key": "a-000000_000000", "source_sha256": "sha-kept",
+                                                          "phash": "0f0f0f0f0f0f0f0f"}]),
+                               ("rejects", REJECT_SCHEMA, [{"key": "a-000000_000001", "stage": "filter",
+                                                            "reason": "too_few_turns", "source_sha256": "sha-filtered",
+                                                            "phash": "f0f0f0f0f0f0f0f0"}])):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+        s3.pipe_file(f"{prefix}/{name}/a-000000.parquet", buf.getvalue())
+    cfg = load_config(pipeline, [f"output.dir=s3://{prefix}"])
+    stage = DedupeStage(RunContext(config=cfg, config_hash="x"))
+    assert stage.index.find("sha-kept", "0000000000000000")[:2] == ("exact", "a-000000_000000")
+    assert stage.index.find("sha-filtered", "0000000000000000")[:2] == ("exact", "a-000000_000001")

@@ -10,11 +10,11 @@ Which copy of a duplicate pair survives is the one that reached this actor first
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from m3t_gen.config import DedupeSpec, PipelineConfig, Resources
 from m3t_gen.rows import reject
+from m3t_gen.storage.store import Store
 from m3t_gen.stages.base import RunContext, Stage
 
 
@@ -73,18 +73,23 @@ class DedupeStage(Stage):
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         self.index = HashIndex(ctx.config.read.dedupe)
-        self._seed_from_finished_shards(Path(ctx.config.output.dir))
+        self._seed_from_finished_shards(Store(ctx.config.output.dir))
 
-    def _seed_from_finished_shards(self, out: Path) -> None:
+    def _seed_from_finished_shards(self, store: Store) -> None:
         """Everything that passed dedupe in finished shards: kept samples and those rejected after this stage
         (a clean run had indexed them too), in key order as a clean run would have met them."""
+        import io
+
         import pyarrow.parquet as pq
 
+        def table(rel: str, **kw: Any) -> list[dict[str, Any]]:
+            return pq.read_table(io.BytesIO(store.read_bytes(rel)), **kw).to_pylist()
+
         seen = []
-        for path in sorted((out / "stats").glob("*.json")):
-            shard = path.stem
-            seen += pq.read_table(out / "index" / f"{shard}.parquet", columns=["key", "source_sha256", "phash"]).to_pylist()
-            rejects = pq.read_table(out / "rejects" / f"{shard}.parquet").to_pylist()
+        for rel in store.files("stats", ".json"):  # local folder or object storage alike
+            shard = rel[len("stats/"):-len(".json")]
+            seen += table(f"index/{shard}.parquet", columns=["key", "source_sha256", "phash"])
+            rejects = table(f"rejects/{shard}.parquet")
             seen += [r for r in rejects if r["stage"] not in ("read", self.name)]
         for rec in sorted(seen, key=lambda r: r["key"]):
             self.index.add(rec["key"], rec["source_sha256"], rec["phash"])
