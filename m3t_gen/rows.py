@@ -4,6 +4,12 @@ Every row read stays in the stream to the end: a stage works on rows whose statu
 the others through, so the writer sees each row once and rows read = kept + rejected holds by construction.
 After the last row of an input shard the reader emits one ``marker`` row carrying the shard's row count,
 which tells the writer when the shard is complete.
+
+Values read by several stages are Arrow types, not JSON text: ``turns`` and ``modifications`` are lists of
+structs, ``scores`` a struct, ``flags`` a list of strings (a row read back holds every struct field, the ones a
+stage did not set as None; ``compact`` drops those). The per-stage bookkeeping maps (timings, tokens,
+reasoning, workers) and the source's own metadata stay JSON: their keys are open (stage names, the source's
+fields) and only the writer reads them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,27 @@ from typing import Any
 import pyarrow as pa
 
 OK, REJECTED, MARKER = "ok", "rejected", "marker"
+
+# One generated turn; the filter adds its decision and the scores behind it.
+TURN = pa.struct([
+    ("type", pa.string()), ("query", pa.string()), ("target", pa.string()),
+    ("score", pa.float64()), ("rank", pa.int32()), ("prob", pa.float64()),  # CLIP cosine, self-retrieval
+    ("kept", pa.bool_()), ("reason", pa.string()),                          # the filter's decision
+])
+# What the reward stage recorded (caption first, then one entry per turn); the filter decides from it.
+SCORES = pa.struct([
+    ("caption", pa.float64()), ("turns", pa.list_(pa.float64())),
+    ("k", pa.int32()), ("caption_rank", pa.int32()), ("caption_prob", pa.float64()),  # self-retrieval, if on
+    ("turn_ranks", pa.list_(pa.int32())), ("turn_probs", pa.list_(pa.float64())),
+])
+MODIFICATION = pa.struct([
+    ("category", pa.string()), ("text", pa.string()),
+    ("score", pa.float64()), ("kept", pa.bool_()), ("reason", pa.string()),
+])
+TRIPLET_SCORES = pa.struct([
+    ("target_caption", pa.float64()), ("image_similarity", pa.float64()), ("directional", pa.float64()),
+    ("modifications", pa.list_(pa.float64())),
+])
 
 ROW_SCHEMA = pa.schema(
     [
@@ -30,7 +57,7 @@ ROW_SCHEMA = pa.schema(
         ("source_sha256", pa.string()),  # of the bytes as read (exact dedupe)
         ("phash", pa.string()),          # 64-bit perceptual hash, hex (near-duplicate dedupe)
         ("reencoded", pa.bool_()),
-        ("flags", pa.string()),          # JSON list of repairs made (e.g. text_truncated)
+        ("flags", pa.list_(pa.string())),  # repairs made (e.g. text_truncated)
         ("status", pa.string()),         # ok | rejected | marker
         ("reject_stage", pa.string()),
         ("reject_reason", pa.string()),
@@ -39,9 +66,9 @@ ROW_SCHEMA = pa.schema(
         ("caption_attempts", pa.int32()),
         ("image_emb", pa.binary()),      # CLIP image embedding, float32, L2-normalised (computed once per run)
         ("caption_emb", pa.binary()),    # CLIP text embedding of the caption
-        ("turns", pa.string()),          # JSON list of {type, query, target[, score, kept, reason]}
+        ("turns", pa.list_(TURN)),
         ("dialogue_attempts", pa.int32()),
-        ("scores", pa.string()),         # JSON {caption, turns: [...]}
+        ("scores", SCORES),
         ("timings", pa.string()),        # JSON {stage: seconds attributed to this row}
         ("tokens", pa.string()),         # JSON {stage: output tokens, "stage.prompt": ...}: see add_usage
         ("reasoning", pa.string()),      # JSON {stage: reasoning text of the accepted answer} (reasoning models)
@@ -54,7 +81,7 @@ COLUMNS = ROW_SCHEMA.names
 
 def new_row(**fields: Any) -> dict[str, Any]:
     row = dict.fromkeys(COLUMNS)
-    row.update(status=OK, flags="[]", timings="{}")
+    row.update(status=OK, flags=[], timings="{}")
     row.update(fields)
     return row
 
@@ -74,15 +101,42 @@ class RowContractError(ValueError):
     """A stage set a field its row schema does not have (Arrow would drop it without a word)."""
 
 
+def _struct_of(type_: pa.DataType) -> pa.StructType | None:
+    """The struct a column holds (itself, or its list's items), whose dicts Arrow would trim silently."""
+    if pa.types.is_list(type_):
+        type_ = type_.value_type
+    return type_ if pa.types.is_struct(type_) else None
+
+
+def _nested_fields(schema: pa.Schema) -> dict[str, frozenset[str]]:
+    return {f.name: frozenset(s.field(i).name for i in range(s.num_fields))
+            for f in schema if (s := _struct_of(f.type)) is not None}
+
+
+def _check_row(row: dict[str, Any], names: frozenset[str], nested: dict[str, frozenset[str]]) -> None:
+    if not names.issuperset(row):
+        extra = sorted(set(row) - names)
+        raise RowContractError(f"row {row.get('key')!r} has field(s) {extra} that the row schema lacks: "
+                               "add them to the schema in m3t_gen/rows.py (or do not set them)")
+    for name, allowed in nested.items():
+        value = row.get(name)
+        for item in (value if isinstance(value, list) else [value]) if value is not None else ():
+            if isinstance(item, dict) and not allowed.issuperset(item):
+                raise RowContractError(f"row {row.get('key')!r}: {name} has field(s) {sorted(set(item) - allowed)} "
+                                       "that its struct in m3t_gen/rows.py lacks")
+
+
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
     schema = schema or ROW_SCHEMA
-    names = frozenset(schema.names)
+    names, nested = frozenset(schema.names), _nested_fields(schema)
     for row in rows:
-        if not names.issuperset(row):
-            extra = sorted(set(row) - names)
-            raise RowContractError(f"row {row.get('key')!r} has field(s) {extra} that the row schema lacks: "
-                                   "add them to the schema in m3t_gen/rows.py (or do not set them)")
+        _check_row(row, names, nested)
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def compact(value: dict[str, Any] | None) -> dict[str, Any]:
+    """A struct read back from Arrow without the fields nobody set (None)."""
+    return {k: v for k, v in (value or {}).items() if v is not None}
 
 
 
@@ -149,9 +203,9 @@ PAIR_SCHEMA = pa.schema(
         ("reject_stage", pa.string()),
         ("reject_reason", pa.string()),
         ("reject_detail", pa.string()),
-        ("modifications", pa.string()),  # JSON list of {category, text[, score, kept, reason]}
+        ("modifications", pa.list_(MODIFICATION)),
         ("modify_attempts", pa.int32()),
-        ("scores", pa.string()),         # JSON
+        ("scores", TRIPLET_SCORES),
         ("timings", pa.string()),
         ("tokens", pa.string()),
         ("reasoning", pa.string()),

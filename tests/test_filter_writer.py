@@ -12,8 +12,8 @@ from m3t_gen.stages.filter import apply_filter
 
 def _row(scores, key="s_000000"):
     turns = [{"type": "vqa_holistic", "query": f"q{i}", "target": f"t{i}"} for i in range(len(scores))]
-    return new_row(key=key, shard="s", source_key=key, turns=json.dumps(turns),
-                   scores=json.dumps({"caption": 0.3, "turns": scores}), image=b"x")
+    return new_row(key=key, shard="s", source_key=key, turns=turns,
+                   scores={"caption": 0.3, "turns": scores}, image=b"x")
 
 
 def test_turn_level_then_sample_level():
@@ -21,7 +21,7 @@ def test_turn_level_then_sample_level():
     keep = _row([0.3, 0.1, 0.25])
     apply_filter(keep, spec)
     assert keep["status"] == "ok"
-    turns = json.loads(keep["turns"])
+    turns = keep["turns"]
     assert [t["kept"] for t in turns] == [True, False, True]
     assert "0.1000 < min_turn_score 0.2" in turns[1]["reason"]
 
@@ -36,17 +36,15 @@ def test_turn_level_then_sample_level():
 
 def test_rank_and_prob_thresholds_and_loosening_revives():
     row = _row([0.3, 0.3, 0.3])
-    scores = json.loads(row["scores"])
-    scores.update(turn_ranks=[1, 3, 1], turn_probs=[0.9, 0.5, 0.05], k=15)
-    row["scores"] = json.dumps(scores)
+    row["scores"].update(turn_ranks=[1, 3, 1], turn_probs=[0.9, 0.5, 0.05], k=15)
     apply_filter(row, FilterSpec(max_turn_rank=2, min_turn_prob=0.1, min_turns=2))
-    turns = json.loads(row["turns"])
+    turns = row["turns"]
     assert [t["kept"] for t in turns] == [True, False, False]
     assert turns[1]["reason"] == "turn_rank 3 > max_turn_rank 2"
     assert turns[2]["reason"] == "turn_prob 0.0500 < min_turn_prob 0.1"
     assert row["status"] == REJECTED
     apply_filter(row, FilterSpec(min_turns=2))  # new thresholds on the same scores: no re-scoring
-    assert row["status"] == "ok" and all(t["kept"] for t in json.loads(row["turns"]))
+    assert row["status"] == "ok" and all(t["kept"] for t in row["turns"])
 
 
 def test_mean_threshold_records_value_and_threshold():
@@ -100,3 +98,31 @@ def test_a_field_outside_the_row_schema_fails_loudly():
         to_table([row])
     with pytest.raises(RowContractError, match="ref_emb"):
         to_table([{"key": "p", "ref_emb": b"x"}], PAIR_SCHEMA)
+
+    turn = {"type": "vqa_holistic", "query": "q", "target": "t", "confidence": 0.9}  # inside a struct, too
+    with pytest.raises(RowContractError, match=r"turns has field\(s\) \['confidence'\]"):
+        to_table([new_row(key="k", shard="s", turns=[turn])])
+
+
+def test_turns_and_scores_travel_as_arrow_types():
+    """A decided row survives the Arrow round trip between stages: turns a list of structs, scores a struct,
+    read as values (no JSON parsing in the next stage), and a second decision from them is the same."""
+    import pyarrow as pa
+
+    from m3t_gen.rows import SCORES, TURN, compact, to_table
+
+    row = _row([0.3, 0.1, 0.25])
+    row["scores"].update(turn_ranks=[1, 2, 1], turn_probs=[0.9, 0.5, 0.8], k=15)
+    row["flags"] = ["text_truncated"]
+    apply_filter(row, FilterSpec(min_turn_score=0.2, min_turns=2))
+    table = to_table([row])
+    assert table.schema.field("turns").type == pa.list_(TURN)
+    assert table.schema.field("scores").type == SCORES
+    back = table.to_pylist()[0]
+    assert back["flags"] == ["text_truncated"]
+    assert [t["kept"] for t in back["turns"]] == [True, False, True]
+    assert back["turns"][1]["reason"].startswith("turn_score 0.1000") and back["turns"][0]["reason"] is None
+    assert back["turns"][2]["rank"] == 1 and back["turns"][2]["prob"] == 0.8
+    assert compact(back["scores"]) == row["scores"]
+    apply_filter(back, FilterSpec(min_turn_score=0.2, min_turns=2))
+    assert back["turns"] == table.to_pylist()[0]["turns"] and back["status"] == "ok"

@@ -40,10 +40,10 @@ def test_privacy_hits_whole_words_only():
 def test_privacy_filter_drops_turns_with_reason():
     turns = [{"type": "vqa_holistic", "query": "what is the woman holding?", "target": "an umbrella"},
              {"type": "vqa_holistic", "query": "what colour is the umbrella?", "target": "red"}]
-    row = new_row(key="k", shard="s", turns=json.dumps(turns), scores=json.dumps({"caption": 0.3, "turns": [0.3, 0.3]}),
+    row = new_row(key="k", shard="s", turns=turns, scores={"caption": 0.3, "turns": [0.3, 0.3]},
                   image=b"x")
     apply_filter(row, FilterSpec(privacy=PrivacySpec(enabled=True)))
-    out = json.loads(row["turns"])
+    out = row["turns"]
     assert [t["kept"] for t in out] == [False, True]
     assert out[0]["reason"] == "privacy: mentions gender ('woman')"
 

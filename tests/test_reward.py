@@ -1,7 +1,6 @@
 """Reward scores equal a direct computation on the same embeddings; the stage uses the real (tiny) CLIP."""
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -61,7 +60,7 @@ def _row(key, arr, caption, turns):
 
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG")
-    return new_row(key=key, shard="s", image=buf.getvalue(), caption=caption, turns=json.dumps(turns),
+    return new_row(key=key, shard="s", image=buf.getvalue(), caption=caption, turns=turns,
                    source_sha256=hashlib.sha256(buf.getvalue()).hexdigest())
 
 
@@ -76,7 +75,7 @@ def test_reward_stage_scores_equal_numpy_on_same_embeddings(stage):
     clip: ClipEmbedder = stage.clip
     imgs = clip.embed_images([Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows])
     for i, row in enumerate(rows):
-        scores = json.loads(row["scores"])
+        scores = row["scores"]
         texts = clip.embed_texts([row["caption"]] + [scored_text(t) for t in turns])
         np.testing.assert_allclose(scores["caption"], texts[0] @ imgs[i], atol=1e-5)
         np.testing.assert_allclose(scores["turns"], texts[1:] @ imgs[i], atol=1e-5)

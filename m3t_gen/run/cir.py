@@ -24,14 +24,15 @@ import pyarrow.parquet as pq
 
 from m3t_gen import __version__
 from m3t_gen.run.pairing import mine_pairs
-from m3t_gen.rows import OK, PAIR_SCHEMA, REJECTED, usage_fields, worker_counts
+from m3t_gen.rows import MODIFICATION, OK, PAIR_SCHEMA, REJECTED, TRIPLET_SCORES, usage_fields, worker_counts
 from m3t_gen.run.recipe import CIR_STAGES, apply_stages, init_ray
 from m3t_gen.stages.base import RunContext
 from m3t_gen.storage.store import Store
 
 TRIPLET_REJECT_SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.string()), ("target_image", pa.string()), ("stage", pa.string()),
-    ("reason", pa.string()), ("detail", pa.string()), ("scores", pa.string()),
+    ("reason", pa.string()), ("detail", pa.string()), ("scores", TRIPLET_SCORES),
+    ("modifications", pa.list_(MODIFICATION)),  # what was written and each text's decision, for a refilter
 ])
 
 
@@ -124,8 +125,8 @@ def read_pair_parts(batch: pa.Table) -> Iterator[pa.Table]:
 
 
 def triplet_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-    mods = json.loads(row["modifications"])
-    scores = json.loads(row["scores"])
+    mods = row["modifications"]
+    scores = row["scores"]
     out = {
         "id": row["key"], "image": row["ref_key"], "target_image": row["tgt_key"],
         "modifications": [{"category": m["category"], "text": m["text"], "score": m["score"]} for m in mods if m["kept"]],
@@ -165,7 +166,8 @@ class TripletWriter:
             elif row["status"] == REJECTED:
                 part["rejected"].append({"id": row["key"], "image": row["ref_key"], "target_image": row["tgt_key"],
                                          "stage": row["reject_stage"], "reason": row["reject_reason"],
-                                         "detail": row["reject_detail"], "scores": row["scores"]})
+                                         "detail": row["reject_detail"], "scores": row["scores"],
+                                         "modifications": row["modifications"]})
             if len(part["kept"]) + len(part["rejected"]) == self.expected[row["shard"]]:
                 self._finish(row["shard"], part)
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3t_gen import __version__
-from m3t_gen.rows import MARKER, OK, REJECTED, worker_counts
+from m3t_gen.rows import MARKER, OK, REJECTED, compact, worker_counts
 from m3t_gen.stages.base import RunContext
 from m3t_gen.storage.store import Store
 
@@ -30,8 +30,8 @@ INDEX_ROW_GROUP = 1000  # small row groups: the HF dataset viewer fails on big o
 def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     """KEY.json. Turns carry ``i``, their position in the generated dialogue, so that kept and dropped turns
     (and the scores behind every decision) can be put back together by `m3t-gen refilter`."""
-    turns = json.loads(row["turns"])
-    scores = json.loads(row["scores"])
+    turns = [compact(t) for t in row["turns"]]
+    scores = compact(row["scores"])
     fields = ("type", "query", "target", "score", "rank", "prob")
     kept = [dict({k: t[k] for k in fields if k in t}, i=i) for i, t in enumerate(turns) if t.get("kept", True)]
     dropped = [dict({k: t[k] for k in fields if k in t}, i=i, reason=t["reason"])
@@ -63,7 +63,7 @@ def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             "config_hash": ctx.config_hash,
         },
     }
-    flags = json.loads(row["flags"] or "[]")
+    flags = row["flags"] or []
     if flags:
         out["flags"] = flags  # repairs made on reading (docs/reasons.md): visible where the sample is
     if dropped:
@@ -93,10 +93,10 @@ def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[st
         width=img["width"], height=img["height"], image_sha256=img["sha256"], reencoded=img["reencoded"],
         source_sha256=img.get("source_sha256"), phash=img.get("phash"), caption=sample["caption"],
         caption_attempts=lin["attempts"].get("caption"), dialogue_attempts=lin["attempts"].get("dialogue"),
-        turns=json.dumps([{k: t[k] for k in ("type", "query", "target")} for t in turns]),
-        scores=json.dumps(scores),
+        turns=[{k: t[k] for k in ("type", "query", "target")} for t in turns],
+        scores=scores,
         reasoning=json.dumps(sample["reasoning"], ensure_ascii=False) if sample.get("reasoning") else None,
-        flags=json.dumps(sample.get("flags", [])),
+        flags=sample.get("flags", []),
     )
 
 
@@ -189,7 +189,7 @@ class OutputWriter:
                 state.shard_errors, state.skipped = detail.get("errors", []), detail.get("skipped", {})
             else:
                 state.seen += 1
-                state.repairs.update(json.loads(row["flags"] or "[]"))
+                state.repairs.update(row["flags"] or [])
                 if row.get("workers"):
                     state.workers.append({"workers": row["workers"]})
                 for stage, seconds in json.loads(row["timings"] or "{}").items():

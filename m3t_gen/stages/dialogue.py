@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from m3t_gen.backends.base import GenerationResult, get_backend
@@ -80,7 +79,7 @@ class DialogueStage(Stage):
             max_attempts=self.cfg.max_attempts, build_messages=self._messages, parse=self._parse,
             json_schema=self.decoding_schema,
         ):
-            row["turns"] = json.dumps(turns)
+            row["turns"] = [{k: t[k] for k in ("type", "query", "target")} for t in turns]
             row["dialogue_attempts"] = attempts
             if self.from_image:  # the description written in the same call serves as the dense caption
                 row["caption"] = next(t["target"] for t in turns if TURN_TYPES[t["type"]].target_is_caption)

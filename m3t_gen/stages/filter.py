@@ -7,7 +7,6 @@ other thresholds later without re-scoring and reach exactly what a fresh run wit
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from m3t_gen.config import FilterSpec, PipelineConfig
@@ -24,28 +23,24 @@ def turn_failure(scores: dict[str, Any], i: int, spec: FilterSpec, turn: dict[st
     score = scores["turns"][i]
     if spec.min_turn_score is not None and score < spec.min_turn_score:
         return f"turn_score {score:.4f} < min_turn_score {spec.min_turn_score}"
-    if spec.max_turn_rank is not None and "turn_ranks" in scores and scores["turn_ranks"][i] > spec.max_turn_rank:
+    if spec.max_turn_rank is not None and scores.get("turn_ranks") and scores["turn_ranks"][i] > spec.max_turn_rank:
         return f"turn_rank {scores['turn_ranks'][i]} > max_turn_rank {spec.max_turn_rank}"
-    if spec.min_turn_prob is not None and "turn_probs" in scores and scores["turn_probs"][i] < spec.min_turn_prob:
+    if spec.min_turn_prob is not None and scores.get("turn_probs") and scores["turn_probs"][i] < spec.min_turn_prob:
         return f"turn_prob {scores['turn_probs'][i]:.4f} < min_turn_prob {spec.min_turn_prob}"
     return None
 
 
 def apply_filter(row: dict[str, Any], spec: FilterSpec, stage: str = "filter") -> None:
     """Decide one scored row in place: marks each turn kept/dropped, then rejects the row or leaves it ok."""
-    turns = json.loads(row["turns"])
-    scores = json.loads(row["scores"])
+    scores = row["scores"]
+    turns = [dict(t) for t in row["turns"]]
     for i, turn in enumerate(turns):
         turn["score"] = scores["turns"][i]
         for extra, src in (("rank", "turn_ranks"), ("prob", "turn_probs")):
-            if src in scores:
-                turn[extra] = scores[src][i]
-        reason = turn_failure(scores, i, spec, turn)
-        turn["kept"] = reason is None
-        turn.pop("reason", None)
-        if reason:
-            turn["reason"] = reason
-    row["turns"] = json.dumps(turns)
+            turn[extra] = scores[src][i] if scores.get(src) else None
+        turn["reason"] = turn_failure(scores, i, spec, turn)  # a refilter may loosen: decide afresh
+        turn["kept"] = turn["reason"] is None
+    row["turns"] = turns
     kept_scores = [t["score"] for t in turns if t["kept"]]
     # A refilter may loosen thresholds: start from a clean decision.
     row.update(status=OK, reject_stage=None, reject_reason=None, reject_detail=None)

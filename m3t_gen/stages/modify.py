@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from m3t_gen.backends.base import GenerationResult, get_backend
@@ -99,5 +98,5 @@ class ModifyStage(Stage):
             max_attempts=self.cfg.max_attempts, build_messages=self._messages, parse=self._parse,
             json_schema=self.decoding_schema,
         ):
-            row["modifications"] = json.dumps(mods)
+            row["modifications"] = [{"category": m["category"], "text": m["text"]} for m in mods]
             row["modify_attempts"] = attempts

@@ -146,7 +146,7 @@ def read_shard(path: str, shard: str, input_spec: InputSpec, spec: ReadSpec,
                 reject(row, NAME, reason, **detail)
             else:
                 row.update(fields)
-        row["flags"] = json.dumps(flags)
+        row["flags"] = flags
         add_timing(row, NAME, time.perf_counter() - started)  # includes reading the member from the shard
         yield row
         started = time.perf_counter()

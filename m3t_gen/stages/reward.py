@@ -12,7 +12,6 @@ Each image is embedded once: the embedding serves every text of its sample.
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
 import numpy as np
@@ -87,7 +86,7 @@ class RewardStage(Stage):
     def process(self, rows: list[dict[str, Any]]) -> None:
         # Images were embedded once by the embed stage; the caption's embedding is reused too.
         images = np.stack([from_bytes(r["image_emb"]) for r in rows])
-        turns = [json.loads(r["turns"]) for r in rows]
+        turns = [r["turns"] for r in rows]
         texts: list[str] = []
         for row_turns in turns:
             texts.extend(scored_text(t) for t in row_turns)
@@ -109,4 +108,4 @@ class RewardStage(Stage):
                 rank, prob = self_retrieval(emb, images[i], distractors, self.clip.logit_scale)
                 scores.update(k=int(len(distractors)), caption_rank=int(rank[0]), caption_prob=_r(prob[0]),
                               turn_ranks=[int(x) for x in rank[1:]], turn_probs=[_r(x) for x in prob[1:]])
-            row["scores"] = json.dumps(scores)
+            row["scores"] = scores

@@ -3,7 +3,6 @@ score), then triplet level; every drop carries the score, its value and the thre
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from m3t_gen.config import PipelineConfig, TripletFilterSpec
@@ -13,18 +12,18 @@ from m3t_gen.stages.base import Stage
 
 
 def apply_triplet_filter(row: dict[str, Any], spec: TripletFilterSpec, stage: str = "triplet_filter") -> None:
-    mods = json.loads(row["modifications"])
-    scores = json.loads(row["scores"])
+    mods = [dict(m) for m in row["modifications"]]
+    scores = row["scores"]
     words = spec.privacy.word_lists() if spec.privacy.enabled else {}
     for mod, score in zip(mods, scores["modifications"], strict=True):
         mod["score"] = score
-        mod["kept"] = True
+        mod["kept"], mod["reason"] = True, None
         hit = privacy_hit(mod["text"], words) if words else None
         if hit:
             mod["kept"], mod["reason"] = False, f"privacy: mentions {hit[0]} ({hit[1]!r})"
         elif spec.min_modification_score is not None and score < spec.min_modification_score:
             mod["kept"], mod["reason"] = False, f"modification_score {score:.4f} < {spec.min_modification_score}"
-    row["modifications"] = json.dumps(mods)
+    row["modifications"] = mods
     kept = sum(m["kept"] for m in mods)
     checks = (("target_caption", spec.min_target_caption_score), ("directional", spec.min_directional))
     for name, threshold in checks:

@@ -9,7 +9,6 @@ embed stage (each image embedded once per run); only the modification texts are 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from m3t_gen.clip import ClipEmbedder
@@ -41,7 +40,7 @@ class TripletRewardStage(Stage):
         self.image_embs, self.caption_embs = bank["image"], bank["caption"]
 
     def process(self, rows: list[dict[str, Any]]) -> None:
-        mods = [json.loads(r["modifications"]) for r in rows]
+        mods = [r["modifications"] for r in rows]
         texts = [m["text"] for row_mods in mods for m in row_mods]
         emb = self.clip.embed_texts(texts) if texts else None
         at = 0
@@ -50,9 +49,9 @@ class TripletRewardStage(Stage):
             ref_cap, tgt_cap = self.caption_embs[row["ref_index"]], self.caption_embs[row["tgt_index"]]
             mod_scores = [float(emb[at + i] @ tgt) for i in range(len(row_mods))]
             at += len(row_mods)
-            row["scores"] = json.dumps({
+            row["scores"] = {
                 "target_caption": round(float(tgt @ tgt_cap), 6),
                 "image_similarity": round(float(ref @ tgt), 6),
                 "directional": round(directional(ref, tgt, ref_cap, tgt_cap), 6),
                 "modifications": [round(s, 6) for s in mod_scores],
-            })
+            }
