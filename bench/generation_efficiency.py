@@ -5,10 +5,12 @@ and settings, in one run.
     python bench/generation_efficiency.py --backend vllm [--small 128 --large 512] [--in-flight 1 2] [--repeats 2]
     python bench/generation_efficiency.py --backend transformers --small 64 --large 256 --batch 32
     python bench/generation_efficiency.py --stage caption --backend vllm --small 256 --large 1024 --batch 256
+    python bench/generation_efficiency.py --stage judge --backend vllm --small 256 --large 1024 --batch 256
 
 Caption: the vLLM engine with the tiny Qwen2.5-VL of pipelines/smoke.yaml, one image per request (distinct crops
 of the bundled photos, at most 512 px), the real caption template; vLLM renders and processes each image on
-both sides.
+both sides. Judge: the same images, each with a written 7-turn dialogue, the real judge template and its
+verdict schema (one call per sample; answerability off, so both sides send the same requests).
 
 Engine start-up must not hide in the figures: each side is timed at two sizes and the ratio uses the marginal
 cost, (T_large - T_small) / (tokens_large - tokens_small). Standalone: the backend's engine built once in this
@@ -79,12 +81,35 @@ def rows_for(n: int) -> list[dict]:
                             f"{things[(i // 3) % 12]} in a room, photo {i}.") for i in range(n)]
 
 
+def judge_rows_for(n: int) -> list[dict]:
+    """Image rows, each with a dialogue of the default mix to judge (distinct texts per row)."""
+    from m3t_gen.turns import DEFAULT_MIX, turn_plan
+
+    rows = image_rows_for(n)
+    for i, row in enumerate(rows):
+        row["caption"] = f"a photo with things in it, number {i}"
+        row["turns"] = [{"type": t["type"], "query": f"what is at place {j} of photo {i}?",
+                         "target": f"thing {(i * 7 + j) % 13}"} for j, t in enumerate(turn_plan(DEFAULT_MIX))]
+    return rows
+
+
 def _stage(name: str):
     """(stage class, rows builder) of the stage under test."""
     from m3t_gen.stages.caption import CaptionStage
     from m3t_gen.stages.dialogue import DialogueStage
+    from m3t_gen.stages.judge import JudgeStage
 
-    return {"dialogue": (DialogueStage, rows_for), "caption": (CaptionStage, image_rows_for)}[name]
+    return {"dialogue": (DialogueStage, rows_for), "caption": (CaptionStage, image_rows_for),
+            "judge": (JudgeStage, judge_rows_for)}[name]
+
+
+def _schema(stage, row):
+    """The JSON schema the stage decodes this row's request with."""
+    from m3t_gen.stages.judge import verdict_decoding_schema
+
+    if stage.name == "judge":
+        return verdict_decoding_schema(len(row["turns"]), stage.cfg.max_text_chars)
+    return getattr(stage, "decoding_schema", None)
 
 
 def config(stage: str, backend: str, batch: int, in_flight: int, actor_cpus: float):
@@ -92,6 +117,8 @@ def config(stage: str, backend: str, batch: int, in_flight: int, actor_cpus: flo
 
     sets = [f"{stage}.resources.batch_size={batch}", f"{stage}.resources.batches_in_flight={in_flight}",
             f"{stage}.resources.num_cpus={actor_cpus}", f"{stage}.max_attempts=1", "ray.progress=false"]
+    if stage == "judge":
+        sets.append("judge.answerability=false")
     if backend == "transformers":
         sets += [f"{stage}.model.backend=transformers", f"{stage}.model.options={{}}"]
     return load_config(ROOT / "pipelines" / "smoke.yaml", sets)
@@ -140,7 +167,7 @@ def _requests(stage, rows):
     s = stage.cfg.sampling
     return [GenerationRequest(messages=stage._messages(r), seed=derive_seed(0, stage.name, r["key"]),
                               max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                              json_schema=getattr(stage, "decoding_schema", None)) for r in rows]
+                              json_schema=_schema(stage, r)) for r in rows]
 
 
 def in_pipeline(cfg, stage_name: str, n: int) -> tuple[float, int]:
@@ -176,7 +203,7 @@ def _summary(runs: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", default="dialogue", choices=["dialogue", "caption"])
+    ap.add_argument("--stage", default="dialogue", choices=["dialogue", "caption", "judge"])
     ap.add_argument("--backend", default="vllm", choices=["vllm", "transformers"])
     ap.add_argument("--small", type=int, default=128)
     ap.add_argument("--large", type=int, default=512)

@@ -268,6 +268,25 @@ class DialogueStage(GenerationStage):
         return v
 
 
+class JudgeStage(GenerationStage):
+    """Optional: an MLLM checks every turn of a sample against its image in one call (m3t_gen/stages/judge.py)."""
+
+    template: str = "m3t_judge.j2"
+    schema_: str = Field("judge_verdicts.schema.json", alias="schema")
+    max_text_chars: int = Field(160, ge=8, le=2000, description="bound on each verdict's reason (and answer)")
+    answerability: bool = Field(False, description="also let the judge answer each VQA query from the image "
+                                "without the written target, and record the agreement (one more call per sample)")
+    answer_template: str = "m3t_answer.j2"
+
+
+class TripletJudgeStage(GenerationStage):
+    """Optional: an MLLM sees reference and target images and judges each modification text."""
+
+    template: str = "cir_judge.j2"
+    schema_: str = Field("judge_verdicts.schema.json", alias="schema")
+    max_text_chars: int = Field(160, ge=8, le=2000, description="bound on each verdict's reason")
+
+
 class SelfRetrievalSpec(Strict):
     """Distractors come from a fixed bank of images, the same for every actor and every run (reproducible):
     the first ``bank_size`` readable images of ``bank`` (input-format paths) or, by default, of the run's input."""
@@ -307,6 +326,13 @@ class FilterSpec(Strict):
     min_mean_score: float | None = Field(None, ge=-1, le=1, description="reject when the mean kept-turn cosine is lower")
     min_caption_score: float | None = Field(None, ge=-1, le=1, description="reject when the caption's cosine is lower")
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    # The judge's verdicts (act only where a judge ran).
+    drop_contradicted: bool = Field(True, description="drop turns the judge says the image contradicts")
+    drop_unanswerable: bool = Field(False, description="drop turns the judge says the image cannot answer")
+    min_judge_score: int | None = Field(None, ge=1, le=5, description="drop turns the judge scores lower (1-5)")
+    min_answer_agreement: float | None = Field(
+        None, ge=0, le=1, description="drop VQA turns whose target disagrees with the judge's own answer "
+        "(answerability: exact match for short targets, token F1 otherwise)")
 
 
 class OutputSpec(Strict):
@@ -393,12 +419,15 @@ class TripletFilterSpec(Strict):
     min_directional: float | None = Field(0.2, ge=-1, le=1, description="CompoDiff directional CLIP similarity")
     min_modifications: int = Field(1, ge=1, description="reject a triplet left with fewer modification texts")
     privacy: PrivacySpec = Field(default_factory=lambda: PrivacySpec(enabled=True))
+    drop_contradicted: bool = Field(True, description="drop texts the judge says do not turn reference into target")
+    min_judge_score: int | None = Field(None, ge=1, le=5, description="drop texts the judge scores lower (1-5)")
 
 
 class CirSpec(Strict):
     pairing: PairingSpec = Field(default_factory=PairingSpec)
     modify: ModifyStage
     filter: TripletFilterSpec = Field(default_factory=TripletFilterSpec)
+    judge: TripletJudgeStage | None = Field(None, description="optional VLM judge of each modification text")
     triplets_per_file: int = Field(1000, ge=1, description="triplets per JSONL part (the CIR resume unit)")
 
 
@@ -412,6 +441,7 @@ class PipelineConfig(Strict):
     caption: CaptionStage
     dialogue: DialogueStage | None = Field(None, description="required by the m3t recipe")
     reward: RewardStage
+    judge: JudgeStage | None = Field(None, description="optional VLM judge of every turn (off unless set)")
     filter: FilterSpec = Field(default_factory=FilterSpec)
     cir: CirSpec | None = Field(None, description="required by the cir recipe")
     output: OutputSpec = Field(default_factory=OutputSpec)

@@ -25,7 +25,14 @@ OK, REJECTED, MARKER = "ok", "rejected", "marker"
 TURN = pa.struct([
     ("type", pa.string()), ("query", pa.string()), ("target", pa.string()),
     ("score", pa.float64()), ("rank", pa.int32()), ("prob", pa.float64()),  # CLIP cosine, self-retrieval
+    ("verdict", pa.string()), ("judge_score", pa.int32()), ("judge_reason", pa.string()),  # the judge's
+    ("answer", pa.string()), ("agreement", pa.float64()),                   # answerability
     ("kept", pa.bool_()), ("reason", pa.string()),                          # the filter's decision
+])
+# The judge's record for one turn or modification text (m3t_gen/stages/judge.py); the filter decides from it.
+VERDICT = pa.struct([
+    ("verdict", pa.string()), ("score", pa.int32()), ("reason", pa.string()),
+    ("answer", pa.string()), ("agreement", pa.float64()),
 ])
 # What the reward stage recorded (caption first, then one entry per turn); the filter decides from it.
 SCORES = pa.struct([
@@ -35,7 +42,9 @@ SCORES = pa.struct([
 ])
 MODIFICATION = pa.struct([
     ("category", pa.string()), ("text", pa.string()),
-    ("score", pa.float64()), ("kept", pa.bool_()), ("reason", pa.string()),
+    ("score", pa.float64()),
+    ("verdict", pa.string()), ("judge_score", pa.int32()), ("judge_reason", pa.string()),
+    ("kept", pa.bool_()), ("reason", pa.string()),
 ])
 TRIPLET_SCORES = pa.struct([
     ("target_caption", pa.float64()), ("image_similarity", pa.float64()), ("directional", pa.float64()),
@@ -69,6 +78,8 @@ ROW_SCHEMA = pa.schema(
         ("turns", pa.list_(TURN)),
         ("dialogue_attempts", pa.int32()),
         ("scores", SCORES),
+        ("verdicts", pa.list_(VERDICT)),  # the judge's, one per turn (judge stage on)
+        ("judge_attempts", pa.int32()),
         ("timings", pa.string()),        # JSON {stage: seconds attributed to this row}
         ("tokens", pa.string()),         # JSON {stage: output tokens, "stage.prompt": ...}: see add_usage
         ("reasoning", pa.string()),      # JSON {stage: reasoning text of the accepted answer} (reasoning models)
@@ -206,6 +217,8 @@ PAIR_SCHEMA = pa.schema(
         ("modifications", pa.list_(MODIFICATION)),
         ("modify_attempts", pa.int32()),
         ("scores", TRIPLET_SCORES),
+        ("verdicts", pa.list_(VERDICT)),  # the judge's, one per modification text (cir.judge on)
+        ("judge_attempts", pa.int32()),
         ("timings", pa.string()),
         ("tokens", pa.string()),
         ("reasoning", pa.string()),

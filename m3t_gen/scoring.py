@@ -41,3 +41,30 @@ def pick_distractors(bank: np.ndarray, bank_ids: list[str], own_id: str | None, 
     rng = np.random.default_rng(seed)
     chosen = rng.choice(candidates, size=min(k, len(candidates)), replace=False)
     return pool[np.sort(chosen)]
+
+
+# Answerability (the judge answers a VQA query itself): SQuAD's answer normalisation, then exact match for a
+# short target and token F1 otherwise; "3" vs "three" stays a miss (no number words: a judge says what it sees).
+SHORT_ANSWER_WORDS = 3
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize_answer(text: str) -> list[str]:
+    import string
+
+    table = str.maketrans({c: " " for c in string.punctuation})
+    return [w for w in text.lower().translate(table).split() if w not in _ARTICLES]
+
+
+def answer_agreement(answer: str, target: str) -> float:
+    """1.0 / 0.0 (normalised exact match) when the target has at most SHORT_ANSWER_WORDS words, else token F1."""
+    from collections import Counter
+
+    a, t = normalize_answer(answer), normalize_answer(target)
+    if len(t) <= SHORT_ANSWER_WORDS:
+        return float(a == t)
+    common = sum((Counter(a) & Counter(t)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(a), common / len(t)
+    return round(2 * precision * recall / (precision + recall), 6)

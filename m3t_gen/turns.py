@@ -20,6 +20,7 @@ class TurnType:
     target_is_caption: bool = False  # the target is the dense description (not written by the two-stage writer)
     scored: Literal["target", "query and target"] = "query and target"  # what CLIP compares with the image
     default_count: int = 1
+    answer_check: bool = False  # the judge's answerability check answers its query and compares with the target
 
 
 TURN_TYPES: dict[str, TurnType] = {t.name: t for t in (
@@ -27,10 +28,10 @@ TURN_TYPES: dict[str, TurnType] = {t.name: t for t in (
              "three words", scored="target"),
     TurnType("retrieval", "a search query someone would type to find exactly this image; its target is the "
              "description", target_is_caption=True, scored="target"),
-    TurnType("vqa_holistic", "a question about the scene as a whole; the target is its short answer", default_count=2),
+    TurnType("vqa_holistic", "a question about the scene as a whole; the target is its short answer", default_count=2, answer_check=True),
     TurnType("vqa_localized", "a question about one specific object, region or detail; the target is its short "
-             "answer", default_count=2),
-    TurnType("vqa_creative", "an imaginative question still grounded in what is visible; the target is its answer"),
+             "answer", default_count=2, answer_check=True),
+    TurnType("vqa_creative", "an imaginative question still grounded in what is visible; the target is its answer", answer_check=True),
 )}
 TURN_TYPE_NAMES = tuple(TURN_TYPES)
 DEFAULT_MIX: dict[str, int] = {t.name: t.default_count for t in TURN_TYPES.values()}  # the MuCo mix: 7 pairs

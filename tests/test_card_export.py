@@ -86,6 +86,12 @@ def test_card_parses_as_a_dataset_card_with_the_configs_entry(card, manifest, tr
     if triplets:
         assert f"| kept triplets | {len(triplets)} |" in text
         assert "composed-image-retrieval" in data["tags"]
+    # The quality report, one row per turn type with its kept count from the manifest's report.
+    assert "## Quality report" in text
+    for t, r in manifest["quality"]["m3t"]["types"].items():
+        assert re.search(rf"^\| {md(t)} \| [^|]+ \| [^|]+ \| {r['generated']} \| {r['kept']} \|", text, re.M), t
+    if triplets:
+        assert "### CIR modification texts" in text and f"in {len(triplets)} triplets" in text
 
 
 @pytest.mark.parametrize("kept,label", [(0, "n<1K"), (999, "n<1K"), (1000, "1K<n<10K"), (54_321, "10K<n<100K"),
@@ -141,7 +147,7 @@ def test_card_of_a_cir_only_run_points_at_the_triplets(run_out, triplets, tmp_pa
 def test_plots_and_gallery_exist_and_are_valid_images(card, manifest, triplets):
     text = card.read_text()
     pngs = re.findall(r"\]\((card/[^)]+\.png)\)", text)
-    expected = {"card/scores.png", "card/turn_types.png", "card/image_sizes.png"}
+    expected = {"card/scores.png", "card/turn_types.png", "card/image_sizes.png", "card/quality.png"}
     assert set(pngs) == (expected | {"card/cir.png"} if triplets else expected)
     for rel in pngs:
         path = card.parent / rel
@@ -250,6 +256,8 @@ def test_html_is_self_contained(html_page, manifest, triplets):
     if triplets:
         assert f"CIR triplets ({shown_triplets} shown" in text
     assert 'class="dropped"' in text  # the smoke thresholds drop some turns in kept samples
+    assert "judge: contradicted" in text  # a turn the judge's verdict dropped, with its reason
+    assert re.search(r'<td class="why">(supported|contradicted|not_answerable) [1-5]/5: ', text)  # verdicts shown
 
 
 def test_html_escapes_untrusted_text(tmp_path):

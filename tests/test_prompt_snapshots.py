@@ -7,18 +7,28 @@ from pathlib import Path
 import pytest
 
 from m3t_gen.config import DEFAULT_CIR_CATEGORIES, DEFAULT_MIX, ModifyStage
-from m3t_gen.stages import caption, dialogue, modify
+from m3t_gen.stages import caption, dialogue, judge, modify
 from m3t_gen.templates import load_template
 from m3t_gen.validate import EXAMPLE_PAIR, EXAMPLE_ROW
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 MODIFY = ModifyStage.model_construct(n=5, categories=dict(DEFAULT_CIR_CATEGORIES), max_text_chars=200)
+JUDGED = dict(EXAMPLE_ROW, turns=[
+    {"type": "classification", "query": "What does the image mainly show?", "target": "a cat"},
+    {"type": "retrieval", "query": "grey cat on a red sofa", "target": EXAMPLE_ROW["caption"]},
+    {"type": "vqa_localized", "query": "What stands on the left?", "target": "a lamp"},
+])
+JUDGED_PAIR = dict(EXAMPLE_PAIR, modifications=[{"category": "color", "text": "make the car blue"},
+                                                {"category": "weather", "text": "cover the street in snow"}])
 CASES = {
     "caption_dense.j2": caption.template_fields(EXAMPLE_ROW),
     "m3t_dialogue.j2": dialogue.template_fields(EXAMPLE_ROW, DEFAULT_MIX),
     "m3t_dialogue_image.j2": dialogue.template_fields(dict(EXAMPLE_ROW, caption=None), DEFAULT_MIX),
     "cir_modifications.j2": modify.template_fields(EXAMPLE_PAIR, MODIFY),
     "cir_modifications_images.j2": modify.template_fields(EXAMPLE_PAIR, MODIFY),
+    "m3t_judge.j2": judge.template_fields(JUDGED),
+    "m3t_answer.j2": judge.answer_fields(JUDGED),
+    "cir_judge.j2": judge.triplet_template_fields(JUDGED_PAIR),
 }
 
 

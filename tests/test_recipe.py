@@ -35,14 +35,19 @@ def test_single_stage_run_names_no_captioner_and_plans_none():
     from m3t_gen.tools.plan import planned_stages
 
     both = load_config(ROOT / "pipelines" / "smoke.yaml")
-    assert planned_stages(both) == ["caption", "embed", "dialogue", "reward", "modify", "triplet_reward"]
+    assert planned_stages(both) == ["caption", "embed", "dialogue", "reward", "judge", "modify", "triplet_reward",
+                                    "triplet_judge"]
     single = load_config(ROOT / "pipelines" / "smoke.yaml",
-                         ["recipe=m3t", "dialogue.source=image", "dialogue.model.model=tiny:qwen2_5_vl"])
+                         ["recipe=m3t", "dialogue.source=image", "dialogue.model.model=tiny:qwen2_5_vl", "judge=null"])
     assert planned_stages(single) == ["embed", "dialogue", "reward"]
     templates, models = lineage(single)
     assert "caption" not in templates and "caption" not in models
     assert models == {"reward": "tiny:clip", "dialogue": "tiny:qwen2_5_vl"}
     assert templates == {"dialogue": "m3t_dialogue_image.j2"}
+    # The judge's answerability template is part of the lineage exactly when it is used.
+    judged = load_config(ROOT / "pipelines" / "smoke.yaml", ["recipe=m3t", "judge.answerability=false"])
+    assert lineage(judged)[0] == {"caption": "caption_dense.j2", "dialogue": "m3t_dialogue.j2", "judge": "m3t_judge.j2"}
+    assert lineage(both)[0]["judge.answer"] == "m3t_answer.j2" and lineage(both)[1]["judge"] == "tiny:qwen2_5_vl"
 
 
 def test_a_stage_writing_an_undeclared_field_is_caught(monkeypatch):

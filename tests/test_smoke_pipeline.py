@@ -27,7 +27,8 @@ def test_summary_and_manifest(smoke_run):
     assert totals["reasons"]["read:truncated_image"] == 1
     assert totals["reasons"]["read:too_small"] == 1
     assert totals["reasons"]["dedupe:duplicate"] == 1  # skimage ships chelsea twice (as "chelsea" and "cat")
-    assert [s["stage"] for s in manifest["stages"]] == ["read", "dedupe", "caption", "embed", "dialogue", "reward", "filter"]
+    assert [s["stage"] for s in manifest["stages"]] == ["read", "dedupe", "caption", "embed", "dialogue", "reward",
+                                                        "judge", "filter"]
     assert "total: read 19 = kept" in proc.stdout
     # Images reached the captioner: every caption request held the Qwen2.5-VL image placeholder tokens (the
     # bundled photos at max_side 512 are at least 4, at most 16 tokens in the tiny model's 112x112 px budget).
@@ -39,6 +40,41 @@ def test_summary_and_manifest(smoke_run):
     assert dialogue["prompt_tokens"] > 0 and "image_tokens" not in dialogue  # a text-only writer
     assert "caption: " in proc.stdout and "image tokens" in proc.stdout
     assert manifest["config"]["caption"]["model"]["backend"] == "vllm"
+    # The judge saw each image in the real vLLM engine: one verdict call and one answerability call per sample,
+    # each with the Qwen2.5-VL image placeholder tokens.
+    judge = next(s for s in manifest["stages"] if s["stage"] == "judge")
+    assert manifest["config"]["judge"]["model"]["backend"] == "vllm"
+    assert judge["requests"] >= 2 * judge["in"] and judge["image_tokens"] >= 4 * judge["requests"]
+    assert judge["output_tokens"] > 0 and judge["in"] == judge["kept"] + judge["rejected"]
+
+
+def test_every_kept_turn_and_triplet_is_judged_and_the_filter_acts_on_verdicts(smoke_run):
+    out, _ = smoke_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    turns = [t for s in _samples(out) for t in s["turns"]]
+    assert turns and all(t["verdict"] in ("supported", "contradicted", "not_answerable") for t in turns)
+    assert all(1 <= t["judge_score"] <= 5 and isinstance(t["judge_reason"], str) for t in turns)
+    # drop_contradicted is on: no kept turn is contradicted, the dropped ones say why.
+    assert not [t for t in turns if t["verdict"] == "contradicted"]
+    dropped = [t for s in _samples(out) for t in s.get("dropped_turns", [])]
+    assert any(t["reason"].startswith("judge: contradicted") for t in dropped)
+    # Answerability: VQA turns carry the judge's own answer and its agreement with the target; others do not.
+    vqa = [t for t in turns if t["type"].startswith("vqa_")]
+    assert vqa and all(isinstance(t["answer"], str) and 0 <= t["agreement"] <= 1 for t in vqa)
+    assert all(t.get("answer") is None for t in turns if not t["type"].startswith("vqa_"))
+    triplets = [json.loads(line) for p in sorted((out / "triplets").glob("*.jsonl")) for line in p.read_text().splitlines()]
+    assert triplets and all(m["verdict"] != "contradicted" and 1 <= m["judge_score"] <= 5
+                            for t in triplets for m in t["modifications"])
+    table = {s["stage"]: s for s in manifest["cir"]["stages"]}
+    assert table["triplet_judge"]["image_tokens"] >= 2 * 4 * table["triplet_judge"]["requests"]  # both images
+    # The quality report, from the finished output: every kept turn counted under its type.
+    q = manifest["quality"]
+    assert q["m3t"]["turns_kept"] == len(turns) and q["m3t"]["samples"] == manifest["totals"]["kept"]
+    for t, r in q["m3t"]["types"].items():
+        assert r["kept"] == sum(x["type"] == t for x in turns)
+        assert sum(r["verdicts"].values()) == r["kept"] if r["kept"] else True
+    assert q["cir"]["triplets"] == manifest["cir"]["kept"]
+    assert q["cir"]["modifications_kept"] == sum(len(t["modifications"]) for t in triplets)
 
 
 def test_conservation_per_input_shard(smoke_run):
@@ -104,7 +140,7 @@ def test_resume_with_a_changed_config_is_refused(smoke_run):
            "--set", "filter.min_turns=6"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "different config (filter.min_turns: 4 -> 6)" in proc.stderr
+    assert "different config (filter.min_turns: 3 -> 6)" in proc.stderr
 
 
 def _by_key(out):
@@ -120,7 +156,9 @@ def test_refilter_equals_a_fresh_run_with_the_same_thresholds(smoke_run, tmp_pat
     out, _ = smoke_run
     copy = tmp_path / "refiltered"
     shutil.copytree(out, copy)
-    new = ["filter.min_turns=3", "filter.max_turn_rank=10", "filter.min_turn_score=-0.2"]
+    # The last one re-decides on the judge's verdicts, without re-judging.
+    new = ["filter.min_turns=2", "filter.max_turn_rank=10", "filter.min_turn_score=-0.2", "filter.drop_contradicted=false",
+           "filter.min_judge_score=2"]
     cmd = [sys.executable, "-m", "m3t_gen.cli", "refilter", str(copy)] + sum((["--set", s] for s in new), [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,6 +176,8 @@ def test_refilter_equals_a_fresh_run_with_the_same_thresholds(smoke_run, tmp_pat
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (copy, fresh))
     assert ma["totals"] == mb["totals"]
     assert ma["config_hash"] == mb["config_hash"]
+    assert any(t["verdict"] == "contradicted" for s in a.values() for t in s["turns"])  # revived by the refilter
+    assert ma["quality"]["m3t"]["types"] == mb["quality"]["m3t"]["types"]  # the report follows the refilter
     # A refiltered run resumes like a fresh one: nothing left to do.
     proc = subprocess.run([sys.executable, "-m", "m3t_gen.cli", "run", str(ROOT / "pipelines" / "smoke.yaml"),
                            "--output", str(copy)] + sum((["--set", s] for s in new), []),
@@ -175,7 +215,7 @@ def test_cir_triplets_have_the_configured_modifications_and_validate(smoke_run):
         assert s["pairs"] == s["kept"] + s["rejected"]
     # Per-stage accounting of the CIR pass, as for the sample stages (m3t-gen plan --from-run reads it).
     table = {s["stage"]: s for s in cir["stages"]}
-    assert list(table) == ["modify", "triplet_reward", "triplet_filter"]
+    assert list(table) == ["modify", "triplet_reward", "triplet_judge", "triplet_filter"]
     assert table["modify"]["in"] == cir["pairs"] and table["triplet_filter"]["kept"] == cir["kept"]
     assert sum(s["rejected"] for s in table.values()) == cir["rejected"]
     assert table["modify"]["busy_seconds"] > 0 and table["modify"]["output_tokens"] > 0

@@ -124,19 +124,25 @@ def read_pair_parts(batch: pa.Table) -> Iterator[pa.Table]:
             yield pq.read_table(path, schema=PAIR_SCHEMA)
 
 
+def _mod_json(mod: dict[str, Any]) -> dict[str, Any]:
+    out = {"category": mod["category"], "text": mod["text"], "score": mod["score"]}
+    if mod.get("verdict") is not None:  # judged (cir.judge on)
+        out.update(verdict=mod["verdict"], judge_score=mod["judge_score"], judge_reason=mod["judge_reason"])
+    return out
+
+
 def triplet_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     mods = row["modifications"]
     scores = row["scores"]
     out = {
         "id": row["key"], "image": row["ref_key"], "target_image": row["tgt_key"],
-        "modifications": [{"category": m["category"], "text": m["text"], "score": m["score"]} for m in mods if m["kept"]],
-        "dropped_modifications": [{"category": m["category"], "text": m["text"], "score": m["score"],
-                                   "reason": m["reason"]} for m in mods if not m["kept"]],
+        "modifications": [_mod_json(m) for m in mods if m["kept"]],  # judged: with the verdict
+        "dropped_modifications": [dict(_mod_json(m), reason=m["reason"]) for m in mods if not m["kept"]],
         "reference_caption": row["ref_caption"], "target_caption": row["tgt_caption"],
         "similarity": round(row["similarity"], 6), "rank": row["rank"],
         "scores": {k: scores[k] for k in ("target_caption", "image_similarity", "directional")},
-        "lineage": {"models": {"caption": ctx.config.caption.model.model, "modify": ctx.config.cir.modify.model.model,
-                               "reward": ctx.config.reward.model},
+        "lineage": {"models": {k: v for k, v in ctx.model_names.items()
+                               if k in ("caption", "modify", "reward", "triplet_judge")},
                     "templates": ctx.template_hashes, "seed": ctx.config.seed, "attempts": row["modify_attempts"],
                     "m3t_gen_version": __version__, "config_hash": ctx.config_hash},
     }

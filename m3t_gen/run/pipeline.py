@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from m3t_gen import __version__
 from m3t_gen.config import ConfigError, PipelineConfig, drop_excluded, placement_exclude
@@ -215,8 +215,21 @@ def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], start
     }
     if cir_summary is not None:
         manifest["cir"] = cir_summary
+    manifest["quality"] = timed_quality_report(store, manifest["config"], log)
     store.write_bytes("manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def timed_quality_report(store: Store, config: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The quality report of the finished output (m3t_gen/run/quality.py), read back from where it was
+    written, with the seconds it took."""
+    from m3t_gen.run.quality import quality_report
+
+    t = time.perf_counter()
+    report = quality_report(store, config)
+    report["seconds"] = round(time.perf_counter() - t, 3)
+    log(f"m3t-gen: quality report in {report['seconds']} s")
+    return report
 
 
 def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 list of stages becomes Ray Data operators. The pipeline, the CIR pass, lineage, `plan` and the card read the
 stages from here; adding a stage is its file, its place in one of these lists, and a test.
 
-    sample pass: read -> dedupe -> caption -> embed -> dialogue -> reward -> filter   (one row per image)
-    CIR pass:    pairs -> modify -> triplet_reward -> triplet_filter                  (one row per image pair)
+    sample pass: read -> dedupe -> caption -> embed -> dialogue -> reward -> [judge] -> filter   (one row per image)
+    CIR pass:    pairs -> modify -> triplet_reward -> [triplet_judge] -> triplet_filter     (one row per image pair)
+    [optional]: on when its config section is set
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from m3t_gen.stages.dedupe import DedupeStage
 from m3t_gen.stages.dialogue import DialogueStage
 from m3t_gen.stages.embed import EmbedStage
 from m3t_gen.stages.filter import FilterStage
+from m3t_gen.stages.judge import JudgeStage, TripletJudgeStage
 from m3t_gen.stages.modify import ModifyStage
 from m3t_gen.stages.reward import RewardStage
 from m3t_gen.stages.triplet_filter import TripletFilterStage
 from m3t_gen.stages.triplet_reward import TripletRewardStage
 
-SAMPLE_STAGES: list[type[Stage]] = [DedupeStage, CaptionStage, EmbedStage, DialogueStage, RewardStage, FilterStage]
-CIR_STAGES: list[type[Stage]] = [ModifyStage, TripletRewardStage, TripletFilterStage]
+SAMPLE_STAGES: list[type[Stage]] = [DedupeStage, CaptionStage, EmbedStage, DialogueStage, RewardStage, JudgeStage,
+                                    FilterStage]
+CIR_STAGES: list[type[Stage]] = [ModifyStage, TripletRewardStage, TripletJudgeStage, TripletFilterStage]
 STAGES: dict[str, type[Stage]] = {s.name: s for s in SAMPLE_STAGES + CIR_STAGES}
 SAMPLE_ORDER = ["read"] + [s.name for s in SAMPLE_STAGES]  # the summary table's rows (read is the reader)
 
@@ -41,8 +44,7 @@ def lineage(cfg: PipelineConfig) -> tuple[dict[str, str], dict[str, str]]:
     models: dict[str, str] = {}
     for stage in enabled(cfg):
         section = stage.settings(cfg)
-        if stage.generates:
-            templates[stage.name] = section.template
+        templates.update(stage.templates(cfg))
         if stage.model_role:
             model = section.model
             models[stage.model_role] = model if isinstance(model, str) else model.model

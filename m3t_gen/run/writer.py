@@ -24,6 +24,7 @@ from m3t_gen.rows import MARKER, OK, REJECTED, compact, worker_counts
 from m3t_gen.stages.base import RunContext
 from m3t_gen.storage.store import Store
 
+JUDGED = ("verdict", "judge_score", "judge_reason", "answer", "agreement")  # a turn's judge fields, when judged
 INDEX_ROW_GROUP = 1000  # small row groups: the HF dataset viewer fails on big ones
 
 
@@ -32,7 +33,7 @@ def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     (and the scores behind every decision) can be put back together by `m3t-gen refilter`."""
     turns = [compact(t) for t in row["turns"]]
     scores = compact(row["scores"])
-    fields = ("type", "query", "target", "score", "rank", "prob")
+    fields = ("type", "query", "target", "score", "rank", "prob") + JUDGED
     kept = [dict({k: t[k] for k in fields if k in t}, i=i) for i, t in enumerate(turns) if t.get("kept", True)]
     dropped = [dict({k: t[k] for k in fields if k in t}, i=i, reason=t["reason"])
                for i, t in enumerate(turns) if not t.get("kept", True)]
@@ -58,7 +59,8 @@ def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             "templates": ctx.template_hashes,
             "seed": ctx.config.seed,
             "attempts": {k: v for k, v in (("caption", row["caption_attempts"]),
-                                           ("dialogue", row["dialogue_attempts"])) if v is not None},
+                                           ("dialogue", row["dialogue_attempts"]),
+                                           ("judge", row["judge_attempts"])) if v is not None},
             "m3t_gen_version": __version__,
             "config_hash": ctx.config_hash,
         },
@@ -86,6 +88,10 @@ def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[st
     if all("rank" in t for t in turns) and "k" in s:
         scores.update(k=s["k"], caption_rank=s["caption_rank"], caption_prob=s["caption_prob"],
                       turn_ranks=[t["rank"] for t in turns], turn_probs=[t["prob"] for t in turns])
+    verdicts = None
+    if any("verdict" in t for t in turns):  # judged: the verdicts go back to where the judge stage put them
+        verdicts = [{"verdict": t.get("verdict"), "score": t.get("judge_score"), "reason": t.get("judge_reason"),
+                     "answer": t.get("answer"), "agreement": t.get("agreement")} for t in turns]
     img, src, lin = sample["image"], sample["source"], sample["lineage"]
     return new_row(
         key=sample["key"], shard=shard, source_key=src["key"], url=src["url"], text=src["text"], image=image,
@@ -94,7 +100,7 @@ def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[st
         source_sha256=img.get("source_sha256"), phash=img.get("phash"), caption=sample["caption"],
         caption_attempts=lin["attempts"].get("caption"), dialogue_attempts=lin["attempts"].get("dialogue"),
         turns=[{k: t[k] for k in ("type", "query", "target")} for t in turns],
-        scores=scores,
+        scores=scores, verdicts=verdicts, judge_attempts=lin["attempts"].get("judge"),
         reasoning=json.dumps(sample["reasoning"], ensure_ascii=False) if sample.get("reasoning") else None,
         flags=sample.get("flags", []),
     )
@@ -202,7 +208,7 @@ class OutputWriter:
                     if self.m3t:
                         self._write_sample(state, row)
                 elif row["status"] == REJECTED:
-                    if row["image"] is not None and row["scores"] is not None:
+                    if row["reject_stage"] == "filter" and row["image"] is not None:
                         # Scored but filtered out: kept aside so a refilter can revive it without re-scoring.
                         state.filtered.write(row["key"], row["image"], sample_json(row, self.ctx))
                     state.rejects.append(self._reject_record(row))

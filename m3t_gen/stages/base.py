@@ -105,6 +105,17 @@ class Stage:
         return True
 
     @classmethod
+    def images_per_request(cls, config: PipelineConfig) -> int:
+        """Images each of its model requests carries (validate checks the engine accepts that many; plan counts
+        their vision tokens)."""
+        return 0
+
+    @classmethod
+    def templates(cls, config: PipelineConfig) -> dict[str, str]:
+        """The prompt templates it renders, by lineage name (hashed into every sample, kept in the manifest)."""
+        return {cls.name: cls.settings(config).template} if cls.generates else {}
+
+    @classmethod
     def uses_actor(cls) -> bool:
         """Actor pool (model held between batches) or stateless tasks."""
         return True

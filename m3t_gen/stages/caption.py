@@ -28,6 +28,10 @@ class CaptionStage(Stage):
     def enabled(cls, config: PipelineConfig) -> bool:
         return not config.single_stage()  # single-stage: the dialogue MLLM writes the description
 
+    @classmethod
+    def images_per_request(cls, config: PipelineConfig) -> int:
+        return 1
+
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         self.cfg = ctx.config.caption

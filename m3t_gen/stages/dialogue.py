@@ -35,6 +35,10 @@ class DialogueStage(Stage):
     def enabled(cls, config: PipelineConfig) -> bool:
         return config.wants("m3t")
 
+    @classmethod
+    def images_per_request(cls, config: PipelineConfig) -> int:
+        return int(config.dialogue.source == "image")
+
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         self.cfg = ctx.config.dialogue

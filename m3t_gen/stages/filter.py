@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from m3t_gen.config import FilterSpec, PipelineConfig
+from m3t_gen.config import FilterSpec, PipelineConfig, TripletFilterSpec
 from m3t_gen.quality import privacy_hit
 from m3t_gen.rows import OK, reject
 from m3t_gen.stages.base import Stage
@@ -27,14 +27,39 @@ def turn_failure(scores: dict[str, Any], i: int, spec: FilterSpec, turn: dict[st
         return f"turn_rank {scores['turn_ranks'][i]} > max_turn_rank {spec.max_turn_rank}"
     if spec.min_turn_prob is not None and scores.get("turn_probs") and scores["turn_probs"][i] < spec.min_turn_prob:
         return f"turn_prob {scores['turn_probs'][i]:.4f} < min_turn_prob {spec.min_turn_prob}"
+    return judge_failure(turn, spec)
+
+
+def judge_failure(item: dict[str, Any], spec: FilterSpec | TripletFilterSpec) -> str | None:
+    """The judge's verdict on one turn or modification text against the thresholds (None: not judged or kept)."""
+    verdict, score = item.get("verdict"), item.get("judge_score")
+    if verdict == "contradicted" and spec.drop_contradicted:
+        return f"judge: contradicted ({item.get('judge_reason') or 'no reason given'})"
+    if verdict == "not_answerable" and getattr(spec, "drop_unanswerable", False):
+        return f"judge: not answerable from the image ({item.get('judge_reason') or 'no reason given'})"
+    if spec.min_judge_score is not None and score is not None and score < spec.min_judge_score:
+        return f"judge_score {score} < min_judge_score {spec.min_judge_score}"
+    threshold = getattr(spec, "min_answer_agreement", None)
+    agreement = item.get("agreement")
+    if threshold is not None and agreement is not None and agreement < threshold:
+        return f"answer_agreement {agreement:.2f} < min_answer_agreement {threshold} (judge: {item.get('answer')!r})"
     return None
+
+
+def judged_fields(verdict: dict[str, Any] | None) -> dict[str, Any]:
+    """A verdict record as the fields of the turn (or text) it judges."""
+    v = verdict or {}
+    return {"verdict": v.get("verdict"), "judge_score": v.get("score"), "judge_reason": v.get("reason"),
+            "answer": v.get("answer"), "agreement": v.get("agreement")}
 
 
 def apply_filter(row: dict[str, Any], spec: FilterSpec, stage: str = "filter") -> None:
     """Decide one scored row in place: marks each turn kept/dropped, then rejects the row or leaves it ok."""
     scores = row["scores"]
     turns = [dict(t) for t in row["turns"]]
+    verdicts = row.get("verdicts") or [None] * len(turns)
     for i, turn in enumerate(turns):
+        turn.update(judged_fields(verdicts[i]))
         turn["score"] = scores["turns"][i]
         for extra, src in (("rank", "turn_ranks"), ("prob", "turn_probs")):
             turn[extra] = scores[src][i] if scores.get(src) else None

@@ -63,6 +63,10 @@ class ModifyStage(Stage):
     def enabled(cls, config: PipelineConfig) -> bool:
         return config.wants("cir")
 
+    @classmethod
+    def images_per_request(cls, config: PipelineConfig) -> int:
+        return 2 if config.cir.modify.source == "images" else 0
+
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         self.cfg = ctx.config.cir.modify

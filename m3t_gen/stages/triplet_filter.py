@@ -9,20 +9,25 @@ from m3t_gen.config import PipelineConfig, TripletFilterSpec
 from m3t_gen.quality import privacy_hit
 from m3t_gen.rows import PAIR_SCHEMA, reject
 from m3t_gen.stages.base import Stage
+from m3t_gen.stages.filter import judge_failure, judged_fields
 
 
 def apply_triplet_filter(row: dict[str, Any], spec: TripletFilterSpec, stage: str = "triplet_filter") -> None:
     mods = [dict(m) for m in row["modifications"]]
     scores = row["scores"]
     words = spec.privacy.word_lists() if spec.privacy.enabled else {}
-    for mod, score in zip(mods, scores["modifications"], strict=True):
+    verdicts = row.get("verdicts") or [None] * len(mods)
+    for mod, score, verdict in zip(mods, scores["modifications"], verdicts, strict=True):
         mod["score"] = score
+        mod.update({k: v for k, v in judged_fields(verdict).items() if k in ("verdict", "judge_score", "judge_reason")})
         mod["kept"], mod["reason"] = True, None
         hit = privacy_hit(mod["text"], words) if words else None
         if hit:
             mod["kept"], mod["reason"] = False, f"privacy: mentions {hit[0]} ({hit[1]!r})"
         elif spec.min_modification_score is not None and score < spec.min_modification_score:
             mod["kept"], mod["reason"] = False, f"modification_score {score:.4f} < {spec.min_modification_score}"
+        elif (failure := judge_failure(mod, spec)) is not None:
+            mod["kept"], mod["reason"] = False, failure
     row["modifications"] = mods
     kept = sum(m["kept"] for m in mods)
     checks = (("target_caption", spec.min_target_caption_score), ("directional", spec.min_directional))

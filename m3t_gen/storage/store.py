@@ -12,12 +12,13 @@ Tools that work on a finished output (card, export, inspect, refilter) read a re
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 TMP = ".tmp"
 
@@ -235,7 +236,6 @@ class LocalLock:
 
     def acquire(self) -> "LocalLock":
         import fcntl
-        import json
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -285,7 +285,6 @@ class ObjectLease:
         return time.time() - float(holder.get("heartbeat", 0)) < self.ttl
 
     def acquire(self) -> "ObjectLease":
-        import json
         import threading
 
         if self.store.exists(LOCK_FILE):
@@ -302,7 +301,6 @@ class ObjectLease:
         return self
 
     def _beat(self) -> None:
-        import json
         import time
 
         while not self.stop.wait(self.ttl / 4):
@@ -323,3 +321,29 @@ class ObjectLease:
 
 def lock_output(store: Store, command: str = "run") -> LocalLock | ObjectLease:
     return (ObjectLease if store.remote else LocalLock)(store, command).acquire()
+
+
+def iter_tar(path: Path | BinaryIO) -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
+    """(key, JPEG bytes, KEY.json) for each sample of one tar (a path, or an open file read as a stream, e.g.
+    from object storage), in tar order (members of a key are adjacent)."""
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+
+    def emit() -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
+        if key is not None and "json" in parts:
+            yield key, parts.get("jpg"), json.loads(parts["json"])
+
+    import tarfile
+
+    with (tarfile.open(fileobj=path, mode="r|") if hasattr(path, "read") else tarfile.open(path)) as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            k, _, ext = base.partition(".")
+            if k != key:
+                yield from emit()
+                key, parts = k, {}
+            fh = tf.extractfile(member)
+            parts[ext.lower()] = fh.read() if fh else b""
+        yield from emit()

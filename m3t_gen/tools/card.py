@@ -255,6 +255,106 @@ def _gallery(out_dir: Path, card_dir: Path, n: int) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------- the card
+QUALITY_TYPE_FIELDS = ("requested_share", "kept_share", "generated", "kept", "query_words", "target_words",
+                       "distinct_2_queries", "distinct_2_targets", "leaked_targets", "clip_score", "verdicts",
+                       "judge_score", "answer_agreement", "self_retrieval_prob")
+
+
+def _pct(v: Any) -> str:
+    return "—" if v is None else f"{100 * v:.1f} %"
+
+
+def _num(v: Any) -> str:
+    return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _words(summary: dict[str, Any] | None) -> str:
+    return "—" if not summary or not summary.get("n") else f"{summary['p50']} / {summary['p90']}"
+
+
+def _verdicts(counts: dict[str, int] | None) -> str:
+    return "—" if not counts else ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def _mean_score(counts: dict[str, int] | None) -> float | None:
+    n = sum((counts or {}).values())
+    return sum(int(k) * v for k, v in counts.items()) / n if n else None
+
+
+def _quality(out_dir: Path, manifest: dict[str, Any], card_dir: Path) -> dict[str, Any]:
+    """The manifest's quality report (computed now for an output that has none), its table rows, its plots."""
+    from m3t_gen.storage.store import Store
+    from m3t_gen.run.quality import quality_report
+
+    quality = manifest.get("quality")
+    if quality is None:
+        quality = quality_report(Store(out_dir), manifest.get("config") or {})
+    rows, leaks = [], []
+    for t, r in ((quality.get("m3t") or {}).get("types") or {}).items():
+        r = {f: r.get(f) for f in QUALITY_TYPE_FIELDS}
+        rows.append([md(t), _pct(r["requested_share"]), _pct(r["kept_share"]), str(r["generated"]), str(r["kept"]),
+                     _words(r["query_words"]), _words(r["target_words"]),
+                     f"{_num(r['distinct_2_queries'])} / {_num(r['distinct_2_targets'])}",
+                     _pct((r["leaked_targets"] or {}).get("share")), _num((r["clip_score"] or {}).get("mean")),
+                     md(_verdicts(r["verdicts"])), _num(_mean_score(r["judge_score"])),
+                     _num((r["answer_agreement"] or {}).get("mean"))])
+        leaks += [(t, *example) for example in (r["leaked_targets"] or {}).get("examples", [])[:1]]
+    return {"quality": quality, "quality_rows": rows, "quality_leaks": leaks,
+            "quality_plots": _quality_plots(quality, card_dir)}
+
+
+def _quality_plots(quality: dict[str, Any], card_dir: Path) -> list[dict[str, str]]:
+    """Score distributions per turn type with the thresholds marked, and the judge's scores."""
+    from matplotlib.figure import Figure
+
+    m3t = quality.get("m3t")
+    plots: list[dict[str, str]] = []
+    if not m3t:
+        return plots
+    types = [t for t, r in m3t["types"].items() if r.get("clip_score")]
+    panels = [("clip_score", "CLIP score", m3t["thresholds"].get("min_turn_score")),
+              ("self_retrieval_prob", "self-retrieval probability", m3t["thresholds"].get("min_turn_prob")),
+              ("answer_agreement", "answer agreement", m3t["thresholds"].get("min_answer_agreement"))]
+    panels = [p for p in panels if any(m3t["types"][t].get(p[0]) for t in types)]
+    judged = [t for t in types if m3t["types"][t].get("judge_score")]
+    if not types:
+        return plots
+    color = {t: f"C{i}" for i, t in enumerate(types)}  # one colour per type in every panel
+    cols = len(panels) + bool(judged)
+    fig = Figure(figsize=(4.2 * cols, 3.4), layout="constrained")
+    axes = fig.subplots(1, cols, squeeze=False)[0]
+    for ax, (field, label, threshold) in zip(axes, panels):
+        for t in types:
+            h = m3t["types"][t].get(field)
+            if h:
+                width = (h["hi"] - h["lo"]) / len(h["counts"])
+                xs = [h["lo"] + width * (i + 0.5) for i in range(len(h["counts"]))]
+                ax.plot(xs, h["counts"], marker="o", ms=3, label=t, color=color[t])
+        if threshold is not None:
+            ax.axvline(threshold, color="#b5533c", ls="--", label=f"threshold {threshold}")
+        ax.set_title(f"kept turns: {label}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("turns")
+    if judged:
+        ax = axes[-1]
+        bottom = [0] * 5
+        for t in judged:
+            counts = [m3t["types"][t]["judge_score"].get(str(k), 0) for k in range(1, 6)]
+            ax.bar(range(1, 6), counts, bottom=bottom, label=t, color=color[t])
+            bottom = [b + c for b, c in zip(bottom, counts)]
+        threshold = m3t["thresholds"].get("min_judge_score")
+        if threshold is not None:
+            ax.axvline(threshold - 0.5, color="#b5533c", ls="--", label=f"min_judge_score {threshold}")
+        ax.set_title("kept turns: judge score")
+        ax.set_xlabel("judge score (1-5)")
+        ax.set_ylabel("turns")
+    axes[0].legend(fontsize=7)
+    _save(fig, card_dir / "quality.png")
+    plots.append({"title": "Score distributions of the kept turns per type, thresholds dashed",
+                  "path": "card/quality.png"})
+    return plots
+
+
 def _environment():
     import jinja2
 
@@ -263,6 +363,10 @@ def _environment():
                              lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["md"] = md
     env.filters["code"] = code
+    from m3t_gen.run.quality import NEAR_DUPLICATE_JACCARD
+
+    env.globals.update(pct=_pct, num=_num, words=_words, verdicts=_verdicts, mean_score=_mean_score,
+                       near_jaccard=NEAR_DUPLICATE_JACCARD)  # the CIR paragraph formats its figures in place
     return env
 
 
@@ -437,6 +541,7 @@ def write_card(out_dir: Path) -> Path:
         "plots": _plots(_index_columns(out_dir), mix, card_dir),
         "gallery": _gallery(out_dir, card_dir, GALLERY),
         "cir": _cir_context(out_dir, manifest, card_dir, 3),
+        **_quality(out_dir, manifest, card_dir),
         "versions": manifest.get("versions") or {},
         "refilters": [", ".join(r.get("set", [])) for r in manifest.get("refilters") or []],
     }

@@ -77,13 +77,13 @@ h3 { font-size: 15px; margin: 16px 0 6px; }
     {% if s.flags %}<div class="small">repaired on reading: {{ s.flags | join(", ") }}</div>{% endif %}
     <div class="scores">{% for label, value in s.scores %}<span>{{ label }} <b>{{ value }}</b></span>{% endfor %}</div>
     <table class="turns">
-      <colgroup><col class="type"><col><col><col class="num"><col class="num"><col class="num"><col></colgroup>
-      <tr><th>type</th><th>query</th><th>target</th><th class="num">score</th><th class="num">rank</th><th class="num">prob</th><th>dropped because</th></tr>
+      <colgroup><col class="type"><col><col><col class="num"><col class="num"><col class="num"><col><col></colgroup>
+      <tr><th>type</th><th>query</th><th>target</th><th class="num">score</th><th class="num">rank</th><th class="num">prob</th><th>judge</th><th>dropped because</th></tr>
       {% for t in s.turns %}
       <tr{% if t.dropped %} class="dropped"{% endif %}>
         <td>{{ t.type }}</td><td>{{ t.query }}</td><td>{{ t.target }}</td>
         <td class="num">{{ t.score }}</td><td class="num">{{ t.rank }}</td><td class="num">{{ t.prob }}</td>
-        <td class="why">{{ t.reason }}</td>
+        <td class="why">{{ t.judge }}</td><td class="why">{{ t.reason }}</td>
       </tr>
       {% endfor %}
     </table>
@@ -114,11 +114,11 @@ h3 { font-size: 15px; margin: 16px 0 6px; }
     {% if t.reference_caption %}<div class="alt">reference caption: {{ t.reference_caption }}</div>{% endif %}
     {% if t.target_caption %}<div class="alt">target caption: {{ t.target_caption }}</div>{% endif %}
     <table class="turns">
-      <colgroup><col class="type"><col><col class="num"><col></colgroup>
-      <tr><th>category</th><th>modification</th><th class="num">score</th><th>dropped because</th></tr>
+      <colgroup><col class="type"><col><col class="num"><col><col></colgroup>
+      <tr><th>category</th><th>modification</th><th class="num">score</th><th>judge</th><th>dropped because</th></tr>
       {% for m in t.mods %}
       <tr{% if m.dropped %} class="dropped"{% endif %}><td>{{ m.category }}</td><td>{{ m.text }}</td>
-        <td class="num">{{ m.score }}</td><td class="why">{{ m.reason }}</td></tr>
+        <td class="num">{{ m.score }}</td><td class="why">{{ m.judge }}</td><td class="why">{{ m.reason }}</td></tr>
       {% endfor %}
     </table>
   </div>
@@ -182,9 +182,20 @@ def _view(key: str, image: bytes | None, sample: dict[str, Any]) -> dict[str, An
         "rejection": rejection, "flags": sample.get("flags") or [],
         "turns": [{"type": t.get("type"), "query": t.get("query"), "target": t.get("target"),
                    "score": _num(t.get("score")), "rank": _num(t.get("rank")), "prob": _num(t.get("prob"), 3),
-                   "reason": t.get("reason", "") if t["dropped"] else "", "dropped": t["dropped"]}
+                   "judge": _judge(t), "reason": t.get("reason", "") if t["dropped"] else "",
+                   "dropped": t["dropped"]}
                   for t in turns],
     }
+
+
+def _judge(item: dict[str, Any]) -> str:
+    """The judge's verdict, score and reason (and its own answer, answerability on) as one cell; "" unjudged."""
+    if item.get("verdict") is None:
+        return ""
+    text = f"{item['verdict']} {item.get('judge_score')}/5: {item.get('judge_reason') or ''}".strip()
+    if item.get("answer") is not None:
+        text += f" (judge answered {item['answer']!r}, agreement {_num(item.get('agreement'))})"
+    return text
 
 
 def _first(samples: Iterator[tuple[str, bytes | None, dict[str, Any]]], n: int) -> list[dict[str, Any]]:
@@ -217,7 +228,8 @@ def _triplet_views(out_dir: Path, n: int) -> list[dict[str, Any]]:
             "reference_caption": t.get("reference_caption"), "target_caption": t.get("target_caption"),
             "scores": [(label, value) for label, value in scores if value != ""],
             "mods": [{"category": m.get("category"), "text": m.get("text"), "score": _num(m.get("score")),
-                      "reason": m.get("reason", "") if m["dropped"] else "", "dropped": m["dropped"]}
+                      "judge": _judge(m), "reason": m.get("reason", "") if m["dropped"] else "",
+                      "dropped": m["dropped"]}
                      for m in mods],
         })
     return views

@@ -40,12 +40,21 @@ from pathlib import Path
 from typing import Any
 
 from m3t_gen.config import ConfigError, PipelineConfig
+from m3t_gen.run.recipe import STAGES as STAGE_CLASSES
 
-# Model stages a plan can hold (which ones depends on the recipe: planned_stages).
-GPU_STAGES = ("caption", "embed", "dialogue", "reward", "modify", "triplet_reward")
-SAMPLE_PASS = ("caption", "embed", "dialogue", "reward")
-CIR_PASS = ("modify", "triplet_reward")  # a second pass over the mined pairs, after the sample pass
-STAGES = ("read",) + GPU_STAGES
+
+
+def _model_stages(recipe_pass: str) -> tuple[str, ...]:
+    from m3t_gen.run.recipe import CIR_STAGES, SAMPLE_STAGES
+
+    return tuple(s.name for s in (SAMPLE_STAGES if recipe_pass == "sample" else CIR_STAGES) if s.model_role)
+
+
+# Model stages a plan can hold, as the recipe declares them (which ones run depends on the config: planned_stages).
+SAMPLE_PASS = _model_stages("sample")
+CIR_PASS = _model_stages("cir")  # a second pass over the mined pairs, after the sample pass
+STAGES = ("read",) + SAMPLE_PASS + CIR_PASS
+VERDICT_OVERHEAD = 12  # {"verdict": "...", "score": N, "reason": "..."} markup per item, in tokens
 
 CHAT_OVERHEAD = 10  # role markers and generation prompt of a chat template, in tokens
 CHARS_PER_TOKEN = 4.0
@@ -338,9 +347,7 @@ def _max_tokens(cfg: dict[str, Any], stage: str) -> int | None:
 def stage_section(cfg: Any, stage: str) -> Any:
     """The config section that holds a stage's model and resources (a PipelineConfig or its JSON dump), as the
     stage declares it."""
-    from m3t_gen.run.recipe import STAGES
-
-    return STAGES[stage].settings(cfg)
+    return STAGE_CLASSES[stage].settings(cfg)
 
 
 def planned_stages(cfg: PipelineConfig) -> list[str]:
@@ -348,6 +355,10 @@ def planned_stages(cfg: PipelineConfig) -> list[str]:
     from m3t_gen.run.recipe import enabled
 
     return [s.name for s in enabled(cfg) if s.model_role]
+
+
+def verdict_output_bound(n: int, spec: Any) -> int:
+    return with_reasoning(4 + n * (math.ceil(spec.max_text_chars / CHARS_PER_TOKEN) + VERDICT_OVERHEAD), spec)
 
 
 def modify_output_bound(cfg: PipelineConfig) -> int:
@@ -394,7 +405,7 @@ def _work(cfg: PipelineConfig, stages: list[str], side: int, vision_px: int, fil
 
     notes: list[str] = []
     count = {s: TokenCounter(stage_section(cfg, s).model.model) for s in stages
-             if s in ("caption", "dialogue", "modify")}
+             if s in ("caption", "dialogue", "modify", "judge", "triplet_judge")}
     work: dict[str, _Work] = {}
     cap_out = measured_tokens.get("caption", cfg.caption.sampling.max_tokens * fill)
     vis = vision_tokens(cfg.caption.model.model, side, vision_px)
@@ -420,6 +431,9 @@ def _work(cfg: PipelineConfig, stages: list[str], side: int, vision_px: int, fil
             work["reward"] = _Work(1, clip_caption + n_turns * min(out / n_turns, CLIP_MAX_TOKENS), 0, False)
     elif "reward" in stages:
         work["reward"] = _Work(1, clip_caption, 0, False)
+    if "judge" in stages:
+        work["judge"] = _judge_work(cfg, count["judge"], vision_tokens(cfg.judge.model.model, side, vision_px),
+                                    cap_out, measured_tokens, fill, bounds)
     if "modify" in stages:
         from m3t_gen.stages import modify
         from m3t_gen.validate import EXAMPLE_PAIR
@@ -435,6 +449,18 @@ def _work(cfg: PipelineConfig, stages: list[str], side: int, vision_px: int, fil
         work["triplet_reward"] = _Work(pairs, clip_caption + spec.n * min(out / spec.n, CLIP_MAX_TOKENS), 0, False)
         bounds.append(f"modify {modify_output_bound(cfg)} for {spec.n} texts per pair, "
                       f"{pairs} pair(s) per image (every image paired: an upper bound)")
+        if "triplet_judge" in stages:
+            from m3t_gen.stages import judge
+
+            jspec = cfg.cir.judge
+            c = count["triplet_judge"]
+            mods = [{"category": next(iter(spec.categories)), "text": ""}] * spec.n
+            text = _rendered(jspec.template, cfg, judge.triplet_template_fields(dict(EXAMPLE_PAIR, modifications=mods)))
+            vis_j = vision_tokens(jspec.model.model, side, vision_px)
+            prompt = c(text) + 2 * cap_out + out + 2 * vis_j + CHAT_OVERHEAD  # both captions, the texts, 2 images
+            bound = verdict_output_bound(spec.n, jspec)
+            work["triplet_judge"] = _Work(pairs, prompt, measured_tokens.get("triplet_judge", bound * fill), True)
+            bounds.append(f"triplet_judge {bound} for {spec.n} verdicts per pair")
     notes.append(f"output tokens are {'the upper bound' if fill == 1 else f'{fill:g} x the upper bound'}: "
                  + ", ".join(bounds)
                  + (f"; measured per image in the run for {', '.join(sorted(measured_tokens))}"
@@ -442,6 +468,29 @@ def _work(cfg: PipelineConfig, stages: list[str], side: int, vision_px: int, fil
     notes.append("prompt tokens: templates rendered with the validate example row, counted by "
                  + ", ".join(f"{c.source} ({s})" for s, c in count.items()) + f", + {CHAT_OVERHEAD} chat tokens")
     return work, notes
+
+
+def _judge_work(cfg: PipelineConfig, c: "TokenCounter", vis: int, cap_out: float, measured_tokens: dict[str, float],
+                fill: float, bounds: list[str]) -> _Work:
+    """The judge per image: one call with the image and every turn (+ one with the VQA queries, answerability)."""
+    from m3t_gen.stages import judge
+    from m3t_gen.turns import TURN_TYPES, turn_plan
+    from m3t_gen.validate import EXAMPLE_ROW
+
+    spec = cfg.judge
+    plan = turn_plan(cfg.dialogue.mix)
+    row = dict(EXAMPLE_ROW, turns=[{"type": t["type"], "query": "", "target": ""} for t in plan])
+    turn_text = dialogue_output_bound(cfg) * fill  # the turns as written go back in
+    prompt = c(_rendered(spec.template, cfg, judge.template_fields(row))) + turn_text + vis + CHAT_OVERHEAD
+    bound = verdict_output_bound(len(plan), spec)
+    bounds.append(f"judge {bound} for {len(plan)} verdicts")
+    if spec.answerability:
+        n = sum(TURN_TYPES[t["type"]].answer_check for t in plan)
+        prompt += c(_rendered(spec.answer_template, cfg, judge.answer_fields(row))) + turn_text / 2 + vis + CHAT_OVERHEAD
+        answers = with_reasoning(4 + n * (math.ceil(spec.max_text_chars / CHARS_PER_TOKEN) + 2), spec)
+        bound += answers
+        bounds.append(f"answerability {answers} for {n} answers")
+    return _Work(1, prompt, measured_tokens.get("judge", bound * fill), True)
 
 
 def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs: dict[str, float] | None = None,
@@ -486,7 +535,8 @@ def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs:
             elif measured and stage in measured.images_per_s:
                 value, src = measured.images_per_s[stage] * w.output, f"measured: {measured.run}"
             else:
-                value, src = default_generation_throughput(section.model.model, vision=stage == "caption")
+                value, src = default_generation_throughput(section.model.model,
+                                                           vision=STAGE_CLASSES[stage].images_per_request(cfg) > 0)
                 if device == "cpu":
                     value, src = value / CPU_SLOWDOWN, src + f", CPU /{CPU_SLOWDOWN:g}"
             items_s = value / w.output

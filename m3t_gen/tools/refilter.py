@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from m3t_gen.config import ConfigError, PipelineConfig, apply_overrides, format_validation_error
-from m3t_gen.run.pipeline import OWNER_FILE, result_hash, summarize, write_owner_file
+from m3t_gen.run.pipeline import OWNER_FILE, result_hash, summarize, timed_quality_report, write_owner_file
 from m3t_gen.storage.store import LOCK_FILE, OutputBusy, Store, atomic_write_bytes, local_copy, lock_output
 from m3t_gen.rows import MARKER, REJECTED, new_row
 from m3t_gen.stages.base import RunContext
@@ -94,7 +94,6 @@ def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict
     history = manifest.get("refilters", []) + [{"set": overrides, "previous_config_hash": manifest["config_hash"]}]
     manifest.update(config=cfg.model_dump(mode="json", by_alias=True), config_hash=ctx.config_hash,
                     totals=summary["totals"], stages=summary["stages"], refilters=history)
-    atomic_write_bytes(new / "manifest.json", json.dumps(manifest, indent=1).encode())
     write_owner_file(new, cfg)
     # Everything else in the output comes along: the CIR results (not refiltered) and anything m3t-gen did not
     # write. The card (README.md, card/) described the old results and is not carried.
@@ -107,6 +106,9 @@ def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict
             shutil.copytree(entry, new / entry.name, symlinks=True, dirs_exist_ok=True)
         else:
             shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+    # The quality report of what the refilter kept (the CIR part, carried over above, included).
+    manifest["quality"] = timed_quality_report(Store(new), manifest["config"], lambda _msg: None)
+    atomic_write_bytes(new / "manifest.json", json.dumps(manifest, indent=1).encode())
     old = out.with_name(out.name + ".old.tmp")
     os.replace(out, old)
     os.replace(new, out)

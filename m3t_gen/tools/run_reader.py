@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from m3t_gen.storage.store import iter_tar  # noqa: F401  (the one output tar reader; tools import it from here)
 
 
 class RunOutputError(Exception):
@@ -26,29 +27,6 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
 def tar_paths(out_dir: Path, sub: str = "shards") -> list[Path]:
     """The committed tars of ``OUT/<sub>`` (shards or filtered) in a stable order; ``*.tar.tmp`` are not."""
     return sorted((Path(out_dir) / sub).glob("*.tar"))
-
-
-def iter_tar(path: Path) -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
-    """(key, JPEG bytes, KEY.json) for each sample of one tar, in tar order (members of a key are adjacent)."""
-    key: str | None = None
-    parts: dict[str, bytes] = {}
-
-    def emit() -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
-        if key is not None and "json" in parts:
-            yield key, parts.get("jpg"), json.loads(parts["json"])
-
-    with tarfile.open(path) as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            k, _, ext = base.partition(".")
-            if k != key:
-                yield from emit()
-                key, parts = k, {}
-            fh = tf.extractfile(member)
-            parts[ext.lower()] = fh.read() if fh else b""
-        yield from emit()
 
 
 def iter_samples(out_dir: Path, sub: str = "shards") -> Iterator[tuple[str, bytes | None, dict[str, Any]]]:
