@@ -74,27 +74,43 @@ def pool_fingerprint(pool: pa.Table, image_embs: np.ndarray, cfg: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def pair_parts(pool: pa.Table, image_embs: np.ndarray, ctx: RunContext) -> tuple[dict[str, pa.Table], int]:
-    """Mined pairs as one small table per part (the resume unit and the unit of work an actor takes): keys,
-    captions, where the two images sit in the pool tars, similarity and rank, and the rows of the embedding
-    bank. Nothing per pair holds an embedding."""
-    n = pool.num_rows
-    if n < 2:
-        return {}, 0
+@dataclasses.dataclass
+class PairParts:
+    """The mined pairs cut into parts (the resume unit and the unit of work an actor takes). A part's table is
+    built when it is asked for, so the driver holds the pairs as four numeric columns, never every pair's keys
+    and captions at once."""
+
+    sizes: dict[str, int]  # part name -> pairs
+    build: Callable[[int], pa.Table]  # part number -> the part's table
+
+    @property
+    def pairs(self) -> int:
+        return sum(self.sizes.values())
+
+    def table(self, name: str) -> pa.Table:
+        return self.build(int(name.rsplit("-", 1)[1]))
+
+
+def pair_parts(pool: pa.Table, image_embs: np.ndarray, ctx: RunContext) -> PairParts:
+    """Mine the pairs; each part's table holds keys, captions, where the two images sit in the pool tars,
+    similarity and rank, and the rows of the embedding bank. Nothing per pair holds an embedding."""
+    if pool.num_rows < 2:
+        return PairParts({}, lambda number: pa.table({}))
     keys = pool.column("key").to_pylist()
     pairs = mine_pairs(image_embs, keys, ctx.config.cir.pairing, ctx.config.seed)
     ref = np.fromiter((p.ref for p in pairs), dtype=np.int64, count=len(pairs))
     tgt = np.fromiter((p.tgt for p in pairs), dtype=np.int64, count=len(pairs))
     sim = np.fromiter((p.similarity for p in pairs), dtype=np.float64, count=len(pairs))
     rank = np.fromiter((p.rank for p in pairs), dtype=np.int32, count=len(pairs))
-    del pairs
+    del pairs, keys
     out_dir = ctx.config.output.dir
     locs = pa.array([f"{out_dir}/pool/{t}:{o}:{s}" for t, o, s in zip(
         pool.column("tar").to_pylist(), pool.column("offset").to_pylist(), pool.column("size").to_pylist())])
     key_col, cap_col = pool.column("key").combine_chunks(), pool.column("caption").combine_chunks()
     per_part = ctx.config.cir.triplets_per_file
-    parts: dict[str, pa.Table] = {}
-    for number, start in enumerate(range(0, len(ref), per_part)):
+
+    def build(number: int) -> pa.Table:
+        start = number * per_part
         r, t = ref[start:start + per_part], tgt[start:start + per_part]
         ref_keys, tgt_keys = key_col.take(r), key_col.take(t)
         name = f"part-{number:05d}"
@@ -107,21 +123,18 @@ def pair_parts(pool: pa.Table, image_embs: np.ndarray, ctx: RunContext) -> tuple
             "ref_index": pa.array(r), "tgt_index": pa.array(t),
             "status": pa.array([OK] * len(r)), "timings": pa.array(["{}"] * len(r)),
         }
-        parts[name] = pa.table({f.name: columns[f.name].cast(f.type) if f.name in columns
-                                else pa.nulls(len(r), f.type) for f in PAIR_SCHEMA}, schema=PAIR_SCHEMA)
-    return parts, len(ref)
+        return pa.table({f.name: columns[f.name].cast(f.type) if f.name in columns
+                         else pa.nulls(len(r), f.type) for f in PAIR_SCHEMA}, schema=PAIR_SCHEMA)
+
+    sizes = {f"part-{number:05d}": min(per_part, len(ref) - start)
+             for number, start in enumerate(range(0, len(ref), per_part))}
+    return PairParts(sizes, build)
 
 
-def read_pair_parts(batch: pa.Table) -> Iterator[pa.Table]:
+def read_pair_parts(batch: pa.Table, store: Store) -> Iterator[pa.Table]:
     """Ray Data UDF: part files in, their pairs out; one block per part, so K actors share the parts."""
-    for path in batch.column("path").to_pylist():
-        if "://" in path:
-            import fsspec
-
-            with fsspec.open(path, "rb") as fh:
-                yield pq.read_table(io.BytesIO(fh.read()), schema=PAIR_SCHEMA)
-        else:
-            yield pq.read_table(path, schema=PAIR_SCHEMA)
+    for rel in batch.column("rel").to_pylist():
+        yield pq.read_table(io.BytesIO(store.read_bytes(rel)), schema=PAIR_SCHEMA)
 
 
 def _mod_json(mod: dict[str, Any]) -> dict[str, Any]:
@@ -239,8 +252,8 @@ def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
     image_embs = embedding_matrix(pool, "image_emb")
     fingerprint = pool_fingerprint(pool, image_embs, cfg)
     _drop_stale_parts(store, fingerprint, log)
-    parts, n_pairs = pair_parts(pool, image_embs, ctx)
-    expected = {name: table.num_rows for name, table in parts.items()}
+    parts = pair_parts(pool, image_embs, ctx)
+    n_pairs, expected = parts.pairs, parts.sizes
     done = set(store.files("triplet_stats", ".json"))
     todo = [name for name in parts if f"triplet_stats/{name}.json" not in done]
     log(f"m3t-gen cir: pool {pool.num_rows} images, {n_pairs} pairs in {len(parts)} part(s), "
@@ -249,20 +262,21 @@ def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
     if todo:
         files = []
         for old in store.files("pairs", ".parquet"):
-            if old[len("pairs/"):-len(".parquet")] not in parts:
+            if old[len("pairs/"):-len(".parquet")] not in expected:
                 store.remove(old)  # a part of an earlier, interrupted mining that this pool does not have
-        for name in todo:  # written, then read back by the actors' tasks: the driver holds no pair rows
+        for name in todo:  # built one at a time, written, read back by the actors' tasks: the driver keeps none
             buf = io.BytesIO()
-            pq.write_table(parts.pop(name), buf)
+            pq.write_table(parts.table(name), buf)
             store.write_bytes(f"pairs/{name}.parquet", buf.getvalue())
-            files.append(store.url(f"pairs/{name}.parquet"))
-        parts.clear()
+            files.append(f"pairs/{name}.parquet")
+        del parts
         init_ray(cfg)
         bank = ray.put({"image": image_embs, "caption": embedding_matrix(pool, "caption_emb")})
         del pool
         run_ctx = dataclasses.replace(ctx, shared={**ctx.shared, "pool_embeddings": bank})
-        ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-        ds = ds.map_batches(read_pair_parts, batch_size=1, batch_format="pyarrow", num_cpus=cfg.read.num_cpus)
+        ds = ray.data.from_items([{"rel": f} for f in files], override_num_blocks=len(files))
+        ds = ds.map_batches(read_pair_parts, fn_kwargs={"store": store}, batch_size=1, batch_format="pyarrow",
+                            num_cpus=cfg.read.num_cpus)
         ds = apply_stages(ds, CIR_STAGES, cfg, run_ctx)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.consume(batch.to_pylist())

@@ -17,6 +17,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -115,6 +116,8 @@ class Store:
             return Path(self._path(rel) + TMP)
         if self._staging is None:
             self._staging = tempfile.mkdtemp(prefix="m3t-gen-staging-")
+            # Gone with the store (or at exit): what is left there was never committed.
+            weakref.finalize(self, shutil.rmtree, self._staging, True)
         path = Path(self._staging) / (rel.replace("/", "__") + TMP)
         return path
 
