@@ -74,14 +74,13 @@ def near_duplicates(texts: list[tuple[str, str]]) -> dict[str, Any]:
     for owner, text in texts:
         exact.setdefault(normalise(text), set()).add(owner)
     lsh = MinHashLSH(threshold=NEAR_DUPLICATE_JACCARD, num_perm=NUM_PERM)
+    names = list(exact)
+    shingles = ([f" {n} "[j:j + SHINGLE].encode() for j in range(max(1, len(n) + 3 - SHINGLE))] for n in names)
     hashes: dict[str, Any] = {}
-    for i, norm in enumerate(exact):
-        padded = f" {norm} "
-        m = MinHash(num_perm=NUM_PERM, seed=1)
-        m.update_batch([padded[j:j + SHINGLE].encode() for j in range(max(1, len(padded) - SHINGLE + 1))])
+    # generator(): one set of permutations for all (building them per MinHash was a third of the report's time)
+    for i, (norm, m) in enumerate(zip(names, MinHash.generator(shingles, num_perm=NUM_PERM, seed=1))):
         hashes[norm] = m
         lsh.insert(str(i), m)
-    names = list(exact)
     duplicated: set[str] = set()
     examples: list[list[str]] = []
     for norm, owners in exact.items():
