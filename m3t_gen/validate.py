@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from m3t_gen.config import ConfigError, PipelineConfig
 from m3t_gen.resources import data_dir, find_file
-from m3t_gen.schemas import dialogue_decoding_schema, load_schema, validation_error
-from m3t_gen.stages import caption, dialogue, modify
+from m3t_gen.schemas import load_schema, validation_error
+from m3t_gen.stages.base import SchemaCheck
 from m3t_gen.templates import TemplateError, check_template, load_template
-from m3t_gen.turns import turn_plan, writes_target
-
-EXAMPLE_ROW = {
-    "key": "example_000000", "width": 640, "height": 480, "text": "a photo of a cat on a sofa",
-    "caption": "A grey cat lies on a red sofa next to a window; a lamp stands on the left.",
-}
-
-
-EXAMPLE_PAIR = {
-    "ref_caption": "A red car parked on a street in front of a brick house.",
-    "tgt_caption": "A blue car parked on a snowy street in front of a brick house.",
-    "similarity": 0.81,
-}
 
 
 def check_confined(where: str, name: str, kind: str, cfg: PipelineConfig) -> None:
@@ -41,58 +27,21 @@ def check_confined(where: str, name: str, kind: str, cfg: PipelineConfig) -> Non
                       f"(add its folder to file_roots to allow it)")
 
 
-def _check_schema(where: str, name: str, cfg: PipelineConfig, probe: dict[str, Any], decoding: dict[str, Any],
-                  what: str) -> None:
-    """A stage's schema file loads from an allowed folder, and a well-formed answer (``probe``) passes it and the
-    narrowed decoding schema the stage constrains generation with."""
-    check_confined(where, name, "schemas", cfg)
+def _check_schema(check: SchemaCheck, cfg: PipelineConfig) -> str:
+    """A stage's schema file loads from an allowed folder, and a well-formed answer passes it and the narrowed
+    decoding schema the stage constrains generation with."""
+    check_confined(check.where, check.name, "schemas", cfg)
     try:
-        schema = load_schema(name, cfg.base_dir)
+        schema = load_schema(check.name, cfg.base_dir)
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{check.where}: {e}") from None
     except Exception as e:  # jsonschema.SchemaError
-        raise ConfigError(f"{where}: not a valid JSON schema: {str(e).splitlines()[0]}") from None
-    for label, s in (("schema file", schema), ("decoding schema", decoding)):
-        err = validation_error(probe, s)
+        raise ConfigError(f"{check.where}: not a valid JSON schema: {str(e).splitlines()[0]}") from None
+    for label, s in (("schema file", schema), ("decoding schema", check.decoding)):
+        err = validation_error(check.probe, s)
         if err:
-            raise ConfigError(f"{where}: {what} fail the {label}: {err}")
-
-
-def _check_cir_schema(cfg: PipelineConfig) -> str:
-    spec = cfg.cir.modify
-    probe = {"modifications": [{"category": next(iter(spec.categories)), "text": f"change {i}"} for i in range(spec.n)]}
-    _check_schema("cir.modify.schema", spec.schema_, cfg, probe, modify.decoding_schema(spec),
-                  "well-formed modifications")
-    return f"cir.modify.schema: {spec.schema_} loads; {spec.n} modifications in {len(spec.categories)} categories"
-
-
-def _judge_checks(cfg: PipelineConfig) -> list[tuple[str, str, dict[str, Any]]]:
-    """The judges' templates with their fields (on a dialogue of this mix, a triplet of cir.modify.n texts), after
-    their schema has been checked to accept well-formed verdicts."""
-    from m3t_gen.stages import judge
-
-    checks: list[tuple[str, str, dict[str, Any]]] = []
-    if judge.JudgeStage.enabled(cfg):
-        turns = [{"type": t["type"], "query": "q", "target": "t"} for t in turn_plan(cfg.dialogue.mix)]
-        row = dict(EXAMPLE_ROW, turns=turns)
-        _check_verdict_schema("judge.schema", cfg.judge, len(turns), cfg)
-        checks.append(("judge.template", cfg.judge.template, judge.template_fields(row)))
-        if cfg.judge.answerability:
-            checks.append(("judge.answer_template", cfg.judge.answer_template, judge.answer_fields(row)))
-    if judge.TripletJudgeStage.enabled(cfg):
-        mods = [{"category": c, "text": "t"} for c in list(cfg.cir.modify.categories)[:1] * cfg.cir.modify.n]
-        _check_verdict_schema("cir.judge.schema", cfg.cir.judge, len(mods), cfg)
-        checks.append(("cir.judge.template", cfg.cir.judge.template,
-                       judge.triplet_template_fields(dict(EXAMPLE_PAIR, modifications=mods))))
-    return checks
-
-
-def _check_verdict_schema(where: str, spec: Any, n: int, cfg: PipelineConfig) -> None:
-    from m3t_gen.stages.judge import verdict_decoding_schema
-
-    probe = {"verdicts": [{"verdict": "supported", "score": 4, "reason": "r"}] * n}
-    _check_schema(where, spec.schema_, cfg, probe, verdict_decoding_schema(n, spec.max_text_chars),
-                  "well-formed verdicts")
+            raise ConfigError(f"{check.where}: {check.what} fail the {label}: {err}")
+    return f"{check.where}: {check.name} loads; {check.note}"
 
 
 def _check_images_per_prompt(cfg: PipelineConfig) -> None:
@@ -110,17 +59,14 @@ def _check_images_per_prompt(cfg: PipelineConfig) -> None:
 
 
 def validate_config(cfg: PipelineConfig) -> list[str]:
-    """Raise ConfigError on the first problem; return notes (things that are fine but worth saying)."""
+    """Raise ConfigError on the first problem; return notes (things that are fine but worth saying). What to
+    check comes from the stages this config runs: each declares its templates with their fields and its schema."""
+    from m3t_gen.run.recipe import enabled
+
     notes: list[str] = []
     _check_images_per_prompt(cfg)
-    checks = [("caption.template", cfg.caption.template, caption.template_fields(EXAMPLE_ROW))]
-    if cfg.wants("m3t"):
-        checks.append(("dialogue.template", cfg.dialogue.template,
-                       dialogue.template_fields(EXAMPLE_ROW, cfg.dialogue.mix)))
-    if cfg.wants("cir"):
-        checks.append(("cir.modify.template", cfg.cir.modify.template, modify.template_fields(EXAMPLE_PAIR, cfg.cir.modify)))
-    checks += _judge_checks(cfg)
-    for where, name, fields in checks:
+    stages = enabled(cfg)
+    for where, name, fields in [check for stage in stages for check in stage.example_prompts(cfg)]:
         check_confined(where, name, "prompts", cfg)
         try:
             template = load_template(name, cfg.base_dir)
@@ -128,14 +74,6 @@ def validate_config(cfg: PipelineConfig) -> list[str]:
         except (TemplateError, FileNotFoundError) as e:
             raise ConfigError(f"{where}: {e} (fields available: {', '.join(sorted(fields))})") from None
         notes.append(f"{where}: {name} renders (sha256 {template.short_hash})")
-    if cfg.wants("cir"):
-        notes.append(_check_cir_schema(cfg))
-    if not cfg.wants("m3t"):
-        return notes
-    single = cfg.dialogue.source == "image"
-    decoding = dialogue_decoding_schema(cfg.dialogue.mix, cfg.dialogue.max_text_chars, single_stage=single)
-    probe = {"turns": [{"type": t["type"], "query": "q", **({"target": "t"} if writes_target(t["type"], single) else {})}
-                       for t in turn_plan(cfg.dialogue.mix)]}
-    _check_schema("dialogue.schema", cfg.dialogue.schema_, cfg, probe, decoding, "a well-formed dialogue for this mix")
-    notes.append(f"dialogue.schema: {cfg.dialogue.schema_} loads; mix = {sum(cfg.dialogue.mix.values())} turns")
+    for check in filter(None, (stage.schema_check(cfg) for stage in stages)):
+        notes.append(_check_schema(check, cfg))
     return notes

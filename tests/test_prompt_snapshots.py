@@ -9,7 +9,7 @@ import pytest
 from m3t_gen.config import DEFAULT_CIR_CATEGORIES, DEFAULT_MIX, ModifyStage
 from m3t_gen.stages import caption, dialogue, judge, modify
 from m3t_gen.templates import load_template
-from m3t_gen.validate import EXAMPLE_PAIR, EXAMPLE_ROW
+from m3t_gen.stages.base import EXAMPLE_PAIR, EXAMPLE_ROW
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 MODIFY = ModifyStage.model_construct(n=5, categories=dict(DEFAULT_CIR_CATEGORIES), max_text_chars=200)

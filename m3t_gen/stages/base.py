@@ -17,12 +17,36 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import pyarrow as pa
 
 from m3t_gen.config import PipelineConfig, Resources
 from m3t_gen.rows import OK, add_timing, to_table
+
+
+# What `m3t-gen validate` renders every template with, and `m3t-gen plan` counts prompt tokens from.
+EXAMPLE_ROW = {
+    "key": "example_000000", "width": 640, "height": 480, "text": "a photo of a cat on a sofa",
+    "caption": "A grey cat lies on a red sofa next to a window; a lamp stands on the left.",
+}
+EXAMPLE_PAIR = {
+    "ref_caption": "A red car parked on a street in front of a brick house.",
+    "tgt_caption": "A blue car parked on a snowy street in front of a brick house.",
+    "similarity": 0.81,
+}
+
+
+class SchemaCheck(NamedTuple):
+    """A stage's answer schema as `validate` checks it: the file loads, and a well-formed answer for this config
+    (``probe``) passes both it and the narrowed schema generation is constrained with."""
+
+    where: str  # the config path of the schema file
+    name: str
+    probe: dict[str, Any]
+    decoding: dict[str, Any]
+    what: str  # the probe, in words (for the error)
+    note: str  # what loading it showed (for the notes)
 
 
 @dataclass(frozen=True)
@@ -109,6 +133,16 @@ class Stage:
         """Images each of its model requests carries (validate checks the engine accepts that many; plan counts
         their vision tokens)."""
         return 0
+
+    @classmethod
+    def example_prompts(cls, config: PipelineConfig) -> list[tuple[str, str, dict[str, Any]]]:
+        """(config path, template name, the fields it gets on the example row or pair) of every template it
+        renders: `validate` checks each renders with exactly these fields."""
+        return []
+
+    @classmethod
+    def schema_check(cls, config: PipelineConfig) -> SchemaCheck | None:
+        return None
 
     @classmethod
     def templates(cls, config: PipelineConfig) -> dict[str, str]:

@@ -8,7 +8,7 @@ from m3t_gen.backends.base import GenerationResult, get_backend
 from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import generate_validated, open_image
 from m3t_gen.quality import degenerate_reason
-from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.base import EXAMPLE_ROW, RunContext, Stage
 from m3t_gen.templates import load_template
 
 
@@ -31,6 +31,10 @@ class CaptionStage(Stage):
     @classmethod
     def images_per_request(cls, config: PipelineConfig) -> int:
         return 1
+
+    @classmethod
+    def example_prompts(cls, config: PipelineConfig) -> list[tuple[str, str, dict[str, Any]]]:
+        return [("caption.template", config.caption.template, template_fields(EXAMPLE_ROW))]
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

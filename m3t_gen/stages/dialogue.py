@@ -10,7 +10,7 @@ from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import generate_validated, open_image, parse_json_answer
 from m3t_gen.quality import degenerate_reason
 from m3t_gen.schemas import dialogue_decoding_schema, load_schema
-from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.base import EXAMPLE_ROW, RunContext, SchemaCheck, Stage
 from m3t_gen.templates import load_template
 from m3t_gen.turns import TURN_TYPES, turn_plan, writes_target
 
@@ -38,6 +38,20 @@ class DialogueStage(Stage):
     @classmethod
     def images_per_request(cls, config: PipelineConfig) -> int:
         return int(config.dialogue.source == "image")
+
+    @classmethod
+    def example_prompts(cls, config: PipelineConfig) -> list[tuple[str, str, dict[str, Any]]]:
+        return [("dialogue.template", config.dialogue.template, template_fields(EXAMPLE_ROW, config.dialogue.mix))]
+
+    @classmethod
+    def schema_check(cls, config: PipelineConfig) -> SchemaCheck:
+        cfg = config.dialogue
+        single = cfg.source == "image"
+        probe = {"turns": [{"type": t["type"], "query": "q", **({"target": "t"} if writes_target(t["type"], single) else {})}
+                           for t in turn_plan(cfg.mix)]}
+        return SchemaCheck("dialogue.schema", cfg.schema_, probe,
+                           dialogue_decoding_schema(cfg.mix, cfg.max_text_chars, single_stage=single),
+                           "a well-formed dialogue for this mix", f"mix = {sum(cfg.mix.values())} turns")
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

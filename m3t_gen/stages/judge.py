@@ -22,10 +22,10 @@ from m3t_gen.generation import generate_validated, open_image, parse_json_answer
 from m3t_gen.rows import PAIR_SCHEMA
 from m3t_gen.schemas import bounded_text, load_schema
 from m3t_gen.scoring import answer_agreement
-from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.base import EXAMPLE_PAIR, EXAMPLE_ROW, RunContext, SchemaCheck, Stage
 from m3t_gen.stages.modify import load_pool_image
 from m3t_gen.templates import load_template
-from m3t_gen.turns import TURN_TYPES
+from m3t_gen.turns import TURN_TYPES, turn_plan
 
 VERDICTS = ("supported", "contradicted", "not_answerable")
 JUDGE_SCORES = (1, 2, 3, 4, 5)
@@ -40,6 +40,12 @@ def verdict_decoding_schema(n: int, max_chars: int) -> dict[str, Any]:
     return {"type": "object",
             "properties": {"verdicts": {"type": "array", "items": item, "minItems": n, "maxItems": n}},
             "required": ["verdicts"], "additionalProperties": False}
+
+
+def verdict_check(where: str, spec: Any, n: int) -> SchemaCheck:
+    probe = {"verdicts": [{"verdict": "supported", "score": 4, "reason": "r"}] * n}
+    return SchemaCheck(where, spec.schema_, probe, verdict_decoding_schema(n, spec.max_text_chars),
+                       "well-formed verdicts", f"{n} verdicts per call")
 
 
 def answers_decoding_schema(n: int, max_chars: int) -> dict[str, Any]:
@@ -145,6 +151,23 @@ class JudgeStage(_Judge):
     def images_per_request(cls, config: PipelineConfig) -> int:
         return 1
 
+    @classmethod
+    def _example(cls, config: PipelineConfig) -> dict[str, Any]:
+        return dict(EXAMPLE_ROW, turns=[{"type": t["type"], "query": "q", "target": "t"}
+                                        for t in turn_plan(config.dialogue.mix)])
+
+    @classmethod
+    def example_prompts(cls, config: PipelineConfig) -> list[tuple[str, str, dict[str, Any]]]:
+        row = cls._example(config)
+        checks = [("judge.template", config.judge.template, template_fields(row))]
+        if config.judge.answerability:
+            checks.append(("judge.answer_template", config.judge.answer_template, answer_fields(row)))
+        return checks
+
+    @classmethod
+    def schema_check(cls, config: PipelineConfig) -> SchemaCheck:
+        return verdict_check("judge.schema", config.judge, len(cls._example(config)["turns"]))
+
     def _fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return template_fields(row)
 
@@ -209,6 +232,19 @@ class TripletJudgeStage(_Judge):
     @classmethod
     def images_per_request(cls, config: PipelineConfig) -> int:
         return 2
+
+    @classmethod
+    def _example(cls, config: PipelineConfig) -> dict[str, Any]:
+        mods = [{"category": c, "text": "t"} for c in list(config.cir.modify.categories)[:1] * config.cir.modify.n]
+        return dict(EXAMPLE_PAIR, modifications=mods)
+
+    @classmethod
+    def example_prompts(cls, config: PipelineConfig) -> list[tuple[str, str, dict[str, Any]]]:
+        return [("cir.judge.template", config.cir.judge.template, triplet_template_fields(cls._example(config)))]
+
+    @classmethod
+    def schema_check(cls, config: PipelineConfig) -> SchemaCheck:
+        return verdict_check("cir.judge.schema", config.cir.judge, config.cir.modify.n)
 
     def _fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return triplet_template_fields(row)

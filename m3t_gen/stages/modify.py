@@ -12,7 +12,7 @@ from m3t_gen.generation import generate_validated, parse_json_answer
 from m3t_gen.quality import degenerate_reason
 from m3t_gen.rows import PAIR_SCHEMA
 from m3t_gen.schemas import bounded_text, load_schema
-from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.base import EXAMPLE_PAIR, RunContext, SchemaCheck, Stage
 from m3t_gen.templates import load_template
 
 
@@ -66,6 +66,18 @@ class ModifyStage(Stage):
     @classmethod
     def images_per_request(cls, config: PipelineConfig) -> int:
         return 2 if config.cir.modify.source == "images" else 0
+
+    @classmethod
+    def example_prompts(cls, config: PipelineConfig) -> list[tuple[str, str, dict[str, Any]]]:
+        return [("cir.modify.template", config.cir.modify.template, template_fields(EXAMPLE_PAIR, config.cir.modify))]
+
+    @classmethod
+    def schema_check(cls, config: PipelineConfig) -> SchemaCheck:
+        spec = config.cir.modify
+        probe = {"modifications": [{"category": next(iter(spec.categories)), "text": f"change {i}"}
+                                   for i in range(spec.n)]}
+        return SchemaCheck("cir.modify.schema", spec.schema_, probe, decoding_schema(spec), "well-formed modifications",
+                           f"{spec.n} modifications in {len(spec.categories)} categories")
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

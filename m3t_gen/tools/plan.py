@@ -401,7 +401,7 @@ class _Work:
 def _work(cfg: PipelineConfig, stages: list[str], side: int, vision_px: int, fill: float,
           measured_tokens: dict[str, float]) -> tuple[dict[str, _Work], list[str]]:
     from m3t_gen.stages import caption, dialogue
-    from m3t_gen.validate import EXAMPLE_ROW
+    from m3t_gen.stages.base import EXAMPLE_ROW
 
     notes: list[str] = []
     count = {s: TokenCounter(stage_section(cfg, s).model.model) for s in stages
@@ -436,7 +436,7 @@ def _work(cfg: PipelineConfig, stages: list[str], side: int, vision_px: int, fil
                                     cap_out, measured_tokens, fill, bounds)
     if "modify" in stages:
         from m3t_gen.stages import modify
-        from m3t_gen.validate import EXAMPLE_PAIR
+        from m3t_gen.stages.base import EXAMPLE_PAIR
 
         spec = cfg.cir.modify
         c = count["modify"]
@@ -475,7 +475,7 @@ def _judge_work(cfg: PipelineConfig, c: "TokenCounter", vis: int, cap_out: float
     """The judge per image: one call with the image and every turn (+ one with the VQA queries, answerability)."""
     from m3t_gen.stages import judge
     from m3t_gen.turns import TURN_TYPES, turn_plan
-    from m3t_gen.validate import EXAMPLE_ROW
+    from m3t_gen.stages.base import EXAMPLE_ROW
 
     spec = cfg.judge
     plan = turn_plan(cfg.dialogue.mix)
