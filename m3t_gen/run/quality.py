@@ -119,7 +119,7 @@ def m3t_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
     samples = 0
 
     def bucket(t: str) -> dict[str, list]:
-        return per_type.setdefault(t, {"queries": [], "targets": [], "q_words": [], "t_words": [], "scores": [],
+        return per_type.setdefault(t, {"kept": 0, "queries": [], "targets": [], "q_words": [], "t_words": [], "scores": [],
                                        "probs": [], "judge": [], "verdicts": [], "agreement": [], "leaked": []})
 
     for folder in ("shards", "filtered"):
@@ -132,7 +132,8 @@ def m3t_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
                 continue
             for turn in meta.get("turns", []):
                 b = bucket(turn["type"])
-                writes = not TURN_TYPES[turn["type"]].target_is_caption
+                kind = TURN_TYPES.get(turn["type"])  # a sample written by another tool may have other types
+                writes = not (kind and kind.target_is_caption)
                 b["queries"].append((meta["key"], turn["query"]))
                 b["q_words"].append(len(words(turn["query"])))
                 if writes:
@@ -140,20 +141,22 @@ def m3t_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
                     b["t_words"].append(len(words(turn["target"])))
                     if leaked(turn["query"], turn["target"]):
                         b["leaked"].append([turn["query"], turn["target"]])
-                b["scores"].append(turn["score"])
+                b["kept"] += 1
+                if turn.get("score") is not None:
+                    b["scores"].append(turn["score"])
                 for field, out in (("prob", "probs"), ("judge_score", "judge"), ("verdict", "verdicts"),
                                    ("agreement", "agreement")):
                     if turn.get(field) is not None:
                         b[out].append(turn[field])
     if not generated:
         return None
-    kept_total = sum(len(b["scores"]) for b in per_type.values())
+    kept_total = sum(b["kept"] for b in per_type.values())
     requested_total = sum(mix.values()) or 1
     types: dict[str, Any] = {}
     all_queries = [q for b in per_type.values() for q in b["queries"]]
     for t in [*mix, *sorted(set(generated) - set(mix))]:  # in the mix's order
         b = bucket(t)
-        kept = len(b["scores"])
+        kept = b["kept"]
         entry: dict[str, Any] = {
             "requested_share": round(mix.get(t, 0) / requested_total, 4),
             "kept_share": round(kept / kept_total, 4) if kept_total else None,
@@ -209,12 +212,15 @@ def cir_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
     for t in _triplets(store):
         triplets += 1
         dropped += len(t.get("dropped_modifications", []))
-        directional.append(t["scores"]["directional"])
+        # Triplet lines written by other tools (the card reads any) may lack scores or categories.
+        if (t.get("scores") or {}).get("directional") is not None:
+            directional.append(t["scores"]["directional"])
         for m in t["modifications"]:
-            categories[m["category"]] += 1
+            categories[m.get("category") or "(none)"] += 1
             lengths.append(len(words(m["text"])))
             texts.append((t["id"], m["text"]))
-            scores.append(m["score"])
+            if m.get("score") is not None:
+                scores.append(m["score"])
             if m.get("judge_score") is not None:
                 judge.append(m["judge_score"])
                 verdicts[m["verdict"]] += 1
@@ -226,7 +232,8 @@ def cir_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
         "categories": dict(sorted(categories.items())), "modification_words": length_summary(lengths),
         "distinct_1": distinct_n((x for _, x in texts), 1), "distinct_2": distinct_n((x for _, x in texts), 2),
         "duplicate_texts": near_duplicates(texts),
-        "modification_score": histogram(scores, -1.0, 1.0), "directional": histogram(directional, -1.0, 1.0),
+        "modification_score": histogram(scores, -1.0, 1.0) if scores else None,
+        "directional": histogram(directional, -1.0, 1.0) if directional else None,
         "thresholds": _thresholds(spec, ("min_modification_score", "min_directional", "min_target_caption_score",
                                          "min_judge_score", "drop_contradicted")),
     }

@@ -194,6 +194,7 @@ class JudgeStage(_Judge):
                 data, error = parse_json_answer(result, [s])
                 return (None, error) if error else ([" ".join(a.split()) for a in data["answers"]], None)
 
+            # Seeds apart from the verdict call's (run seed + 1); tokens and rejections count as the judge's.
             for row, answers, _ in generate_validated(
                     self.backend, group, stage=self.name, run_seed=self.ctx.config.seed + 1,
                     sampling=self.cfg.sampling, max_attempts=self.cfg.max_attempts,

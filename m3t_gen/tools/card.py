@@ -289,6 +289,8 @@ def _quality(out_dir: Path, manifest: dict[str, Any], card_dir: Path) -> dict[st
     quality = manifest.get("quality")
     if quality is None:
         quality = quality_report(Store(out_dir), manifest.get("config") or {})
+    if quality.get("cir"):
+        quality["cir"] = {"verdicts": None, "judge_score": None, **quality["cir"]}  # an unjudged pass has none
     rows, leaks = [], []
     for t, r in ((quality.get("m3t") or {}).get("types") or {}).items():
         r = {f: r.get(f) for f in QUALITY_TYPE_FIELDS}
