@@ -68,6 +68,8 @@ def pass_config(out: Path, pairs_per_image: int, concurrency: int, per_part: int
     data = yaml.safe_load((ROOT / "pipelines" / "smoke.yaml").read_text())
     data.update(recipe="cir", name="cir-bench")
     data.pop("dialogue", None)
+    data.pop("judge", None)
+    data["cir"].pop("judge", None)  # the pass's distribution of pairs over modify actors is measured, not the judge
     data["input"]["paths"] = [str(ROOT / "data" / "smoke" / "*.tar")]
     data["output"]["dir"] = str(out)
     data["cir"]["pairing"] = {"min_similarity": -1.0, "max_similarity": 0.999, "min_rank": 1,

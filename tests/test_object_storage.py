@@ -66,6 +66,8 @@ def pipeline(tmp_path_factory) -> Path:
     data["caption"]["model"] = {"backend": "transformers", "model": "tiny:vlm"}
     data["dialogue"]["model"] = {"backend": "transformers", "model": "tiny:lm"}
     data["dialogue"]["sampling"]["max_tokens"] = 400
+    data.pop("judge")
+    data["cir"].pop("judge")
     path = tmp_path_factory.mktemp("s3cfg") / "s3.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

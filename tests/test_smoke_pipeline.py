@@ -242,7 +242,8 @@ def test_single_stage_variant_mllm_writes_turns_from_the_image(tmp_path):
     out = tmp_path / "single"
     manifest, _ = _run_smoke(
         out, "recipe=m3t", "dialogue.source=image", "dialogue.model.model=tiny:qwen2_5_vl",
-        "dialogue.sampling.max_tokens=512", "filter.min_turns=1", "filter.min_turn_score=null", "limit=4")
+        "dialogue.sampling.max_tokens=512", "filter.min_turns=1", "filter.min_turn_score=null", "limit=4",
+        "judge=null")  # the writer is under test here; the judge has its own (test_every_kept_turn_...)
     assert "caption" not in [s["stage"] for s in manifest["stages"]]
     dialogue = next(s for s in manifest["stages"] if s["stage"] == "dialogue")
     assert dialogue["image_tokens"] >= 4 * dialogue["requests"]  # the image reached the writer
@@ -264,7 +265,7 @@ def test_cir_mllm_variant_sees_both_images(tmp_path):
         out, "recipe=cir", "cir.modify.source=images", "cir.modify.model.model=tiny:qwen2_5_vl",
         "cir.modify.model.backend=vllm", "cir.modify.model.options={enforce_eager: true, max_model_len: 2048, "
         "limit_images_per_prompt: 2, engine_args: {kv_cache_memory_bytes: 134217728}}", "limit=4",
-        "cir.filter.min_modification_score=-1")
+        "cir.filter.min_modification_score=-1", "cir.judge=null")
     cir = manifest["cir"]
     assert cir["pairs"] > 0 and cir["pairs"] == cir["kept"] + cir["rejected"]
     assert manifest["models"]["modify"] == "tiny:qwen2_5_vl"
@@ -283,7 +284,7 @@ def test_reasoning_writer_in_the_pipeline(tmp_path):
     manifest, proc = _run_smoke(
         out, "recipe=m3t", "dialogue.model.model=tiny:qwen3",
         f"dialogue.model.reasoning={{parser: qwen3, budget: {budget}}}", "filter.min_turns=1",
-        "filter.min_turn_score=null", "limit=4")
+        "filter.min_turn_score=null", "limit=4", "judge=null")
     dialogue = next(s for s in manifest["stages"] if s["stage"] == "dialogue")
     assert dialogue["kept"] > 0
     n = dialogue["requests"]
@@ -301,7 +302,7 @@ def test_reasoning_writer_in_the_pipeline(tmp_path):
     manifest2, _ = _run_smoke(
         out2, "recipe=m3t", "dialogue.model.model=tiny:qwen3",
         f"dialogue.model.reasoning={{parser: qwen3, budget: {budget}, keep: false}}", "filter.min_turns=1",
-        "filter.min_turn_score=null", "limit=2")
+        "filter.min_turn_score=null", "limit=2", "judge=null")
     assert all("reasoning" not in meta for meta in _samples(out2))
     assert next(s for s in manifest2["stages"] if s["stage"] == "dialogue")["reasoning_tokens"] > 0
 

@@ -67,10 +67,12 @@ def muco_items(meta_folder: Path, image_folder: Path, pretraining: bool, rng: ra
 
 @pytest.fixture(scope="module")
 def complete_run(smoke_run, tmp_path_factory):
-    """The smoke run re-decided with no turn threshold (`m3t-gen refilter`): every dialogue keeps its 7 turns."""
+    """The smoke run re-decided with no turn threshold and the judge's verdicts ignored (`m3t-gen refilter`):
+    every dialogue keeps its 7 turns."""
     out = tmp_path_factory.mktemp("complete") / "out"
     shutil.copytree(smoke_run[0], out)
-    proc = _cli("refilter", out, "--set", "filter.min_turn_score=null", "--set", "filter.min_turns=1")
+    proc = _cli("refilter", out, "--set", "filter.min_turn_score=null", "--set", "filter.min_turns=1",
+                "--set", "filter.drop_contradicted=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
