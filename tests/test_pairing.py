@@ -78,3 +78,33 @@ def test_approximate_indexes_keep_band_and_window_and_find_the_exact_neighbours(
             assert p.ref != p.tgt and 0.3 <= p.similarity <= 0.99 and 2 <= p.rank <= 10
             assert abs(float(x[p.ref] @ x[p.tgt]) - p.similarity) < 1e-4
         assert mine_pairs(x, keys, spec, run_seed=0) == pairs  # reproducible
+
+
+def test_pair_parts_are_built_one_at_a_time_when_asked_for():
+    """The driver keeps the mined pairs as numeric columns; a part's table (keys, captions, locations) exists only
+    while it is written."""
+    import numpy as np
+    import pyarrow as pa
+
+    from m3t_gen.config import load_config
+    from m3t_gen.rows import PAIR_SCHEMA
+    from m3t_gen.run.cir import pair_parts
+    from m3t_gen.run.pipeline import make_context
+
+    rng = np.random.default_rng(0)
+    n = 40
+    emb = rng.normal(size=(n, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    pool = pa.table({"key": [f"k{i}" for i in range(n)], "caption": [f"c{i}" for i in range(n)],
+                     "tar": ["t.tar"] * n, "offset": list(range(n)), "size": [1] * n})
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "pipelines" / "smoke.yaml", ["cir.triplets_per_file=7",
+                                                           "cir.pairing={min_similarity: -1.0, max_similarity: 0.999}"])
+    parts = pair_parts(pool, emb, make_context(cfg))
+    assert parts.pairs == sum(parts.sizes.values()) > 7 and set(parts.sizes.values()) <= set(range(1, 8))
+    built = [parts.table(name) for name in parts.sizes]
+    assert all(t.schema == PAIR_SCHEMA for t in built)
+    assert [t.num_rows for t in built] == list(parts.sizes.values())
+    keys = [k for t in built for k in t.column("key").to_pylist()]
+    assert len(set(keys)) == len(keys) == parts.pairs
+    assert all(set(t.column("shard").to_pylist()) == {name} for t, name in zip(built, parts.sizes))

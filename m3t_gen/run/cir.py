@@ -255,8 +255,8 @@ def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
     parts = pair_parts(pool, image_embs, ctx)
     n_pairs, expected = parts.pairs, parts.sizes
     done = set(store.files("triplet_stats", ".json"))
-    todo = [name for name in parts if f"triplet_stats/{name}.json" not in done]
-    log(f"m3t-gen cir: pool {pool.num_rows} images, {n_pairs} pairs in {len(parts)} part(s), "
+    todo = [name for name in expected if f"triplet_stats/{name}.json" not in done]
+    log(f"m3t-gen cir: pool {pool.num_rows} images, {n_pairs} pairs in {len(expected)} part(s), "
         f"{sum(expected[p] for p in todo)} pairs in {len(todo)} part(s) to run (pool {fingerprint})")
     writer = TripletWriter(store, ctx, expected, fingerprint)
     if todo:
