@@ -8,30 +8,16 @@ import json
 import pytest
 from PIL import Image
 
-from m3t_gen.backends.base import Backend, GenerationResult
 from m3t_gen.config import ConfigError, FilterSpec, TripletFilterSpec, load_config
 from m3t_gen.rows import compact, new_row, to_table
 from m3t_gen.scoring import answer_agreement
 from m3t_gen.stages.filter import apply_filter
 from m3t_gen.stages.triplet_filter import apply_triplet_filter
+from m3t_gen.testing.scripted import ScriptedBackend
 
 TURNS = [{"type": "classification", "query": "what is shown?", "target": "a boat"},
          {"type": "vqa_localized", "query": "how many boats are moored on the left?", "target": "3"},
          {"type": "vqa_creative", "query": "what could the sailors be planning?", "target": "a long trip along the coast"}]
-
-
-class ScriptedBackend(Backend):
-    """Answers from a script (in request order) and records what it was sent."""
-
-    name = "scripted"
-
-    def __init__(self, answers):
-        self.answers = list(answers)
-        self.requests = []
-
-    def generate(self, requests):
-        self.requests += requests
-        return [GenerationResult(text=self.answers.pop(0), finish_reason="stop", output_tokens=5) for _ in requests]
 
 
 def _image() -> bytes:
@@ -55,7 +41,7 @@ def judge_stage(smoke_yaml, monkeypatch):
     from m3t_gen.stages import judge
 
     def make(answers, answerability=True):
-        backend = ScriptedBackend(answers)
+        backend = ScriptedBackend(answers, output_tokens=5)
         monkeypatch.setattr(judge, "get_backend", lambda name: lambda spec: backend)
         cfg = load_config(smoke_yaml, [f"judge.answerability={str(answerability).lower()}", "judge.max_attempts=2"])
         return judge.JudgeStage(make_context(cfg)), backend

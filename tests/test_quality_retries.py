@@ -4,12 +4,13 @@ import json
 
 import pytest
 
-from m3t_gen.backends.base import Backend, GenerationResult
+from m3t_gen.backends.base import GenerationResult
 from m3t_gen.config import FilterSpec, PrivacySpec, Sampling
 from m3t_gen.generation import generate_validated
 from m3t_gen.quality import degenerate_reason, privacy_hit
 from m3t_gen.rows import new_row
 from m3t_gen.stages.filter import apply_filter
+from m3t_gen.testing.scripted import ScriptedBackend
 
 
 @pytest.mark.parametrize("text,reason", [
@@ -48,20 +49,6 @@ def test_privacy_filter_drops_turns_with_reason():
     assert out[0]["reason"] == "privacy: mentions gender ('woman')"
 
 
-class ScriptedBackend(Backend):
-    """A unit-test stand-in for an engine: answers from a script, records the seeds it was asked with."""
-
-    name = "scripted"
-
-    def __init__(self, answers):
-        self.answers = list(answers)
-        self.seeds = []
-
-    def generate(self, requests):
-        self.seeds += [r.seed for r in requests]
-        return [GenerationResult(text=self.answers.pop(0), finish_reason="stop") for _ in requests]
-
-
 def _parse_json(row, result):
     try:
         value = json.loads(result.text)
@@ -94,16 +81,8 @@ def test_retries_exhausted_is_a_recorded_rejection_not_a_crash():
     assert json.loads(row["reject_detail"])["attempts"] == 3
 
 
-class ResultBackend(ScriptedBackend):
-    """Answers with whole GenerationResults (errors, reasoning) from a script."""
-
-    def generate(self, requests):
-        self.seeds += [r.seed for r in requests]
-        return [self.answers.pop(0) for _ in requests]
-
-
 def test_non_retriable_backend_error_is_rejected_at_once_with_the_message():
-    backend = ResultBackend([GenerationResult.failed("VLLMValidationError: prompt too long (5000 > 2048)", retriable=False)])
+    backend = ScriptedBackend([GenerationResult.failed("VLLMValidationError: prompt too long (5000 > 2048)", retriable=False)])
     row, done = _run(backend)
     assert done == [] and len(backend.seeds) == 1  # no blind retries of a request that cannot change
     assert (row["status"], row["reject_reason"]) == ("rejected", "backend_error")
@@ -112,11 +91,11 @@ def test_non_retriable_backend_error_is_rejected_at_once_with_the_message():
 
 
 def test_retriable_backend_error_retries_then_names_the_backend():
-    backend = ResultBackend([GenerationResult.failed("HTTP 503: overloaded", retriable=True)] * 2
+    backend = ScriptedBackend([GenerationResult.failed("HTTP 503: overloaded", retriable=True)] * 2
                             + [GenerationResult(text='{"caption": "a dog on grass"}', finish_reason="stop")])
     row, done = _run(backend)
     assert row["status"] == "ok" and done[0][2] == 3
-    backend = ResultBackend([GenerationResult.failed("HTTP 503: overloaded", retriable=True)] * 3)
+    backend = ScriptedBackend([GenerationResult.failed("HTTP 503: overloaded", retriable=True)] * 3)
     row, _ = _run(backend)
     assert row["reject_reason"] == "backend_error" and "503" in json.loads(row["reject_detail"])["detail"]
 
@@ -126,11 +105,11 @@ def test_reasoning_kept_apart_and_counted():
                                 output_tokens=50, prompt_tokens=9),
                GenerationResult(text='{"caption": "a dog on grass"}', finish_reason="stop", reasoning="a dog, so",
                                 reasoning_tokens=4, output_tokens=12, prompt_tokens=9)]
-    row, done = _run(ResultBackend(answers))
+    row, done = _run(ScriptedBackend(answers))
     assert row["status"] == "ok" and done[0][1] == {"caption": "a dog on grass"}
     assert json.loads(row["reasoning"]) == {"dialogue": "a dog, so"}  # the accepted answer's reasoning only
     assert json.loads(row["tokens"]) == {"dialogue": 62, "dialogue.requests": 2, "dialogue.prompt": 18,
                                          "dialogue.reasoning": 54}
     # Reasoning that never ends is its own reason, not invalid JSON.
-    row, _ = _run(ResultBackend([answers[0]] * 3))
+    row, _ = _run(ScriptedBackend([answers[0]] * 3))
     assert row["reject_reason"] == "reasoning_unfinished"

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 from m3t_gen import __version__
 from m3t_gen.rows import MARKER, OK, REJECTED, compact, worker_counts
 from m3t_gen.stages.base import RunContext
+from m3t_gen.stages.filter import JUDGED_FIELDS, FilterStage, verdict_of
 from m3t_gen.storage.store import Store
 
-JUDGED = ("verdict", "judge_score", "judge_reason", "answer", "agreement")  # a turn's judge fields, when judged
 INDEX_ROW_GROUP = 1000  # small row groups: the HF dataset viewer fails on big ones
 
 
@@ -33,7 +33,7 @@ def sample_json(row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     (and the scores behind every decision) can be put back together by `m3t-gen refilter`."""
     turns = [compact(t) for t in row["turns"]]
     scores = compact(row["scores"])
-    fields = ("type", "query", "target", "score", "rank", "prob") + JUDGED
+    fields = ("type", "query", "target", "score", "rank", "prob", *JUDGED_FIELDS)
     kept = [dict({k: t[k] for k in fields if k in t}, i=i) for i, t in enumerate(turns) if t.get("kept", True)]
     dropped = [dict({k: t[k] for k in fields if k in t}, i=i, reason=t["reason"])
                for i, t in enumerate(turns) if not t.get("kept", True)]
@@ -90,8 +90,7 @@ def row_from_sample(sample: dict[str, Any], shard: str, image: bytes) -> dict[st
                       turn_ranks=[t["rank"] for t in turns], turn_probs=[t["prob"] for t in turns])
     verdicts = None
     if any("verdict" in t for t in turns):  # judged: the verdicts go back to where the judge stage put them
-        verdicts = [{"verdict": t.get("verdict"), "score": t.get("judge_score"), "reason": t.get("judge_reason"),
-                     "answer": t.get("answer"), "agreement": t.get("agreement")} for t in turns]
+        verdicts = [verdict_of(t) for t in turns]
     img, src, lin = sample["image"], sample["source"], sample["lineage"]
     return new_row(
         key=sample["key"], shard=shard, source_key=src["key"], url=src["url"], text=src["text"], image=image,
@@ -208,7 +207,7 @@ class OutputWriter:
                     if self.m3t:
                         self._write_sample(state, row)
                 elif row["status"] == REJECTED:
-                    if row["reject_stage"] == "filter" and row["image"] is not None:
+                    if row["reject_stage"] == FilterStage.name and row["image"] is not None:
                         # Scored but filtered out: kept aside so a refilter can revive it without re-scoring.
                         state.filtered.write(row["key"], row["image"], sample_json(row, self.ctx))
                     state.rejects.append(self._reject_record(row))

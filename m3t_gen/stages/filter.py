@@ -27,30 +27,46 @@ def turn_failure(scores: dict[str, Any], i: int, spec: FilterSpec, turn: dict[st
         return f"turn_rank {scores['turn_ranks'][i]} > max_turn_rank {spec.max_turn_rank}"
     if spec.min_turn_prob is not None and scores.get("turn_probs") and scores["turn_probs"][i] < spec.min_turn_prob:
         return f"turn_prob {scores['turn_probs'][i]:.4f} < min_turn_prob {spec.min_turn_prob}"
-    return judge_failure(turn, spec)
+    return judge_failure(turn, spec) or answer_failure(turn, spec)
 
 
 def judge_failure(item: dict[str, Any], spec: FilterSpec | TripletFilterSpec) -> str | None:
-    """The judge's verdict on one turn or modification text against the thresholds (None: not judged or kept)."""
-    verdict, score = item.get("verdict"), item.get("judge_score")
-    if verdict == "contradicted" and spec.drop_contradicted:
+    """The judge's verdict on one turn or modification text against the thresholds both filters have (None: not
+    judged, or kept)."""
+    score = item.get("judge_score")
+    if item.get("verdict") == "contradicted" and spec.drop_contradicted:
         return f"judge: contradicted ({item.get('judge_reason') or 'no reason given'})"
-    if verdict == "not_answerable" and getattr(spec, "drop_unanswerable", False):
-        return f"judge: not answerable from the image ({item.get('judge_reason') or 'no reason given'})"
     if spec.min_judge_score is not None and score is not None and score < spec.min_judge_score:
         return f"judge_score {score} < min_judge_score {spec.min_judge_score}"
-    threshold = getattr(spec, "min_answer_agreement", None)
-    agreement = item.get("agreement")
-    if threshold is not None and agreement is not None and agreement < threshold:
-        return f"answer_agreement {agreement:.2f} < min_answer_agreement {threshold} (judge: {item.get('answer')!r})"
     return None
+
+
+def answer_failure(turn: dict[str, Any], spec: FilterSpec) -> str | None:
+    """The turn-only judge checks: answerable from the image, and the judge's own answer agreeing with the target."""
+    if turn.get("verdict") == "not_answerable" and spec.drop_unanswerable:
+        return f"judge: not answerable from the image ({turn.get('judge_reason') or 'no reason given'})"
+    agreement = turn.get("agreement")
+    if spec.min_answer_agreement is not None and agreement is not None and agreement < spec.min_answer_agreement:
+        return (f"answer_agreement {agreement:.2f} < min_answer_agreement {spec.min_answer_agreement} "
+                f"(judge: {turn.get('answer')!r})")
+    return None
+
+
+# Where each verdict key lives on the turn (or text) it judges; read both ways: the filter puts a verdict on its
+# turn, a refilter takes it back off the turn in KEY.json.
+JUDGED_FIELDS = {"verdict": "verdict", "judge_score": "score", "judge_reason": "reason", "answer": "answer",
+                 "agreement": "agreement"}
 
 
 def judged_fields(verdict: dict[str, Any] | None) -> dict[str, Any]:
     """A verdict record as the fields of the turn (or text) it judges."""
     v = verdict or {}
-    return {"verdict": v.get("verdict"), "judge_score": v.get("score"), "judge_reason": v.get("reason"),
-            "answer": v.get("answer"), "agreement": v.get("agreement")}
+    return {field: v.get(key) for field, key in JUDGED_FIELDS.items()}
+
+
+def verdict_of(item: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`judged_fields`: the verdict record a judged turn carries."""
+    return {key: item.get(field) for field, key in JUDGED_FIELDS.items()}
 
 
 def apply_filter(row: dict[str, Any], spec: FilterSpec, stage: str = "filter") -> None:

@@ -7,9 +7,11 @@ from typing import Any
 
 from m3t_gen.config import PipelineConfig, TripletFilterSpec
 from m3t_gen.quality import privacy_hit
-from m3t_gen.rows import PAIR_SCHEMA, reject
+from m3t_gen.rows import MODIFICATION, PAIR_SCHEMA, reject
 from m3t_gen.stages.base import Stage
 from m3t_gen.stages.filter import judge_failure, judged_fields
+
+TEXT_FIELDS = frozenset(f.name for f in MODIFICATION)
 
 
 def apply_triplet_filter(row: dict[str, Any], spec: TripletFilterSpec, stage: str = "triplet_filter") -> None:
@@ -19,7 +21,7 @@ def apply_triplet_filter(row: dict[str, Any], spec: TripletFilterSpec, stage: st
     verdicts = row.get("verdicts") or [None] * len(mods)
     for mod, score, verdict in zip(mods, scores["modifications"], verdicts, strict=True):
         mod["score"] = score
-        mod.update({k: v for k, v in judged_fields(verdict).items() if k in ("verdict", "judge_score", "judge_reason")})
+        mod.update({k: v for k, v in judged_fields(verdict).items() if k in TEXT_FIELDS})  # no answerability here
         mod["kept"], mod["reason"] = True, None
         hit = privacy_hit(mod["text"], words) if words else None
         if hit:
