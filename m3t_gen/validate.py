@@ -58,6 +58,29 @@ def _check_images_per_prompt(cfg: PipelineConfig) -> None:
                                   f"sends {n} images per request, vLLM would accept {limit}: set it to {n}")
 
 
+def _check_local_cpus(cfg: PipelineConfig) -> None:
+    """On a local Ray of ``ray.num_cpus`` CPUs, each pass's actors hold their CPUs for the whole pass; if what is
+    left cannot fit its largest task (a read, or a stateless stage such as the filter), Ray Data does not fail:
+    it waits forever. (A cluster's CPUs are not known here: not checked.)"""
+    from m3t_gen.run.recipe import CIR_STAGES, SAMPLE_STAGES, enabled
+
+    cpus = cfg.ray.num_cpus
+    if cpus is None or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    for name, stages in (("sample", SAMPLE_STAGES), ("cir", CIR_STAGES)):
+        if not (run := enabled(cfg, stages)):
+            continue
+        actors = {s.name: s.resources(cfg).concurrency * s.resources(cfg).num_cpus for s in run if s.uses_actor()}
+        tasks = {"read": cfg.read.num_cpus, **{s.name: s.resources(cfg).num_cpus for s in run if not s.uses_actor()}}
+        task = max(tasks, key=tasks.get)
+        held = sum(actors.values())
+        if held + tasks[task] > cpus + 1e-9:
+            parts = ", ".join(f"{k} {v:g}" for k, v in actors.items())
+            raise ConfigError(f"ray.num_cpus: {cpus} CPUs cannot run the {name} pass: its actors hold {held:g} "
+                              f"({parts}) and its {task} tasks need {tasks[task]:g} more; Ray Data would wait "
+                              f"forever. Lower the stages' resources.num_cpus or raise ray.num_cpus")
+
+
 def validate_config(cfg: PipelineConfig) -> list[str]:
     """Raise ConfigError on the first problem; return notes (things that are fine but worth saying). What to
     check comes from the stages this config runs: each declares its templates with their fields and its schema."""
@@ -65,6 +88,7 @@ def validate_config(cfg: PipelineConfig) -> list[str]:
 
     notes: list[str] = []
     _check_images_per_prompt(cfg)
+    _check_local_cpus(cfg)
     stages = enabled(cfg)
     for where, name, fields in [check for stage in stages for check in stage.example_prompts(cfg)]:
         check_confined(where, name, "prompts", cfg)
