@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import jsonschema_rs
 
 from m3t_gen.resources import find_file
 
@@ -23,16 +24,25 @@ def load_schema(name: str, base_dir: str | Path | None = None) -> dict[str, Any]
 
 
 @lru_cache(maxsize=64)
-def _validator(schema_json: str) -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(json.loads(schema_json))
+def _validator(schema_json: str) -> jsonschema_rs.Validator:
+    return jsonschema_rs.validator_for(json.loads(schema_json))
 
 
 def validation_error(instance: Any, schema: dict[str, Any]) -> str | None:
-    """First validation error as a short message, or None when valid."""
-    err = next(iter(_validator(json.dumps(schema, sort_keys=True)).iter_errors(instance)), None)
-    if err is None:
-        return None
-    where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+    """First validation error as a short message, or None when valid.
+
+    jsonschema-rs, not jsonschema: every answer is checked against two schemas, and the pure-Python validator
+    took ~1 ms per 7-verdict answer, 2.5 % of the judge's time per row on a tiny model; and its patterns follow
+    ECMA-262 as the JSON Schema spec says, where Python's ``re`` lets ``$`` match before a trailing newline
+    (``"abc\n"`` passed a bounded text)."""
+    validator = _validator(json.dumps(schema, sort_keys=True))
+    try:
+        if validator.is_valid(instance):
+            return None
+        err = next(iter(validator.iter_errors(instance)))
+    except UnicodeEncodeError:  # a lone surrogate (a JSON "\ud800" escape): not text, and not writable as UTF-8
+        return "(root): a string holds a lone surrogate (not valid Unicode text)"
+    where = "/".join(str(p) for p in err.instance_path) or "(root)"
     return f"{where}: {err.message[:200]}"
 
 

@@ -59,6 +59,18 @@ def test_decoding_schema_pins_the_mix_and_bounds_strings():
     assert validation_error(good, load_schema("m3t_dialogue.schema.json")) is None
 
 
+def test_bounded_text_refuses_a_trailing_newline_and_a_lone_surrogate():
+    """Patterns are ECMA-262 (the JSON Schema spec): Python's re lets "$" match before a final newline, so with
+    the pure-Python validator "dog\n" passed a bounded text. A lone surrogate (a JSON "\\ud800" escape) is not
+    text and cannot be written as UTF-8: refused with a reason, not a crash."""
+    schema = dialogue_decoding_schema({"classification": 1}, 10)
+    for bad, fragment in (("dog\n", "turns/0/target: "), ("do\ud800g", "lone surrogate")):
+        answer = json.loads(json.dumps({"turns": [{"type": "classification", "query": "what?", "target": bad}]}))
+        error = validation_error(answer, schema)
+        assert error is not None and fragment in error, error
+    assert validation_error({"turns": [{"type": "classification", "query": "what?", "target": "dog"}]}, schema) is None
+
+
 def test_template_hash_changes_with_text():
     a = PromptTemplate("a", "a", "x {{ caption }}")
     b = PromptTemplate("a", "a", "y {{ caption }}")
