@@ -19,6 +19,8 @@ transformers: the backend's batched generate). Pipeline: a fresh Ray Data pipeli
 ``batches_in_flight`` setting: rows -> DialogueStage actor (the project's stage: template, schema, validation,
 and for vLLM its feeder thread) -> driver, timed end to end including the actor's engine start, which the
 two-size difference cancels.
+The two sizes use different rows (on both sides): vLLM's prefix and image caches must not serve the large
+size from what the small one left behind.
 Prompts: the real dialogue template over distinct captions; sampling from pipelines/smoke.yaml; JSON schema on.
 Prints one JSON line.
 """
@@ -34,8 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def image_rows_for(n: int) -> list[dict]:
-    """n distinct images: crops of the bundled smoke photos (different boxes per row), JPEG, at most 512 px."""
+def image_rows_for(n: int, start: int = 0) -> list[dict]:
+    """n distinct images (rows start.. start+n-1): crops of the bundled smoke photos (different boxes per row),
+    JPEG, at most 512 px."""
     import io
     import tarfile
 
@@ -56,7 +59,7 @@ def image_rows_for(n: int) -> list[dict]:
                     if min(im.size) >= 256:
                         photos.append(im.convert("RGB"))
     rows = []
-    for i in range(n):
+    for i in range(start, start + n):
         im = photos[i % len(photos)]
         w, h = im.size
         f = 0.6 + 0.4 * ((i * 37) % 97) / 97  # crop share of the photo, per row
@@ -71,22 +74,22 @@ def image_rows_for(n: int) -> list[dict]:
     return rows
 
 
-def rows_for(n: int) -> list[dict]:
+def rows_for(n: int, start: int = 0) -> list[dict]:
     from m3t_gen.rows import new_row
 
     words = "red blue green small large wooden metal old new bright dark striped".split()
     things = "car dog cat house tree boat chair lamp table bicycle bird cup".split()
     return [new_row(key=f"g_{i:06d}", shard="g", width=640, height=480, text="",
                     caption=f"A {words[i % 12]} {things[(i // 12) % 12]} next to a {words[(i // 7) % 12]} "
-                            f"{things[(i // 3) % 12]} in a room, photo {i}.") for i in range(n)]
+                            f"{things[(i // 3) % 12]} in a room, photo {i}.") for i in range(start, start + n)]
 
 
-def judge_rows_for(n: int) -> list[dict]:
+def judge_rows_for(n: int, start: int = 0) -> list[dict]:
     """Image rows, each with a dialogue of the default mix to judge (distinct texts per row)."""
     from m3t_gen.turns import DEFAULT_MIX, turn_plan
 
-    rows = image_rows_for(n)
-    for i, row in enumerate(rows):
+    rows = image_rows_for(n, start)
+    for i, row in enumerate(rows, start):
         row["caption"] = f"a photo with things in it, number {i}"
         row["turns"] = [{"type": t["type"], "query": f"what is at place {j} of photo {i}?",
                          "target": f"thing {(i * 7 + j) % 13}"} for j, t in enumerate(turn_plan(DEFAULT_MIX))]
@@ -124,6 +127,13 @@ def config(stage: str, backend: str, batch: int, in_flight: int, actor_cpus: flo
     return load_config(ROOT / "pipelines" / "smoke.yaml", sets)
 
 
+def sizes(n_small: int, n_large: int) -> list[tuple[int, int]]:
+    """(rows, first row) of each size. The sizes share no row: vLLM caches prefixes and processed images, so an
+    engine that saw the small size's rows would serve their repeats in the large one faster, and only the
+    standalone side (one engine for both sizes) would gain from it."""
+    return [(n_small, 0), (n_large, n_small)]
+
+
 def standalone(cfg, stage_name: str, n_small: int, n_large: int) -> dict:
     """The same backend engine the stage uses, driven directly: generate() over every prompt at once."""
     from m3t_gen.run.pipeline import make_context
@@ -132,9 +142,9 @@ def standalone(cfg, stage_name: str, n_small: int, n_large: int) -> dict:
     stage = stage_cls(make_context(cfg))  # builds the engine once; we drive it directly below
     generate = _bare_engine(stage.backend)
     out = {}
-    generate(_requests(stage, make_rows(8)))  # warm-up
-    for n in (n_small, n_large):
-        rows = make_rows(n)
+    generate(_requests(stage, make_rows(8, start=n_small + n_large)))  # warm-up, on rows of its own
+    for n, start in sizes(n_small, n_large):
+        rows = make_rows(n, start)
         t = time.perf_counter()
         # Building the requests is timed on this side too: rendering the template and, for the caption stage,
         # decoding each JPEG, the work any caller of the engine does with images as they arrive.
@@ -170,7 +180,7 @@ def _requests(stage, rows):
                               json_schema=_schema(stage, r)) for r in rows]
 
 
-def in_pipeline(cfg, stage_name: str, n: int) -> tuple[float, int]:
+def in_pipeline(cfg, stage_name: str, n: int, start: int) -> tuple[float, int]:
     import ray
 
     from m3t_gen.run.pipeline import make_context
@@ -179,7 +189,7 @@ def in_pipeline(cfg, stage_name: str, n: int) -> tuple[float, int]:
 
     stage_cls, make_rows = _stage(stage_name)
     ctx = make_context(cfg)
-    rows = make_rows(n)  # built before the clock starts, as on the standalone side
+    rows = make_rows(n, start)  # built before the clock starts, as on the standalone side
     t = time.perf_counter()
     ds = ray.data.from_arrow(to_table(rows))
     ds = apply_stages(ds, [stage_cls], cfg, ctx)
@@ -223,7 +233,7 @@ def main() -> None:
     for _ in range(args.repeats):  # interleave the settings so that drift on the machine hits each alike
         for n in args.in_flight:
             cfg = config(args.stage, args.backend, args.batch, n, args.actor_cpus)
-            small, large = in_pipeline(cfg, args.stage, args.small), in_pipeline(cfg, args.stage, args.large)
+            small, large = (in_pipeline(cfg, args.stage, n, start) for n, start in sizes(args.small, args.large))
             pipe[n].append({"small": small, "large": large, "tok_s": marginal(small, large)})
     ray.shutdown()  # free the cores and memory for the standalone engine
     cfg = config(args.stage, args.backend, args.batch, 1, args.actor_cpus)
