@@ -233,7 +233,8 @@ def main() -> None:
     for _ in range(args.repeats):  # interleave the settings so that drift on the machine hits each alike
         for n in args.in_flight:
             cfg = config(args.stage, args.backend, args.batch, n, args.actor_cpus)
-            small, large = (in_pipeline(cfg, args.stage, n, start) for n, start in sizes(args.small, args.large))
+            small, large = (in_pipeline(cfg, args.stage, rows, start)
+                            for rows, start in sizes(args.small, args.large))
             pipe[n].append({"small": small, "large": large, "tok_s": marginal(small, large)})
     ray.shutdown()  # free the cores and memory for the standalone engine
     cfg = config(args.stage, args.backend, args.batch, 1, args.actor_cpus)

@@ -70,8 +70,9 @@ def _check_local_cpus(cfg: PipelineConfig) -> None:
     for name, stages in (("sample", SAMPLE_STAGES), ("cir", CIR_STAGES)):
         if not (run := enabled(cfg, stages)):
             continue
-        actors = {s.name: s.resources(cfg).concurrency * s.resources(cfg).num_cpus for s in run if s.uses_actor()}
-        tasks = {"read": cfg.read.num_cpus, **{s.name: s.resources(cfg).num_cpus for s in run if not s.uses_actor()}}
+        res = {s.name: s.resources(cfg) for s in run}
+        actors = {s.name: res[s.name].concurrency * res[s.name].num_cpus for s in run if s.uses_actor()}
+        tasks = {"read": cfg.read.num_cpus, **{s.name: res[s.name].num_cpus for s in run if not s.uses_actor()}}
         task = max(tasks, key=tasks.get)
         held = sum(actors.values())
         if held + tasks[task] > cpus + 1e-9:
