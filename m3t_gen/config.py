@@ -350,8 +350,9 @@ class RaySpec(Strict):
     progress: bool = Field(True, json_schema_extra=PLACEMENT)
     wait_for_actors_s: int = Field(
         900, ge=0, json_schema_extra=PLACEMENT,
-        description="an actor pool starts work only once all its actors are up (models loaded), so the first "
-        "ready actor does not take every batch; a pool not up in this time fails the run (0: do not wait)")
+        description="the pools of a pass start together; an actor of a pool of K takes work only once all K are up "
+        "(models loaded), so the first engine ready does not take every batch; after this many seconds the "
+        "actors that are up start without the rest (0: do not wait)")
     preserve_order: bool = Field(True, description="rows reach single-actor stages (dedupe) in input order: "
                                  "which copy of a duplicate survives does not depend on timing")
 

@@ -9,7 +9,11 @@ stages from here; adding a stage is its file, its place in one of these lists, a
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
 import os
+from collections import Counter
 from typing import Any
 
 from m3t_gen.config import PipelineConfig
@@ -51,14 +55,65 @@ def lineage(cfg: PipelineConfig) -> tuple[dict[str, str], dict[str, str]]:
     return templates, models
 
 
+logger = logging.getLogger(__name__)
+
+
 def _run_stateless(batch: Any, stage_cls: type[Stage], ctx: RunContext) -> Any:
     return stage_cls(ctx)(batch)
 
 
+class PoolRendezvous:
+    """Where the actors of one pass's pools meet before any of them takes work. Ray Data hands a block to any
+    actor that is up, so the first engine to load would take every batch while its peers still load; Ray Data's
+    own guard (``wait_for_min_actors_s``) blocks the executor in each operator's start, one operator after the
+    other, so every pool's engines load in turn. Here all pools start at once (their engines load in parallel)
+    and each actor's constructor ends only when its whole pool has arrived: Ray Data sees the K actors of a pool
+    become ready together. A restarted actor finds its pool complete and passes at once."""
+
+    def __init__(self) -> None:
+        self.arrived: Counter[str] = Counter()
+        self.complete: dict[str, asyncio.Event] = {}
+
+    async def arrive(self, pool: str, size: int, timeout_s: float) -> int:
+        """Wait until ``size`` actors of ``pool`` arrived (at most ``timeout_s``); the number that had."""
+        self.arrived[pool] += 1
+        event = self.complete.setdefault(pool, asyncio.Event())
+        if self.arrived[pool] >= size:
+            event.set()
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        return self.arrived[pool]
+
+
+def _pooled(stage: type[Stage]) -> type[Stage]:
+    """The class Ray Data builds in each actor of ``stage``'s pool: the stage, then the meeting of its pool.
+    Same name as the stage, so Ray Data's progress shows the stage."""
+
+    def __init__(self: Stage, ctx: RunContext, pool_size: int) -> None:
+        stage.__init__(self, ctx)
+        import ray
+
+        timeout = ctx.config.ray.wait_for_actors_s
+        if pool_size > 1 and timeout > 0:
+            up = ray.get(ctx.shared["rendezvous"].arrive.remote(stage.name, pool_size, timeout))
+            if up < pool_size:
+                logger.warning("%s: %d of %d actors up after %d s (ray.wait_for_actors_s); starting with them",
+                               stage.name, up, pool_size, timeout)
+
+    return type(stage.__name__, (stage,), {"__init__": __init__, "__module__": stage.__module__,
+                                           "__qualname__": f"{stage.__qualname__}.pooled"})
+
+
 def apply_stages(ds: Any, stages: list[type[Stage]], cfg: PipelineConfig, ctx: RunContext) -> Any:
     """Each enabled stage becomes one map_batches: an actor pool (models) or stateless tasks."""
+    import ray
     from ray.data import ActorPoolStrategy
 
+    if any(s.uses_actor() and s.resources(cfg).concurrency > 1 for s in enabled(cfg, stages)):
+        rendezvous = ray.remote(num_cpus=0)(PoolRendezvous).remote()
+        ctx = dataclasses.replace(ctx, shared={**ctx.shared, "rendezvous": rendezvous})
     for stage in enabled(cfg, stages):
         res = stage.resources(cfg)
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
@@ -68,7 +123,8 @@ def apply_stages(ds: Any, stages: list[type[Stage]], cfg: PipelineConfig, ctx: R
             # backend are thread-safe), so an engine never waits for the next batch to arrive.
             pool = ActorPoolStrategy(size=res.concurrency, max_concurrent_calls_per_actor=res.batches_in_flight,
                                      enable_true_multi_threading=res.batches_in_flight > 1)
-            ds = ds.map_batches(stage, fn_constructor_kwargs={"ctx": ctx}, compute=pool,
+            ds = ds.map_batches(_pooled(stage), fn_constructor_kwargs={"ctx": ctx, "pool_size": res.concurrency},
+                                compute=pool,
                                 num_gpus=res.num_gpus or None, max_restarts=-1, max_task_retries=-1, **common)
         else:
             ds = ds.map_batches(_run_stateless, fn_kwargs={"stage_cls": stage, "ctx": ctx}, **common)
@@ -92,4 +148,5 @@ def init_ray(cfg: PipelineConfig) -> None:
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = cfg.ray.progress
     data_ctx.execution_options.preserve_order = cfg.ray.preserve_order
-    data_ctx.wait_for_min_actors_s = cfg.ray.wait_for_actors_s or -1
+    # Pools start together and meet in PoolRendezvous; Ray Data's own wait would start them one after another.
+    data_ctx.wait_for_min_actors_s = -1
