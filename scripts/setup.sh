@@ -46,7 +46,27 @@ print(f"setup check: torch {torch.__version__}, torchvision {torchvision.__versi
 EOF
 }
 
+# The inspect page is rendered in a real browser by the tests: Debian's chromium, installed beside the venv (in
+# the background: apt unpacks while pip downloads). Without root or apt, say so: that one test then fails by name.
+CHROMIUM_LOG=$(mktemp)
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    ( DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >"$CHROMIUM_LOG" 2>&1 \
+      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >>"$CHROMIUM_LOG" 2>&1 ) &
+    CHROMIUM_PID=$!
+  else
+    echo "setup: chromium is absent and cannot be installed here (needs root and apt-get): the inspect page's browser test will fail"
+  fi
+fi
+wait_chromium() {
+  if [ -n "${CHROMIUM_PID:-}" ]; then
+    wait "$CHROMIUM_PID" || { echo "setup: apt-get install chromium failed:"; tail -5 "$CHROMIUM_LOG"; }
+  fi
+  rm -f "$CHROMIUM_LOG"
+}
+
 if [ -x "$VENV/bin/m3t-gen" ] && [ -f "$STAMP" ] && [ ! pyproject.toml -nt "$STAMP" ] && [ ! "$0" -nt "$STAMP" ]; then
+  wait_chromium
   check
   exit 0
 fi
@@ -81,5 +101,6 @@ rm -f "$REPORT"
 "${PIP[@]}" install --no-deps -e .
 # torch's CUDA build lists triton; it is GPU-only and 0.5 GB.
 "${PIP[@]}" uninstall -y triton torchaudio torchcodec 2>/dev/null || true
+wait_chromium
 check
 touch "$STAMP"

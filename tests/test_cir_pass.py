@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _pass(out: Path, shards: int, concurrency: int = 3) -> dict:
+def _pass(out: Path, shards: int, concurrency: int = 2) -> dict:
     cmd = [sys.executable, str(ROOT / "bench" / "cir_pass.py"), "--out", str(out), "--images", str(50 * shards),
            "--shards", str(shards), "--pairs-per-image", "2", "--concurrency", str(concurrency), "--per-part", "10"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -30,8 +30,12 @@ def test_parts_spread_over_actors_resume_and_pool_change(tmp_path):
     out = tmp_path / "out"
     first = _pass(out, shards=4)
     assert first["pairs"] == 400 and first["parts"] == 40
-    # Every one of the three modify actors served pairs (one block per part; before, one block held them all).
-    assert len(first["rows_per_modify_actor"]) == 3 and all(n > 0 for n in first["rows_per_modify_actor"])
+    # The two modify actors shared the 40 parts evenly (one block per part; before, one block held them all): the
+    # pool's actors took work only once both were up (PoolRendezvous), not first come, all served. (Two actors on
+    # the two cores: equally fast. A third would get a smaller share of the CPUs, and Ray Data rightly gives the
+    # faster ones more.)
+    served = first["rows_per_modify_actor"]
+    assert len(served) == 2 and max(served) <= 1.2 * min(served), served
     assert sum(first["rows_per_modify_actor"]) == 400
     parts = _parts(out)
     assert {p["pool_fingerprint"] for p in parts.values()} == {first["pool_fingerprint"]}

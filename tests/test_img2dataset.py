@@ -46,10 +46,10 @@ def img2dataset_cli() -> Path:
         try:
             proc = subprocess.run(["bash", str(SETUP)], cwd=ROOT, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
-            pytest.skip(f"{VENV.name} is missing and {SETUP.name} timed out creating it")
+            pytest.fail(f"{VENV.name} is missing and {SETUP.name} timed out creating it")
         if proc.returncode != 0 or not CLI.exists():
             tail = (proc.stderr or proc.stdout)[-1500:]
-            pytest.skip(f"{VENV.name} is missing and {SETUP.name} could not create it (rc {proc.returncode}; "
+            pytest.fail(f"{VENV.name} is missing and {SETUP.name} could not create it (rc {proc.returncode}; "
                         f"PyPI unreachable?):\n{tail}")
     return CLI
 

@@ -156,12 +156,25 @@ def engine():
     pytest.importorskip("vllm")
     from m3t_gen.config import ModelSpec
 
-    spec = ModelSpec(backend="vllm", model="tiny:lm", options=CPU_OPTIONS)
+    import psutil
+
+    # vLLM's own process layout (engine core and worker in child processes), as on GPUs; the pipeline's actors
+    # run the engine inline on CPU (engine_process: auto), and test_engine_in_ray_data_actor compares the two.
+    spec = ModelSpec(backend="vllm", model="tiny:lm", options={**CPU_OPTIONS, "engine_process": "separate"})
     t0 = time.perf_counter()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     backend = VLLMBackend(spec)
     print(f"\nvLLM engine start (tiny:lm, building it if not cached): {time.perf_counter() - t0:.1f} s")
+    # vLLM names its engine core and worker processes VLLM::... (multiprocessing's resource tracker, also a child
+    # now, lives until this process exits, as it does in any program that used multiprocessing).
+    engine_procs = [p for p in psutil.Process().children(recursive=True)
+                    if p.pid not in before and p.name().startswith("VLLM::")]
+    assert engine_procs, "engine_process: separate started no engine process"
     yield backend
     backend.close()
+    # close() ends the engine's processes now, not at interpreter exit.
+    gone, alive = psutil.wait_procs(engine_procs, timeout=60)
+    assert not alive, f"engine processes left after close(): {[p.pid for p in alive]}"
 
 
 def _pairs_request(seed: int) -> GenerationRequest:
@@ -226,8 +239,9 @@ def test_engine_text_only_model_refuses_images(engine):
 
 @pytest.mark.slow
 def test_engine_in_ray_data_actor(engine):
-    """The deployment shape: the backend built in a Ray Data actor (map_batches with a callable class).
-    vLLM switches to `spawn` there by itself; no environment variable is needed."""
+    """The deployment shape: the backend built in a Ray Data actor (map_batches with a callable class), its
+    engine core inline in the actor (engine_process: auto on CPU): same seed, same text as the fixture's engine
+    in vLLM's separate processes."""
     ray = pytest.importorskip("ray")
     import ray.data
 

@@ -24,9 +24,9 @@ CAPTION_SCHEMA = {"type": "object", "properties": {"caption": _STR, "objects": {
                   "minItems": 1, "maxItems": 3}}, "required": ["caption", "objects"], "additionalProperties": False}
 
 
-def _backend(model: str, **extra) -> VLLMBackend:
+def _backend(model: str, options: dict | None = None, **extra) -> VLLMBackend:
     t0 = time.perf_counter()
-    backend = VLLMBackend(ModelSpec(backend="vllm", model=model, options=CPU, **extra))
+    backend = VLLMBackend(ModelSpec(backend="vllm", model=model, options={**CPU, **(options or {})}, **extra))
     print(f"\nvLLM engine start ({model}): {time.perf_counter() - t0:.1f} s")
     return backend
 
@@ -123,7 +123,8 @@ def test_reasoning_writer_thinking_on_and_off():
     only to the answer after it; the reasoning comes back apart. Thinking off: the template's empty reasoning
     block; the answer is constrained from its first token."""
     budget = 16
-    on = _backend("tiny:qwen3", reasoning={"parser": "qwen3", "budget": budget})
+    # The engine core in its own process (vLLM's layout on GPUs), so that it can be killed below.
+    on = _backend("tiny:qwen3", {"engine_process": "separate"}, reasoning={"parser": "qwen3", "budget": budget})
     try:
         results = on.generate([_ask(s) for s in range(4)])
         for res in results:

@@ -185,6 +185,15 @@ def _set_engine_process(choice: str) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inline else "1"
     if hasattr(envs, "disable_envs_cache"):
         envs.disable_envs_cache()
+    if inline and current_platform.is_cpu():
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_drop_thread_notice)
+
+
+def _drop_thread_notice(record: logging.LogRecord) -> bool:
+    """vLLM's CPU worker pins its threads and replaces ``torch.set_num_threads`` with a warning; inline, its own
+    multi-modal processor (same process) then calls it around every image batch: dozens of identical warnings
+    that say nothing about the run."""
+    return "torch.set_num_threads" not in record.getMessage()
 
 
 class EngineDead(RuntimeError):

@@ -87,12 +87,26 @@ class PoolRendezvous:
         return self.arrived[pool]
 
 
+def _trace_start(stage: str, event: str) -> None:
+    """With M3T_GEN_START_TRACE=FILE (bench/start_timeline.py), each actor appends when it was built, when its
+    pool was complete, and when its first batch came: where a run's start-up time goes."""
+    path = os.environ.get("M3T_GEN_START_TRACE")
+    if path:
+        import json
+        import time
+
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": stage, "pid": os.getpid(), "event": event, "t": time.time()}) + "\n")
+
+
 def _pooled(stage: type[Stage]) -> type[Stage]:
     """The class Ray Data builds in each actor of ``stage``'s pool: the stage, then the meeting of its pool.
     Same name as the stage, so Ray Data's progress shows the stage."""
 
     def __init__(self: Stage, ctx: RunContext, pool_size: int) -> None:
+        _trace_start(stage.name, "start")
         stage.__init__(self, ctx)
+        _trace_start(stage.name, "built")
         import ray
 
         timeout = ctx.config.ray.wait_for_actors_s
@@ -101,8 +115,15 @@ def _pooled(stage: type[Stage]) -> type[Stage]:
             if up < pool_size:
                 logger.warning("%s: %d of %d actors up after %d s (ray.wait_for_actors_s); starting with them",
                                stage.name, up, pool_size, timeout)
+        self._first_batch = True
 
-    return type(stage.__name__, (stage,), {"__init__": __init__, "__module__": stage.__module__,
+    def __call__(self: Stage, batch: Any) -> Any:
+        if self._first_batch:
+            self._first_batch = False
+            _trace_start(stage.name, "first_batch")
+        return stage.__call__(self, batch)
+
+    return type(stage.__name__, (stage,), {"__init__": __init__, "__call__": __call__, "__module__": stage.__module__,
                                            "__qualname__": f"{stage.__qualname__}.pooled"})
 
 
@@ -121,7 +142,10 @@ def apply_stages(ds: Any, stages: list[type[Stage]], cfg: PipelineConfig, ctx: R
             # Restart actors lost with a node and retry their batches (Ray Data's default today; pinned here).
             # batches_in_flight > 1: that many __call__s run at once in the actor's threads (the stage and its
             # backend are thread-safe), so an engine never waits for the next batch to arrive.
+            # One block queued behind the ones running: the actor never waits for its next batch, and a slower actor
+            # is not left holding Ray Data's default of 4 queued blocks when the others run dry (the pass's tail).
             pool = ActorPoolStrategy(size=res.concurrency, max_concurrent_calls_per_actor=res.batches_in_flight,
+                                     max_tasks_in_flight_per_actor=res.batches_in_flight + 1,
                                      enable_true_multi_threading=res.batches_in_flight > 1)
             ds = ds.map_batches(_pooled(stage), fn_constructor_kwargs={"ctx": ctx, "pool_size": res.concurrency},
                                 compute=pool,
