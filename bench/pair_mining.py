@@ -145,14 +145,116 @@ def one(n: int, d: int, kind: str, max_exact: int, sample: int = 1000) -> dict:
     return result
 
 
+def distributed(n: int, d: int, workers: int, shard_rows: int, block_rows: int, tile_rows: int, compare: bool,
+                precision: str) -> dict:
+    """The run's own exact miner (issue 23): a synthetic pool written as pool/*.parquet shards, then load_bank +
+    mine_pool in Ray tasks (``workers`` CPUs, one torch thread per task) + the part files, timed end to end; the
+    driver's peak RSS; with ``compare``, the chosen pairs against FAISS's exact fp32 search + the same draw."""
+    import tempfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from m3t_gen.config import PairingResources, PairingSpec
+    from m3t_gen.run.pairing import POOL_DIGEST_KEY, key_seeds, load_bank, mine_pool, select_pairs
+    from m3t_gen.run.writer import POOL_SCHEMA
+    from m3t_gen.storage.store import Store
+
+    x = synthetic(n, d)
+    keys = [f"s{i // shard_rows:05d}_{i:08d}" for i in range(n)]
+    tmp = Path(tempfile.mkdtemp(prefix="mining-"))
+    (tmp / "pool").mkdir()
+    rels = []
+    for shard, start in enumerate(range(0, n, shard_rows)):
+        rows = range(start, min(start + shard_rows, n))
+        emb = [x[i].tobytes() for i in rows]
+        table = pa.table({"key": [keys[i] for i in rows], "tar": ["t.tar"] * len(emb),
+                          "caption": [""] * len(emb), "url": [None] * len(emb), "image_emb": emb,
+                          "caption_emb": emb, "offset": [0] * len(emb), "size": [1] * len(emb)}, schema=POOL_SCHEMA)
+        table = table.replace_schema_metadata({POOL_DIGEST_KEY: f"bench-{shard}".encode()})
+        rels.append(f"pool/{shard:05d}.parquet")
+        pq.write_table(table, tmp / rels[-1])
+    spec = PairingSpec(min_similarity=0.55, max_similarity=0.92, min_rank=2, max_rank=30, pairs_per_image=2,
+                       precision=precision, resources=PairingResources(block_rows=block_rows, tile_rows=tile_rows))
+    del x
+    import gc
+
+    gc.collect()
+    base = rss_gb()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    peak = Peak()
+    t = time.perf_counter()
+    bank = load_bank(Store(tmp), rels, run_seed=0)
+    pairs = mine_pool(bank, spec)
+    mine_s = time.perf_counter() - t
+    # The part files, as the CIR pass writes them (4 numeric columns per pair here; the pass adds keys/captions).
+    for i, start in enumerate(range(0, len(pairs), 1000)):
+        part = pa.table({"ref": pairs.ref[start:start + 1000], "tgt": pairs.tgt[start:start + 1000],
+                         "similarity": pairs.similarity[start:start + 1000], "rank": pairs.rank[start:start + 1000]})
+        (tmp / "pairs").mkdir(exist_ok=True)
+        pq.write_table(part, tmp / "pairs" / f"part-{i:05d}.parquet")
+    total_s = time.perf_counter() - t
+    driver_peak = peak.done()
+    ray.shutdown()
+    result = {"bench": "pair_mining", "engine": "distributed", "n": n, "dim": d, "workers": workers,
+              "precision": precision, "block_rows": block_rows, "tile_rows": tile_rows, "pairs": len(pairs),
+              "mine_s": round(mine_s, 1), "end_to_end_s": round(total_s, 1),
+              "gflops": round(2 * n * n * d / mine_s / 1e9, 1),
+              "driver_rss_before_gb": round(base, 3), "driver_peak_gb": round(driver_peak, 3)}
+    if compare:
+        import faiss
+
+        x = synthetic(n, d)
+        index = faiss.IndexFlatIP(d)
+        index.add(x)
+        k = spec.max_rank
+        sims = np.empty((n, k), np.float32)
+        nbrs = np.empty((n, k), np.int64)
+        for start in range(0, n, 8192):
+            q = x[start:start + 8192]
+            s, i = index.search(q, k + 8)
+            for r in range(len(q)):
+                row = start + r
+                # FAISS's fp32 answer in the canonical order: exact (float64, rounded) score desc, index asc.
+                cand = [j for j in i[r] if j != row and j >= 0]
+                exact = (x[cand].astype(np.float64) @ x[row].astype(np.float64)).astype(np.float32)
+                order = sorted(range(len(cand)), key=lambda c: (-exact[c], cand[c]))[:k]
+                nbrs[row] = [cand[c] for c in order]
+                sims[row] = [exact[c] for c in order]
+        want = select_pairs(sims, nbrs, key_seeds(keys, 0), np.arange(n), spec)
+        got = set(zip(pairs.ref.tolist(), pairs.tgt.tolist(), pairs.rank.tolist()))
+        ref = set(zip(want.ref.tolist(), want.tgt.tolist(), want.rank.tolist()))
+        diff = len(got ^ ref)  # pairs (with their rank) in one answer and not the other
+        result["differences_vs_faiss_exact"] = diff
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--distributed", action="store_true", help="the run's exact miner in Ray tasks (issue 23)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--shard-rows", type=int, default=10_000)
+    ap.add_argument("--block-rows", type=int, default=16_384)
+    ap.add_argument("--tile-rows", type=int, default=16_384)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--compare", action="store_true", help="count pairs that differ from FAISS exact fp32")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--indexes", nargs="+", default=["exact", "ivf", "hnsw"])
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--max-exact", type=int, default=200_000, help="above: exact search is extrapolated")
     ap.add_argument("--one", nargs=2, metavar=("N", "INDEX"))
     args = ap.parse_args()
+    if args.distributed:
+        for n in args.sizes:
+            for w in args.workers:
+                print(json.dumps(distributed(n, args.dim, w, args.shard_rows, args.block_rows, args.tile_rows,
+                                             args.compare, args.precision)), flush=True)
+        return
     if args.one:
         print(json.dumps(one(int(args.one[0]), args.dim, args.one[1], args.max_exact)), flush=True)
         return

@@ -368,6 +368,16 @@ DEFAULT_CIR_CATEGORIES: dict[str, str] = {
 }
 
 
+class PairingResources(Strict):
+    """Exact pair mining as Ray tasks: one per block of reference images, each streaming the whole pool's
+    embeddings past its block."""
+
+    num_cpus: float = Field(1, gt=0, description="CPUs per mining task (its torch threads)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per mining task; on a GPU the tiles multiply there")
+    block_rows: int = Field(16384, ge=1, description="reference images per task (K workers take 1/K of the blocks)")
+    tile_rows: int = Field(16384, ge=1, description="pool images multiplied at once: [block x tile] scores")
+
+
 class PairingSpec(Strict):
     """Partners by CLIP image similarity: inside a band, inside a rank window (SPN4CIR: not the nearest
     neighbour, whose near-duplicates make useless triplets)."""
@@ -385,6 +395,11 @@ class PairingSpec(Strict):
     nprobe: int = Field(32, ge=1, description="ivf: clusters searched per query")
     hnsw_m: int = Field(32, ge=4, description="hnsw: links per node")
     ef_search: int = Field(128, ge=1, description="hnsw: candidate list size at search time")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", json_schema_extra=PLACEMENT,
+        description="exact search: the tile products' precision (auto: bf16 on GPUs and CPUs with AMX / AVX-512 "
+        "bf16); the pairs are the fp32 answer either way (candidates re-scored, uncertain rows redone in full)")
+    resources: "PairingResources" = Field(default_factory=lambda: PairingResources(), json_schema_extra=PLACEMENT)
 
     @model_validator(mode="after")
     def _ordered(self) -> "PairingSpec":

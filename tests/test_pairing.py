@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from m3t_gen.config import PairingSpec
 from m3t_gen.run.pairing import mine_pairs
@@ -100,7 +101,10 @@ def test_pair_parts_are_built_one_at_a_time_when_asked_for():
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     cfg = load_config(root / "pipelines" / "smoke.yaml", ["cir.triplets_per_file=7",
                                                            "cir.pairing={min_similarity: -1.0, max_similarity: 0.999}"])
-    parts = pair_parts(pool, emb, make_context(cfg))
+    from m3t_gen.run.pairing import key_seeds, mine_arrays
+
+    parts = pair_parts(pool, mine_arrays(emb, key_seeds(pool.column("key").to_pylist(), 0), cfg.cir.pairing, 0),
+                       make_context(cfg))
     assert parts.pairs == sum(parts.sizes.values()) > 7 and set(parts.sizes.values()) <= set(range(1, 8))
     built = [parts.table(name) for name in parts.sizes]
     assert all(t.schema == PAIR_SCHEMA for t in built)
@@ -108,3 +112,115 @@ def test_pair_parts_are_built_one_at_a_time_when_asked_for():
     keys = [k for t in built for k in t.column("key").to_pylist()]
     assert len(set(keys)) == len(keys) == parts.pairs
     assert all(set(t.column("shard").to_pylist()) == {name} for t, name in zip(built, parts.sizes))
+
+
+# ------------------------------------------------------------------------------ the exact tiled kernel
+
+
+def _reference_topk(x: np.ndarray, k: int):
+    """Brute force: float64 dot products rounded to float32, order (score desc, index asc), self excluded."""
+    s = (x.astype(np.float64) @ x.T.astype(np.float64)).astype(np.float32)
+    np.fill_diagonal(s, -np.inf)
+    idx = np.stack([np.lexsort((np.arange(len(x)), -row))[:k] for row in s])
+    return np.take_along_axis(s, idx, axis=1), idx
+
+
+def _clip_like(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32) + 2 * rng.standard_normal(d).astype(np.float32)
+    x[n // 3], x[2 * n // 3], x[7] = x[5], x[5], x[8]  # exact ties: three copies of one image, two of another
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("tile", [257, 1000, 5000])
+def test_tiled_search_is_exact_with_ties_at_any_tile_size_and_precision(bf16, tile):
+    """The kernel returns exactly the brute-force answer, ties included (lower index first), whatever the tile
+    size, and in bf16 too: candidates are re-scored in float64 and rows bf16 cannot certify are redone in full."""
+    from m3t_gen.run.knn import TopK, tiles_of
+
+    x = _clip_like(3000, 64)
+    want_v, want_i = _reference_topk(x, 11)
+    top = TopK(x, np.arange(len(x)), 11, bf16=bf16, margin=8)
+    for offset, rows in tiles_of(x, tile):
+        top.add(offset, rows)
+    got_v, got_i = top.result()
+    assert (got_i == want_i).all() and (got_v == want_v).all()
+    if bf16 and tile < len(x):
+        assert top.fallback_rows > 0  # dense near-ties on this data: the certification path ran
+
+
+def test_pairs_are_the_same_whatever_the_blocking():
+    """The draw depends on the reference's key seed, not on which block or worker mined it."""
+    from m3t_gen.run.pairing import PairArrays, key_seeds, select_pairs
+    from m3t_gen.run.knn import exact_topk, tiles_of
+
+    x = _clip_like(600, 32, seed=3)
+    keys = [f"k{i:04d}" for i in range(len(x))]
+    spec = PairingSpec(min_similarity=-1, max_similarity=0.99, min_rank=2, max_rank=9, pairs_per_image=3)
+    seeds = key_seeds(keys, 5)
+    whole = mine_pairs(x, keys, spec, 5)
+    blocks = []
+    for start in range(0, len(x), 128):
+        rows = np.arange(start, min(start + 128, len(x)))
+        sims, nbrs = exact_topk(x[rows], rows, tiles_of(x, 100), spec.max_rank)
+        blocks.append(select_pairs(sims, nbrs, seeds[rows], rows, spec))
+    assert PairArrays.concat(blocks).as_pairs() == whole  # keys here sort as the rows do
+    per_ref = np.bincount([p.ref for p in whole], minlength=len(x))
+    assert per_ref.max() == 3 and (per_ref >= 1).all()
+
+
+@pytest.mark.slow
+def test_distributed_mining_equals_the_exact_faiss_search(tmp_path):
+    """mine_pool over pool shards in Ray tasks (blocks of references, tiles of the bank from the object store,
+    bf16 tiles on this AMX CPU) chooses exactly the pairs that FAISS's exact fp32 search and the same draw give;
+    the digests in the pool files are what the loader reports."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from m3t_gen.config import PairingResources
+    from m3t_gen.run.pairing import (POOL_DIGEST_KEY, PairArrays, key_seeds, load_bank, mine_pool, pool_digest,
+                                     select_pairs)
+    from m3t_gen.run.writer import POOL_SCHEMA
+    from m3t_gen.storage.store import Store
+
+    x = _clip_like(2500, 48, seed=11)
+    keys = [f"s{i // 700}_{i:05d}" for i in range(len(x))]
+    (tmp_path / "pool").mkdir()
+    rels, digests = [], []
+    for shard, start in enumerate(range(0, len(x), 700)):  # 4 shards of uneven size
+        rows = range(start, min(start + 700, len(x)))
+        table = pa.Table.from_pylist([{"key": keys[i], "tar": "t.tar", "caption": f"c{i}", "url": None,
+                                       "image_emb": x[i].tobytes(), "caption_emb": x[i].tobytes(), "offset": 0,
+                                       "size": 1} for i in rows], schema=POOL_SCHEMA)
+        if shard != 2:  # shard 2 as an older writer left it: no digest kept, the loader computes it
+            table = table.replace_schema_metadata({POOL_DIGEST_KEY: pool_digest(table).encode()})
+        digests.append(pool_digest(table))
+        rels.append(f"pool/{shard}.parquet")
+        pq.write_table(table, tmp_path / rels[-1])
+    spec = PairingSpec(min_similarity=0.1, max_similarity=0.99, min_rank=2, max_rank=12, pairs_per_image=2,
+                       resources=PairingResources(block_rows=300, tile_rows=512))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        bank = load_bank(Store(tmp_path), rels, run_seed=4)
+        assert bank.digests == digests and bank.sizes == [700, 700, 700, 400]
+        got = mine_pool(bank, spec)
+    finally:
+        ray.shutdown()
+    # Reference: FAISS exact search (fp32), ties put in index order, the same draw.
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    sims, nbrs = index.search(x, 30)
+    rows = []
+    for i in range(len(x)):
+        order = sorted((j for j in nbrs[i] if j != i), key=lambda j: (-float(sims[i][list(nbrs[i]).index(j)]), j))
+        rows.append(order[: spec.max_rank])
+    ref_nbrs = np.array(rows)
+    ref_sims = np.take_along_axis((x.astype(np.float64) @ x.T.astype(np.float64)).astype(np.float32), ref_nbrs, 1)
+    want = select_pairs(ref_sims, ref_nbrs, key_seeds(keys, 4), np.arange(len(x)), spec)
+    assert len(got) == len(want) > 2 * len(x) * 0.9
+    assert (got.ref == want.ref).all() and (got.tgt == want.tgt).all() and (got.rank == want.rank).all()
+    assert np.array_equal(got.similarity, want.similarity)
+    assert isinstance(got, PairArrays)

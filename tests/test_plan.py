@@ -96,7 +96,16 @@ def test_cir_recipe_plans_the_pair_pass_after_the_sample_pass():
     assert stages["modify"]["gpu_hours"] > 0
     first = max(stages[n]["wall_hours"] for n in ("caption", "embed"))
     second = max(stages[n]["wall_hours"] for n in ("modify", "triplet_reward"))
-    assert data["wall_hours"] == pytest.approx(first + second)
+    # Exact pair mining between the passes: 2 N^2 d FLOP over the pass's GPUs, in the wall-clock total.
+    mining = stages["pair_mining"]
+    assert mining["device"] == "gpu" and mining["notes"] == [f"2 N^2 d FLOP = {2 * 1e6 ** 2 * 768:.3g}"]
+    assert mining["wall_hours"] == pytest.approx(2 * 1e6 ** 2 * 768 / (mining["throughput"] * 1e9) / 3600 / 4)
+    assert data["wall_hours"] == pytest.approx(first + mining["wall_hours"] + second)
+    assert [s["stage"] for s in data["stages"]].index("pair_mining") == \
+        [s["stage"] for s in data["stages"]].index("modify") - 1
+    faster = by_stage(plan(str(ROOT / "pipelines" / "cir.yaml"), "--images", "1000000", "--throughput",
+                           f"pair_mining={mining['throughput'] * 2}"))
+    assert faster["pair_mining"]["wall_hours"] == pytest.approx(mining["wall_hours"] / 2)
 
 
 def test_from_run_uses_measured_throughput_and_pass_rates(tmp_path):

@@ -104,15 +104,27 @@ def test_killed_at_every_point_and_resumed_equals_clean_run(smoke_run, tmp_path)
     assert _decisions(out) == _decisions(clean)
 
 
+def _rounded(value):
+    """CLIP scores of one image differ in the 7th digit with the batch it was embedded in (BLAS blocking): compare
+    what was decided and written, with scores to 4 decimals."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _decisions(out: Path) -> dict[str, str]:
     tars = sorted(str(p) for p in (out / "shards").glob("*.tar")) + sorted(str(p) for p in (out / "filtered").glob("*.tar"))
     found = {}
     for sample in wds.WebDataset(tars, shardshuffle=False):
         meta = json.loads(sample["json"])
-        found[sample["__key__"]] = json.dumps({k: meta.get(k) for k in ("caption", "turns", "dropped_turns", "scores")},
-                                              sort_keys=True)
+        found[sample["__key__"]] = json.dumps(_rounded({k: meta.get(k) for k in ("caption", "turns", "dropped_turns",
+                                                                                 "scores")}), sort_keys=True)
     for part in sorted((out / "triplets").glob("*.jsonl")):
         for line in part.read_text().splitlines():
             t = json.loads(line)
-            found[f"{t['image']}->{t['target_image']}"] = json.dumps(t.get("modifications"), sort_keys=True)
+            found[f"{t['image']}->{t['target_image']}"] = json.dumps(_rounded(t.get("modifications")), sort_keys=True)
     return found

@@ -1,8 +1,9 @@
 """The CIR recipe after the image pool is built: mine pairs, write modification texts, score, filter, write.
 
 pool/*.parquet (key, caption, CLIP image + caption embeddings; JPEGs in pool/*.tar)
-  -> mine_pairs (FAISS, band + rank window)            driver
-  -> parts of `triplets_per_file` pairs (resume unit)   driver
+  -> load_bank: each shard's embeddings into Ray's object store     Ray tasks
+  -> mine_pool (exact kNN in tiles, band + rank window + draw)     Ray tasks (GPUs when given)
+  -> parts of `triplets_per_file` pairs (resume unit)               driver (pairs as four columns)
   -> modify -> triplet_reward -> triplet_filter          Ray Data (actor pools / tasks)
   -> triplets/part-N.jsonl + triplet_rejects/part-N.parquet + triplet_stats/part-N.json (written last)
 For every part: pairs = kept triplets + rejected triplets.
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3t_gen import __version__
-from m3t_gen.run.pairing import mine_pairs
+from m3t_gen.run.pairing import Bank, PairArrays, load_bank, mine_arrays, mine_pool
 from m3t_gen.rows import MODIFICATION, OK, PAIR_SCHEMA, REJECTED, TRIPLET_SCORES, usage_fields, worker_counts
 from m3t_gen.run.recipe import CIR_STAGES, apply_stages, init_ray
 from m3t_gen.stages.base import RunContext
@@ -36,40 +37,31 @@ TRIPLET_REJECT_SCHEMA = pa.schema([
 ])
 
 
+POOL_TEXT = ["key", "caption", "tar", "offset", "size"]  # what the driver reads of the pool: no embeddings
+
+
 def load_pool(store: Store, shards: list[str]) -> pa.Table:
+    """The pool's keys, captions and image locations (the part tables need them); the embeddings stay in the
+    object store (``load_bank``)."""
     from m3t_gen.run.writer import POOL_SCHEMA
 
-    tables = [pq.read_table(io.BytesIO(store.read_bytes(f"pool/{s}.parquet"))) for s in sorted(shards)]
-    return pa.concat_tables(tables) if tables else POOL_SCHEMA.empty_table()
+    tables = [pq.read_table(io.BytesIO(store.read_bytes(f"pool/{s}.parquet")), columns=POOL_TEXT)
+              for s in sorted(shards)]
+    return pa.concat_tables(tables) if tables else pa.schema([POOL_SCHEMA.field(c) for c in POOL_TEXT]).empty_table()
 
 
-def embedding_matrix(pool: pa.Table, column: str) -> np.ndarray:
-    """[N, d] float32 from a column of float32 bytes, read straight from the Arrow buffers (no per-row objects;
-    chunk by chunk, as a binary column over 2 GB cannot be one chunk)."""
-    blocks = []
-    for chunk in pool.column(column).chunks:
-        if len(chunk) == 0:
-            continue
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset: chunk.offset + len(chunk) + 1]
-        widths = np.diff(offsets)
-        if chunk.null_count or not np.all(widths == widths[0]) or widths[0] % 4:
-            raise ValueError(f"pool column {column}: embeddings of unequal size or missing")
-        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
-        blocks.append(data.view(np.float32).reshape(len(chunk), widths[0] // 4))
-    return np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32)
+def pool_fingerprint(digests: list[str], cfg: Any) -> str:
+    """What the pairs are mined from and how they are cut into parts: each pool shard's digest (its keys, captions
+    and image embeddings, kept with the shard), the pairing settings (not where or how fast they run), the seed
+    and the part size. A part written under another fingerprint is never resumed (the pool grew, a shard was
+    redone, or the pairing changed)."""
+    from m3t_gen.config import PairingSpec, placement_exclude
 
-
-def pool_fingerprint(pool: pa.Table, image_embs: np.ndarray, cfg: Any) -> str:
-    """What the pairs are mined from and how they are cut into parts: the pool's keys, captions and image
-    embeddings, the pairing settings, the seed and the part size. A part written under another fingerprint is
-    never resumed (the pool grew, a shard was redone, or the pairing changed)."""
     h = hashlib.sha256()
-    for column in ("key", "caption"):
-        h.update("\x00".join(str(v) for v in pool.column(column).to_pylist()).encode())
-        h.update(b"\x01")
-    h.update(np.ascontiguousarray(image_embs).tobytes())
-    spec = {"pairing": cfg.cir.pairing.model_dump(mode="json"), "seed": cfg.seed,
-            "triplets_per_file": cfg.cir.triplets_per_file}
+    for digest in digests:
+        h.update(digest.encode() + b"\x00")
+    pairing = cfg.cir.pairing.model_dump(mode="json", exclude=placement_exclude(PairingSpec))
+    spec = {"pairing": pairing, "seed": cfg.seed, "triplets_per_file": cfg.cir.triplets_per_file}
     h.update(json.dumps(spec, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -91,18 +83,35 @@ class PairParts:
         return self.build(int(name.rsplit("-", 1)[1]))
 
 
-def pair_parts(pool: pa.Table, image_embs: np.ndarray, ctx: RunContext) -> PairParts:
-    """Mine the pairs; each part's table holds keys, captions, where the two images sit in the pool tars,
-    similarity and rank, and the rows of the embedding bank. Nothing per pair holds an embedding."""
-    if pool.num_rows < 2:
+def mine(bank: Bank, cfg: Any) -> PairArrays:
+    """Exact search: distributed over the cluster (``mine_pool``). The approximate indexes and ``bucket_size``
+    run on the driver, which then gathers the image embeddings."""
+    import ray
+
+    spec = cfg.cir.pairing
+    if sum(bank.sizes) < 2:
+        return PairArrays.concat([])
+    if spec.index == "exact" and spec.bucket_size is None:
+        return mine_pool(bank, spec)
+    image_embs = np.concatenate(ray.get(bank.image))
+    seeds = np.concatenate(ray.get(bank.seeds))
+    return mine_arrays(image_embs, seeds, spec, cfg.seed)
+
+
+def pair_parts(pool: pa.Table, pairs: PairArrays, ctx: RunContext) -> PairParts:
+    """Cut the pairs, in (reference key, rank) order, into parts; each part's table holds keys, captions, where
+    the two images sit in the pool tars, similarity and rank, and the rows of the embedding bank. Nothing per
+    pair holds an embedding."""
+    import pyarrow.compute as pc
+
+    if pool.num_rows < 2 or not len(pairs):
         return PairParts({}, lambda number: pa.table({}))
-    keys = pool.column("key").to_pylist()
-    pairs = mine_pairs(image_embs, keys, ctx.config.cir.pairing, ctx.config.seed)
-    ref = np.fromiter((p.ref for p in pairs), dtype=np.int64, count=len(pairs))
-    tgt = np.fromiter((p.tgt for p in pairs), dtype=np.int64, count=len(pairs))
-    sim = np.fromiter((p.similarity for p in pairs), dtype=np.float64, count=len(pairs))
-    rank = np.fromiter((p.rank for p in pairs), dtype=np.int32, count=len(pairs))
-    del pairs, keys
+    key_rank = np.empty(pool.num_rows, dtype=np.int64)
+    key_rank[pc.sort_indices(pool.column("key")).to_numpy()] = np.arange(pool.num_rows)
+    order = np.lexsort((pairs.rank, key_rank[pairs.ref]))
+    ref, tgt = pairs.ref[order], pairs.tgt[order]
+    sim, rank = pairs.similarity[order].astype(np.float64), pairs.rank[order]
+    del pairs, key_rank, order
     out_dir = ctx.config.output.dir
     locs = pa.array([f"{out_dir}/pool/{t}:{o}:{s}" for t, o, s in zip(
         pool.column("tar").to_pylist(), pool.column("offset").to_pylist(), pool.column("size").to_pylist())])
@@ -248,11 +257,14 @@ def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
     import ray.data
 
     store = out if isinstance(out, Store) else Store(out)
-    pool = load_pool(store, shards)
-    image_embs = embedding_matrix(pool, "image_emb")
-    fingerprint = pool_fingerprint(pool, image_embs, cfg)
+    init_ray(cfg)
+    # Every shard's embeddings go to the object store once (tasks); the driver keeps references and digests.
+    bank = load_bank(store, [f"pool/{s}.parquet" for s in sorted(shards)], cfg.seed,
+                     cfg.cir.pairing.resources.num_cpus)
+    fingerprint = pool_fingerprint(bank.digests, cfg)
     _drop_stale_parts(store, fingerprint, log)
-    parts = pair_parts(pool, image_embs, ctx)
+    pool = load_pool(store, shards)
+    parts = pair_parts(pool, mine(bank, cfg), ctx)
     n_pairs, expected = parts.pairs, parts.sizes
     done = set(store.files("triplet_stats", ".json"))
     todo = [name for name in expected if f"triplet_stats/{name}.json" not in done]
@@ -269,11 +281,9 @@ def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
             pq.write_table(parts.table(name), buf)
             store.write_bytes(f"pairs/{name}.parquet", buf.getvalue())
             files.append(f"pairs/{name}.parquet")
-        del parts
-        init_ray(cfg)
-        bank = ray.put({"image": image_embs, "caption": embedding_matrix(pool, "caption_emb")})
-        del pool
-        run_ctx = dataclasses.replace(ctx, shared={**ctx.shared, "pool_embeddings": bank})
+        del parts, pool
+        run_ctx = dataclasses.replace(ctx, shared={**ctx.shared, "pool_embeddings": {"image": bank.image,
+                                                                                    "caption": bank.caption}})
         ds = ray.data.from_items([{"rel": f} for f in files], override_num_blocks=len(files))
         ds = ds.map_batches(read_pair_parts, fn_kwargs={"store": store}, batch_size=1, batch_format="pyarrow",
                             num_cpus=cfg.read.num_cpus)
@@ -289,7 +299,7 @@ def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
         reasons.update(s["reasons"])
         for stage, counts in s.get("rows_per_worker", {}).items():
             workers.setdefault(stage, Counter()).update(counts)
-    return {"pool": len(image_embs), "pairs": n_pairs, "pool_fingerprint": fingerprint,
+    return {"pool": sum(bank.sizes), "pairs": n_pairs, "pool_fingerprint": fingerprint,
             "kept": sum(s["kept"] for s in stats), "rejected": sum(s["rejected"] for s in stats),
             "reasons": dict(reasons), "stages": stage_table(stats, n_pairs),
             "rows_per_worker": {stage: dict(sorted(c.items())) for stage, c in workers.items()}}

@@ -1,22 +1,28 @@
 """CIR pair mining: for each reference image, a target among its CLIP neighbours inside a similarity band and a
 rank window (SPN4CIR: not the nearest, whose near-duplicates make useless triplets), drawn reproducibly.
 
-Cost: an exact inner-product index (FAISS IndexFlatIP) holds N x d float32: 4*N*d bytes (1M images x 768 dims
-= 3 GB) and a search costs O(N^2 d). At scale choose ``index: ivf`` (inverted lists: each query scans nprobe of
-nlist clusters, ~N*nprobe/nlist vectors) or ``index: hnsw`` (a neighbour graph; more memory, fastest search), or
-``bucket_size`` (exact within consecutive buckets of B images: time O(N*B*d), partners only inside a bucket).
-Measured time, memory and recall against exact search: bench/pair_mining.py, docs/BENCHMARKS.md. Ranks are
-positions among the neighbours the index returns (approximate for ivf/hnsw); band and window apply to them.
+Exact search (the default) is a matrix product, 2*N^2*d FLOP: ``mine_pool`` splits the references into blocks,
+one Ray task each (on a GPU when ``cir.pairing.resources.num_gpus`` gives it one), and streams the pool's
+embeddings past each block in tiles from Ray's object store (``m3t_gen.run.knn``: tiles multiplied in bf16 where
+that is fast, the answer exactly the fp32 one). The driver holds object references and the chosen pairs, never the
+N x d bank nor the N x k neighbour lists. ``index: ivf`` / ``hnsw`` (FAISS, approximate) and ``bucket_size``
+(exact within consecutive buckets) stay as options, run on the driver. Ranks are positions among the neighbours
+(approximate for ivf/hnsw); band and window apply to them; the partner is drawn with a seed from the reference's
+key. Time, memory and exactness: bench/pair_mining.py, docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from m3t_gen.config import PairingSpec
 from m3t_gen.seeds import derive_seed
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -27,15 +33,93 @@ class Pair:
     rank: int
 
 
+@dataclass
+class PairArrays:
+    """Pairs as four columns (what the driver keeps: 28 bytes a pair), in (reference, rank) order."""
+
+    ref: np.ndarray  # int64 pool row of the reference image
+    tgt: np.ndarray  # int64 pool row of the target image
+    similarity: np.ndarray  # float32
+    rank: np.ndarray  # int32, 1 = the nearest other image
+
+    def __len__(self) -> int:
+        return len(self.ref)
+
+    @staticmethod
+    def concat(parts: list["PairArrays"]) -> "PairArrays":
+        if not parts:
+            return PairArrays(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                              np.zeros(0, np.int32))
+        return PairArrays(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ref", "tgt", "similarity",
+                                                                                        "rank")))
+
+    def as_pairs(self) -> list[Pair]:
+        return [Pair(int(r), int(t), float(s), int(k)) for r, t, s, k in
+                zip(self.ref, self.tgt, self.similarity, self.rank)]
+
+
+def key_seeds(keys: list[str], run_seed: int) -> np.ndarray:
+    """The partner draw's seed of each reference, from its key (not its position): the same image draws the same
+    partner in any pool order, block or worker."""
+    return np.fromiter((derive_seed(run_seed, "pair", k) for k in keys), dtype=np.uint64, count=len(keys))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-mixed uint64 per input (vectorised; wraps around by design)."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def select_pairs(sims: np.ndarray, nbrs: np.ndarray, seeds: np.ndarray, ref_rows: np.ndarray,
+                 spec: PairingSpec) -> PairArrays:
+    """Per reference (row): its neighbours in rank order (self excluded; -1 = none), the ones inside the rank
+    window and the similarity band are candidates, and up to ``pairs_per_image`` of them are drawn without
+    replacement: the candidates with the smallest hash of (reference seed, rank). Vectorised over all rows."""
+    n, k = nbrs.shape
+    if n == 0 or k == 0:
+        return PairArrays.concat([])
+    rank = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), (n, k))
+    valid = ((nbrs >= 0) & (rank >= spec.min_rank) & (rank <= spec.max_rank)
+             & (sims >= spec.min_similarity) & (sims <= spec.max_similarity))
+    draw = _mix(seeds[:, None] * np.uint64(1 << 20) + rank.astype(np.uint64))
+    draw = np.where(valid, draw, np.uint64(0xFFFFFFFFFFFFFFFF))
+    take = min(spec.pairs_per_image, k)
+    pick = np.argsort(draw, axis=1, kind="stable")[:, :take]
+    picked_valid = np.take_along_axis(valid, pick, axis=1)
+    pick = np.sort(np.where(picked_valid, pick, k), axis=1)  # chosen ranks in order; k marks "no pick"
+    rows, cols = np.nonzero(pick < k)
+    cols = pick[rows, cols]
+    return PairArrays(ref=np.asarray(ref_rows, dtype=np.int64)[rows], tgt=nbrs[rows, cols].astype(np.int64),
+                      similarity=sims[rows, cols].astype(np.float32), rank=(cols + 1).astype(np.int32))
+
+
 def mine_pairs(embs: np.ndarray, keys: list[str], spec: PairingSpec, run_seed: int) -> list[Pair]:
-    """``embs``: [N, d] L2-normalised; returns pairs sorted by (ref key, rank)."""
-    n = len(keys)
+    """One process, the whole pool in memory (tests, benchmarks). ``embs``: [N, d] L2-normalised; returns pairs
+    sorted by (ref key, rank)."""
+    pairs = mine_arrays(embs, key_seeds(keys, run_seed), spec, run_seed)
+    key_rank = np.empty(len(keys), dtype=np.int64)
+    key_rank[np.argsort(np.asarray(keys, dtype=object), kind="stable")] = np.arange(len(keys))
+    order = np.lexsort((pairs.rank, key_rank[pairs.ref]))
+    return PairArrays(pairs.ref[order], pairs.tgt[order], pairs.similarity[order], pairs.rank[order]).as_pairs()
+
+
+def mine_arrays(embs: np.ndarray, seeds: np.ndarray, spec: PairingSpec, run_seed: int) -> PairArrays:
+    """Pairs of the pool ``embs`` in one process (``bucket_size``: within consecutive buckets only; ivf / hnsw),
+    in (reference row, rank) order; ``seeds``: each reference's draw seed (``key_seeds``)."""
+    n = len(embs)
     bucket = spec.bucket_size or max(n, 1)
-    pairs: list[Pair] = []
+    parts = []
     for start in range(0, n, bucket):
         idx = np.arange(start, min(start + bucket, n))
-        pairs += _mine_bucket(embs[idx], [keys[i] for i in idx], idx, spec, run_seed)
-    return sorted(pairs, key=lambda p: (keys[p.ref], p.rank))
+        if len(idx) < 2:
+            continue
+        data = np.ascontiguousarray(embs[idx], dtype=np.float32)
+        sims, nbrs = neighbours(data, min(len(idx) - 1, spec.max_rank), spec, run_seed)
+        parts.append(select_pairs(sims, np.where(nbrs >= 0, idx[np.maximum(nbrs, 0)], -1), seeds[idx], idx, spec))
+    return PairArrays.concat(parts)
 
 
 SEARCH_BATCH = 65536  # queries per search call: bounds the distance buffers FAISS allocates
@@ -66,38 +150,145 @@ def build_index(data: np.ndarray, spec: PairingSpec, run_seed: int):
 
 
 def neighbours(data: np.ndarray, k: int, spec: PairingSpec, run_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest other rows, (similarity desc, index asc): -1 where there are fewer. Exact search
+    is the tiled kernel (m3t_gen.run.knn); ivf / hnsw ask FAISS for one more and drop the row itself."""
+    if spec.index == "exact":
+        from m3t_gen.run.knn import exact_topk, reduced_precision_pays, tiles_of
+
+        return exact_topk(data, np.arange(len(data)), tiles_of(data, TILE_ROWS), k,
+                          bf16=spec.precision == "bf16" or (spec.precision == "auto" and reduced_precision_pays("cpu")))
     index = build_index(data, spec, run_seed)
-    sims = np.empty((len(data), k), dtype=np.float32)
-    nbrs = np.empty((len(data), k), dtype=np.int64)
+    sims = np.empty((len(data), k + 1), dtype=np.float32)
+    nbrs = np.empty((len(data), k + 1), dtype=np.int64)
     for start in range(0, len(data), SEARCH_BATCH):
         sims[start:start + SEARCH_BATCH], nbrs[start:start + SEARCH_BATCH] = index.search(
-            data[start:start + SEARCH_BATCH], k)
-    return sims, nbrs
+            data[start:start + SEARCH_BATCH], k + 1)
+    own = nbrs == np.arange(len(data))[:, None]
+    # Drop the row itself (wherever the index put it; else the last, the (k+1)-th).
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    keep = np.ones_like(own)
+    keep[np.arange(len(data)), drop] = False
+    return sims[keep].reshape(len(data), k), nbrs[keep].reshape(len(data), k)
 
 
-def _mine_bucket(embs: np.ndarray, keys: list[str], global_idx: np.ndarray, spec: PairingSpec,
-                 run_seed: int) -> list[Pair]:
-    n = len(keys)
-    if n < 2:
-        return []
-    data = np.ascontiguousarray(embs, dtype=np.float32)
-    k = min(n, spec.max_rank + 1)  # +1: an image finds itself first
-    sims, nbrs = neighbours(data, k, spec, run_seed)
-    out: list[Pair] = []
-    for i in range(n):
-        candidates = []
-        rank = 0
-        for sim, j in zip(sims[i], nbrs[i]):
-            if j == i or j < 0:
-                continue
-            rank += 1
-            if spec.min_rank <= rank <= spec.max_rank and spec.min_similarity <= sim <= spec.max_similarity:
-                candidates.append((int(j), float(sim), rank))
-        if not candidates:
+TILE_ROWS = 16384  # bank rows multiplied at once by one worker: [block x TILE_ROWS] scores
+
+
+# ------------------------------------------------------------------------------------ distributed, exact
+
+
+def embedding_matrix(pool: "pa.Table", column: str) -> np.ndarray:
+    """[N, d] float32 from a column of float32 bytes, read straight from the Arrow buffers (no per-row objects;
+    chunk by chunk, as a binary column over 2 GB cannot be one chunk)."""
+    blocks = []
+    for chunk in pool.column(column).chunks:
+        if len(chunk) == 0:
             continue
-        rng = np.random.default_rng(derive_seed(run_seed, "pair", keys[i]))
-        picks = rng.choice(len(candidates), size=min(spec.pairs_per_image, len(candidates)), replace=False)
-        for p in sorted(picks):
-            j, sim, rank = candidates[p]
-            out.append(Pair(int(global_idx[i]), int(global_idx[j]), sim, rank))
-    return out
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset: chunk.offset + len(chunk) + 1]
+        widths = np.diff(offsets)
+        if chunk.null_count or not np.all(widths == widths[0]) or widths[0] % 4:
+            raise ValueError(f"pool column {column}: embeddings of unequal size or missing")
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        blocks.append(data.view(np.float32).reshape(len(chunk), widths[0] // 4))
+    return np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32)
+
+
+POOL_DIGEST_KEY = b"m3t_gen.pool_digest"  # parquet metadata of pool/<shard>.parquet: what the fingerprint reads
+
+
+def pool_digest(table) -> str:
+    """What one pool shard contributes to the pool fingerprint: its keys, captions and image embeddings."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for column in ("key", "caption"):
+        h.update("\x00".join(str(v) for v in table.column(column).to_pylist()).encode())
+        h.update(b"\x01")
+    for chunk in table.column("image_emb").chunks:
+        for value in chunk.to_pylist():
+            h.update(value or b"")
+    return h.hexdigest()
+
+
+def _load_tile(store, rel: str, run_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, int]:
+    """One pool shard, read by a Ray task: its image and caption embeddings (float32 [n, d]), its references' draw
+    seeds, its digest (from the file's metadata; computed for pools written before it was kept) and its rows."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(store.read_bytes(rel)), columns=["key", "caption", "image_emb", "caption_emb"])
+    meta = table.schema.metadata or {}
+    digest = meta[POOL_DIGEST_KEY].decode() if POOL_DIGEST_KEY in meta else pool_digest(table)
+    return (embedding_matrix(table, "image_emb"), embedding_matrix(table, "caption_emb"),
+            key_seeds(table.column("key").to_pylist(), run_seed), digest, table.num_rows)
+
+
+@dataclass
+class Bank:
+    """The pool's embeddings in Ray's object store, one object per pool shard (pool-row order): what mining and
+    the triplet_reward actors read. The driver holds references, sizes and digests only."""
+
+    image: list[Any]
+    caption: list[Any]
+    seeds: list[Any]
+    sizes: list[int]
+    digests: list[str]
+
+    @property
+    def offsets(self) -> list[int]:
+        return [int(x) for x in np.concatenate([[0], np.cumsum(self.sizes)])[:-1]]
+
+
+def load_bank(store, rels: list[str], run_seed: int, num_cpus: float = 1) -> Bank:
+    import ray
+
+    load = ray.remote(num_cpus=num_cpus, num_returns=5)(_load_tile)
+    loaded = [load.remote(store, rel, run_seed) for rel in rels]
+    cols = list(zip(*loaded)) if loaded else [[]] * 5
+    return Bank(image=list(cols[0]), caption=list(cols[1]), seeds=list(cols[2]), digests=ray.get(list(cols[3])),
+                sizes=ray.get(list(cols[4])))
+
+
+def _mine_block(block, offset: int, seeds, bank: list[tuple[int, Any]], spec: PairingSpec, use_gpu: bool,
+                tile_rows: int) -> PairArrays:
+    """One Ray task: the best max_rank neighbours of ``block`` (pool rows offset..offset+len) among the whole bank
+    (tiles fetched one at a time from the object store), then the band, the window and the draw."""
+    import ray
+
+    from m3t_gen.run.knn import TopK, device_for, reduced_precision_pays
+
+    device = device_for(use_gpu)
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and reduced_precision_pays(device))
+    rows = np.arange(offset, offset + len(block))
+    top = TopK(block, rows, spec.max_rank, device=device, bf16=bf16)
+    for start, ref in bank:
+        tile = ray.get(ref)
+        for t in range(0, len(tile), tile_rows):
+            top.add(start + t, tile[t:t + tile_rows])
+        del tile
+    sims, nbrs = top.result()
+    return select_pairs(sims, nbrs, seeds, rows, spec)
+
+
+def mine_pool(bank: Bank, spec: PairingSpec) -> PairArrays:
+    """Exact pairs over the whole pool, mined by Ray tasks: the references cut into blocks of
+    ``resources.block_rows``, one task each (``num_gpus`` per task: K GPUs take 1/K of the blocks each), each
+    streaming every shard's embeddings past its block. Pairs in (reference row, rank) order."""
+    import ray
+
+    res = spec.resources
+    tiles = list(zip(bank.offsets, bank.image))
+    mine = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)(_mine_block)
+    take = ray.remote(num_cpus=0, num_returns=2)(_rows)
+    tasks = []
+    for offset, size, emb, seeds in zip(bank.offsets, bank.sizes, bank.image, bank.seeds):
+        for start in range(0, size, res.block_rows):
+            block, block_seeds = take.remote(emb, seeds, start, min(start + res.block_rows, size))
+            tasks.append(mine.remote(block, offset + start, block_seeds, tiles, spec, bool(res.num_gpus),
+                                     res.tile_rows))
+    return PairArrays.concat(ray.get(tasks))
+
+
+def _rows(emb: np.ndarray, seeds: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    return emb[start:end], seeds[start:end]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from m3t_gen.clip import ClipEmbedder
 from m3t_gen.config import PipelineConfig
 from m3t_gen.rows import PAIR_SCHEMA
@@ -35,9 +37,11 @@ class TripletRewardStage(Stage):
 
         super().__init__(ctx)
         self.clip = ClipEmbedder.for_run(ctx.config.reward)
-        # The pool's image and caption embeddings, once per actor from the object store (not four per pair row).
-        bank = ray.get(ctx.shared["pool_embeddings"])
-        self.image_embs, self.caption_embs = bank["image"], bank["caption"]
+        # The pool's image and caption embeddings, once per actor from the object store (not four per pair row):
+        # one object per pool shard, in pool-row order (the driver never held them).
+        bank = ctx.shared["pool_embeddings"]
+        self.image_embs = np.concatenate(ray.get(bank["image"]))
+        self.caption_embs = np.concatenate(ray.get(bank["caption"]))
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         mods = [r["modifications"] for r in rows]

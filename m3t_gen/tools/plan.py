@@ -53,7 +53,7 @@ def _model_stages(recipe_pass: str) -> tuple[str, ...]:
 # Model stages a plan can hold, as the recipe declares them (which ones run depends on the config: planned_stages).
 SAMPLE_PASS = _model_stages("sample")
 CIR_PASS = _model_stages("cir")  # a second pass over the mined pairs, after the sample pass
-STAGES = ("read",) + SAMPLE_PASS + CIR_PASS
+STAGES = ("read",) + SAMPLE_PASS + ("pair_mining",) + CIR_PASS  # pair_mining: between the passes (GFLOP/s)
 VERDICT_OVERHEAD = 12  # {"verdict": "...", "score": N, "reason": "..."} markup per item, in tokens
 
 CHAT_OVERHEAD = 10  # role markers and generation prompt of a chat template, in tokens
@@ -89,6 +89,11 @@ ASSUMED_SIZE_B = 8.0  # when the size cannot be told from the name or a local co
 CLIP_IMAGES_PER_S = {"base": 3000.0, "large": 1000.0, "huge": 400.0}
 # Devices without a GPU (a stage with num_gpus: 0): CPU actors are this many times slower.
 CPU_SLOWDOWN = 50.0
+# Exact pair mining (2 N^2 d FLOP of tile products + top-k), FLOP/s per device. GPU: an estimate, a third of an
+# H100's 989 TFLOP/s dense bf16 peak (tile products with a top-k, not a bare GEMM). CPU: measured on a 2-core AMX
+# box, 355 GFLOP/s for bf16 products with a top-31 on 2 threads (docs/BENCHMARKS.md), per core.
+MINING_FLOPS_GPU = 330e12
+MINING_FLOPS_CPU_CORE = 177e9
 # read (decode, EXIF, RGB, checks, re-encode when downscaled, sha256, perceptual hash) in CPU seconds per
 # image: 5 ms of CPU time measured on the bundled smoke photos (300-1400 px, read.max_side 512 or 1344);
 # budgeted at twice that for larger web JPEGs.
@@ -493,12 +498,57 @@ def _judge_work(cfg: PipelineConfig, c: "TokenCounter", vis: int, cap_out: float
     return _Work(1, prompt, measured_tokens.get("judge", bound * fill), True)
 
 
+def embedding_dim(cfg: PipelineConfig) -> tuple[int, str]:
+    """The CLIP embedding width (projection_dim of a local checkpoint; 768, ViT-L/14's, otherwise)."""
+    path = _local_model_dir(cfg.reward.model)
+    if path is not None and (path / "config.json").is_file():
+        dim = json.loads((path / "config.json").read_text()).get("projection_dim")
+        if dim:
+            return int(dim), f"projection_dim of {cfg.reward.model}"
+    return 768, "assumed 768 (ViT-L/14)"
+
+
+def _mining_plan(cfg: PipelineConfig, images: int, throughputs: dict[str, float], pass_gpus: float,
+                 assumptions: list[str]) -> "StagePlan | None":
+    """Exact pair mining between the passes: 2 N^2 d FLOP of tile products, spread over the GPUs of the CIR
+    pass (``cir.pairing.resources.num_gpus`` per task) or, without GPUs, over CPU cores."""
+    if not cfg.wants("cir"):
+        return None
+    spec = cfg.cir.pairing
+    dim, dim_src = embedding_dim(cfg)
+    n = float(images)
+    if spec.index != "exact" or spec.bucket_size is not None:
+        assumptions.append(f"CIR: pair mining with index {spec.index}"
+                           f"{' in buckets' if spec.bucket_size else ''} on the driver is not planned")
+        return None
+    flops = 2 * n * n * dim
+    gpu = spec.resources.num_gpus > 0
+    if "pair_mining" in throughputs:
+        rate, src = throughputs["pair_mining"] * 1e9, "--throughput (GFLOP/s per device)"
+    elif gpu:
+        rate, src = MINING_FLOPS_GPU, "default: estimate, a third of an H100's dense bf16 peak"
+    else:
+        rate, src = MINING_FLOPS_CPU_CORE * spec.resources.num_cpus, "default: measured per core (AMX bf16)"
+    devices = max(pass_gpus, spec.resources.num_gpus) if gpu else float(cfg.ray.num_cpus or 1) / spec.resources.num_cpus
+    hours = flops / rate / 3600
+    tasks = -(-images // spec.resources.block_rows)
+    moved = n * dim * 4 * tasks
+    assumptions.append(f"CIR: exact pair mining, 2 N^2 d = {flops:.3g} FLOP (d = {dim}: {dim_src}), "
+                       f"{tasks:,} block tasks each streaming the pool's embeddings: {moved / 1e12:.3g} TB read "
+                       f"from the object store; on {devices:g} {'GPU' if gpu else 'task'}(s)")
+    return StagePlan("pair_mining", "gpu" if gpu else "cpu", n, 0, 0, 0, 0, rate / 1e9,
+                     f"GFLOP/s/{'GPU' if gpu else 'task'}", src, rate / (2 * n * dim), spec.resources.num_gpus,
+                     int(devices / max(spec.resources.num_gpus, 1)) if gpu else int(devices),
+                     hours if gpu else 0.0, hours, hours / devices,
+                     [f"2 N^2 d FLOP = {flops:.3g}"])
+
+
 def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs: dict[str, float] | None = None,
               measured: Measured | None = None, image_side: int = 1024, vision_px: int = 28,
               fill: float = 1.0) -> Plan:
     throughputs = throughputs or {}
     stages = planned_stages(cfg)
-    unknown = sorted(set(throughputs) - set(stages) - {"read"})
+    unknown = sorted(set(throughputs) - set(stages) - {"read"} - ({"pair_mining"} if cfg.wants("cir") else set()))
     if unknown:
         raise ConfigError(f"--throughput {unknown[0]}=...: this config has no {unknown[0]} stage "
                           f"(stages: read, {', '.join(stages)})")
@@ -559,14 +609,20 @@ def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs:
             stage, device, items, w.prompt, w.output, items * w.prompt, items * w.output, value, unit, src,
             items_s, gpus, replicas, hours if device == "gpu" else 0.0, hours, hours / units, notes))
 
+    mining = _mining_plan(cfg, images, throughputs, max((p.gpus_per_replica * p.replicas for p in plans
+                                                          if p.device == "gpu"), default=0.0), assumptions)
     # Stages of one pass stream concurrently: a pass takes as long as its slowest stage. The CIR stages run in
-    # a second pass once the sample pass is done, on the GPUs the first pass gave back.
+    # a second pass once the sample pass is done, on the GPUs the first pass gave back, after the pair mining.
     wall, total_gpus, total_gpu_hours, bottlenecks, first_pass = 0.0, 0.0, 0.0, [], None
     balanced: dict[str, float] = {}
     for pass_stages in (SAMPLE_PASS, CIR_PASS):
         gen = [p for p in plans if p.stage in pass_stages]
         if not gen:
             continue
+        if pass_stages is CIR_PASS and mining is not None:
+            plans.insert(plans.index(gen[0]), mining)
+            wall += mining.wall_hours or 0.0
+            total_gpu_hours += mining.gpu_hours
         slowest = max(gen, key=lambda p: p.wall_hours or 0.0)
         bottlenecks.append(slowest.stage)
         wall += slowest.wall_hours or 0.0
@@ -582,8 +638,6 @@ def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs:
         "shares of images reaching each stage: " + (f"measured in {measured.run}" if measured else
                                                     "all (read and dedupe rejections not subtracted)"),
     ]
-    if cfg.wants("cir"):
-        assumptions.append("CIR: the pair mining between the two passes (CPU/FAISS) is not planned")
     if measured:
         assumptions.extend(measured.notes)
     return Plan(cfg.name, pipeline, images, plans, total_gpu_hours, total_gpus, wall, " + ".join(bottlenecks),
