@@ -68,54 +68,80 @@ class TopK:
         self.bf16 = bf16
         self.q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32), device=device)
         self.q_low = self.q.to(torch.bfloat16) if bf16 else None
+        self.q64 = self.q.double()
         self.ids = torch.as_tensor(np.asarray(query_ids, dtype=np.int64), device=device)
         n = len(queries)
         self.scores = torch.full((n, k), -float("inf"), dtype=torch.float32, device=device)
         self.index = torch.full((n, k), np.iinfo(np.int64).max, dtype=torch.int64, device=device)
-        self.bound = bf16_bound(queries.shape[1]) if bf16 else fp32_bound(queries.shape[1])
-        self.fallback_rows = 0  # rows of a tile scored in full fp32 because bf16 could not certify them
+        self.fp32_bound = fp32_bound(queries.shape[1])
+        self.bound = bf16_bound(queries.shape[1]) if bf16 else self.fp32_bound
+        self.fallback_rows = 0  # rows of a tile bf16 could not certify (redone with the fp32 product)
 
     def add(self, offset: int, tile: np.ndarray) -> None:
         """Merge bank rows ``offset .. offset + len(tile)`` (fp32, [t, d])."""
         torch = self.torch
         t = torch.as_tensor(np.ascontiguousarray(tile, dtype=np.float32), device=self.device)
         t_low = t.to(torch.bfloat16) if self.bf16 else None
+        t64 = t.double()  # once per tile: the re-scores of every query chunk gather from it
         cols = torch.arange(offset, offset + len(t), device=self.device)
         for start in range(0, len(self.q), self.ROWS):
             rows = slice(start, start + self.ROWS)
-            v, i = self._tile_rows(rows, t, t_low, cols)
+            v, i = self._tile_rows(rows, t, t_low, t64, cols)
             self.scores[rows], self.index[rows] = v, i
 
     ROWS = 1024  # queries per step: bounds the [rows, k + margin, d] gather of the fp32 re-score
 
-    def _tile_rows(self, rows: slice, t, t_low, cols):
-        """The new best k of query rows ``rows`` after this tile."""
-        torch = self.torch
+    def _tile_rows(self, rows, t, t_low, t64, cols):
+        """The new best k of query rows ``rows`` after this tile: candidates by the fast product (bf16 when
+        set), certified; rows it cannot certify go through the fp32 product, and only if that cannot either,
+        through float64 in full."""
         q, ids = self.q[rows], self.ids[rows]
         cur_v, cur_i = self.scores[rows], self.index[rows]
-        fast = (self.q_low[rows] @ t_low.T).float() if t_low is not None else q @ t.T
-        fast = self._mask(fast, ids, cols)
-        c = min(self.k + self.margin, len(t))
-        f_vals, f_pos = torch.topk(fast, c, dim=1)  # candidates by the fast score; float64 decides below
-        exact = self._exact(q, t[f_pos])
-        exact = torch.where(torch.isinf(f_vals), f_vals, exact)  # the masked self stays out
-        v, i = self._merged(cur_v, cur_i, exact, cols[f_pos])
-        if c == len(t):
-            return v, i
-        # Certified when nothing outside the c candidates can reach the k-th best: its score is at most the c-th
-        # fast score + bound. An equal score would need the index rule, so only a strictly higher k-th is safe.
-        unsure = (~(v[:, -1] > f_vals[:, -1] + self.bound)).nonzero().squeeze(1)
+        if t_low is None:
+            return self._certified(q, self.q64[rows], ids, cur_v, cur_i, q @ t.T, self.fp32_bound, t, t64, cols)
+        v, i, unsure = self._candidates(self.q64[rows], ids, cur_v, cur_i, self.q_low[rows] @ t_low.T, self.bound,
+                                        t64, cols)
         if len(unsure):
             self.fallback_rows += len(unsure)
-            full = self._mask((q[unsure].double() @ t.double().T).float(), ids[unsure], cols)
+            v[unsure], i[unsure] = self._certified(q[unsure], self.q64[rows][unsure], ids[unsure], cur_v[unsure],
+                                                   cur_i[unsure], q[unsure] @ t.T, self.fp32_bound, t, t64, cols)
+        return v, i
+
+    def _certified(self, q, q64, ids, cur_v, cur_i, fast, bound, t, t64, cols):
+        v, i, unsure = self._candidates(q64, ids, cur_v, cur_i, fast, bound, t64, cols)
+        if len(unsure):  # an fp32 product could not tell either: float64 for the whole row
+            full = self._mask((q64[unsure] @ t64.T).float(), ids[unsure], cols)
             v[unsure], i[unsure] = self._merged(cur_v[unsure], cur_i[unsure], *self._top(full, cols))
         return v, i
 
-    def _exact(self, q, cand):
-        """Each query's dot products with its candidates ([r, d] x [r, c, d] -> [r, c]) in float64, rounded to
+    def _candidates(self, q64, ids, cur_v, cur_i, fast, bound, t64, cols):
+        """Merge the top ``k + margin`` of a fast score block, re-scored exactly; and the rows whose answer they
+        cannot certify."""
+        torch = self.torch
+        if ids[0] <= cols[-1] and cols[0] <= ids[-1]:  # the tile holds some of these queries: never their own match
+            fast = self._mask(fast, ids, cols)
+        c = min(self.k + self.margin, len(cols))
+        f_vals, f_pos = torch.topk(fast, c, dim=1)
+        f_vals = f_vals.float()
+        # Re-score only candidates that can still enter: a fast score below the current k-th best minus the bound
+        # means an exact one strictly below it (most of them, once the first tiles have set the bar).
+        need = (f_vals >= (cur_v[:, -1:] - bound)) & torch.isfinite(f_vals)
+        r, j = need.nonzero(as_tuple=True)
+        exact = torch.full_like(f_vals, -float("inf"))
+        exact[r, j] = self._exact(q64[r], t64[f_pos[r, j]])
+        v, i = self._merged(cur_v, cur_i, exact, cols[f_pos])
+        if c == len(cols):
+            return v, i, r[:0]
+        # Certified when nothing outside the c candidates can reach the k-th best: its score is at most the c-th
+        # fast score + bound. An equal score would need the index rule, so only a strictly higher k-th is safe.
+        return v, i, (~(v[:, -1] > f_vals[:, -1] + bound)).nonzero().squeeze(1)
+
+    @staticmethod
+    def _exact(q64, cand64):
+        """Dot products of query rows with their candidate rows ([m, d] x [m, d] -> [m]) in float64, rounded to
         float32: the same value for the same two vectors wherever they meet (an fp32 matrix product rounds
         differently by tile position; float64 kernels differ only far below float32's last bit)."""
-        return self.torch.einsum("qd,qcd->qc", q.double(), cand.double()).float()
+        return (q64 * cand64).sum(dim=1).float()
 
     @staticmethod
     def _mask(scores, ids, cols):
