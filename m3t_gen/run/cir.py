@@ -108,10 +108,9 @@ def pair_parts(pool: pa.Table, pairs: PairArrays, ctx: RunContext) -> PairParts:
         return PairParts({}, lambda number: pa.table({}))
     key_rank = np.empty(pool.num_rows, dtype=np.int64)
     key_rank[pc.sort_indices(pool.column("key")).to_numpy()] = np.arange(pool.num_rows)
-    order = np.lexsort((pairs.rank, key_rank[pairs.ref]))
-    ref, tgt = pairs.ref[order], pairs.tgt[order]
-    sim, rank = pairs.similarity[order].astype(np.float64), pairs.rank[order]
-    del pairs, key_rank, order
+    pairs = pairs.in_key_order(key_rank)
+    ref, tgt, sim, rank = pairs.ref, pairs.tgt, pairs.similarity.astype(np.float64), pairs.rank
+    del pairs, key_rank
     out_dir = ctx.config.output.dir
     locs = pa.array([f"{out_dir}/pool/{t}:{o}:{s}" for t, o, s in zip(
         pool.column("tar").to_pylist(), pool.column("offset").to_pylist(), pool.column("size").to_pylist())])

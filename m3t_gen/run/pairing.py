@@ -53,6 +53,11 @@ class PairArrays:
         return PairArrays(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ref", "tgt", "similarity",
                                                                                         "rank")))
 
+    def in_key_order(self, key_rank: np.ndarray) -> "PairArrays":
+        """Sorted by (reference key, rank); ``key_rank``: each pool row's position in key order."""
+        order = np.lexsort((self.rank, key_rank[self.ref]))
+        return PairArrays(self.ref[order], self.tgt[order], self.similarity[order], self.rank[order])
+
     def as_pairs(self) -> list[Pair]:
         return [Pair(int(r), int(t), float(s), int(k)) for r, t, s, k in
                 zip(self.ref, self.tgt, self.similarity, self.rank)]
@@ -99,11 +104,9 @@ def select_pairs(sims: np.ndarray, nbrs: np.ndarray, seeds: np.ndarray, ref_rows
 def mine_pairs(embs: np.ndarray, keys: list[str], spec: PairingSpec, run_seed: int) -> list[Pair]:
     """One process, the whole pool in memory (tests, benchmarks). ``embs``: [N, d] L2-normalised; returns pairs
     sorted by (ref key, rank)."""
-    pairs = mine_arrays(embs, key_seeds(keys, run_seed), spec, run_seed)
     key_rank = np.empty(len(keys), dtype=np.int64)
     key_rank[np.argsort(np.asarray(keys, dtype=object), kind="stable")] = np.arange(len(keys))
-    order = np.lexsort((pairs.rank, key_rank[pairs.ref]))
-    return PairArrays(pairs.ref[order], pairs.tgt[order], pairs.similarity[order], pairs.rank[order]).as_pairs()
+    return mine_arrays(embs, key_seeds(keys, run_seed), spec, run_seed).in_key_order(key_rank).as_pairs()
 
 
 def mine_arrays(embs: np.ndarray, seeds: np.ndarray, spec: PairingSpec, run_seed: int) -> PairArrays:

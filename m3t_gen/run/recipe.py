@@ -88,8 +88,8 @@ class PoolRendezvous:
 
 
 def _trace_start(stage: str, event: str) -> None:
-    """With M3T_GEN_START_TRACE=FILE (bench/start_timeline.py), each actor appends when it was built, when its
-    pool was complete, and when its first batch came: where a run's start-up time goes."""
+    """With M3T_GEN_START_TRACE=FILE (bench/start_timeline.py), each actor appends when its constructor began,
+    when its model was loaded, and when its first batch came: where a run's start-up time goes."""
     path = os.environ.get("M3T_GEN_START_TRACE")
     if path:
         import json

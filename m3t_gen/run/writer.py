@@ -256,7 +256,7 @@ class OutputWriter:
             state.pool.commit()
             for rec in state.pool_rows:
                 rec["offset"], rec["size"] = locations[rec["key"]]
-            self._write_pool_table(f"pool/{state.shard}.parquet", state.pool_rows)
+            self._write_parquet(f"pool/{state.shard}.parquet", state.pool_rows, POOL_SCHEMA, pool=True)
         self._write_parquet(f"index/{state.shard}.parquet", state.index, INDEX_SCHEMA)
         self._write_parquet(f"rejects/{state.shard}.parquet", state.rejects, REJECT_SCHEMA)
         reasons = Counter(f"{r['stage']}:{r['reason']}" for r in state.rejects)
@@ -277,20 +277,16 @@ class OutputWriter:
         self.store.write_bytes(f"stats/{state.shard}.json", json.dumps(stats, indent=1).encode())
         self.finished.append(stats)
 
-    def _write_pool_table(self, rel: str, records: list[dict[str, Any]]) -> None:
-        """The pool shard with its digest in the file's metadata: the CIR pass fingerprints the pool from these
-        digests instead of hashing every embedding again."""
-        from m3t_gen.run.pairing import POOL_DIGEST_KEY, pool_digest
+    def _write_parquet(self, rel: str, records: list[dict[str, Any]], schema: pa.Schema, pool: bool = False) -> None:
+        table = pa.Table.from_pylist(records, schema=schema)
+        if pool:
+            # A pool shard carries its digest: the CIR pass fingerprints the pool from these, not from every
+            # embedding again.
+            from m3t_gen.run.pairing import POOL_DIGEST_KEY, pool_digest
 
-        table = pa.Table.from_pylist(records, schema=POOL_SCHEMA)
-        table = table.replace_schema_metadata({POOL_DIGEST_KEY: pool_digest(table).encode()})
+            table = table.replace_schema_metadata({POOL_DIGEST_KEY: pool_digest(table).encode()})
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=INDEX_ROW_GROUP)
-        self.store.write_bytes(rel, buf.getvalue())
-
-    def _write_parquet(self, rel: str, records: list[dict[str, Any]], schema: pa.Schema) -> None:
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(records, schema=schema), buf, row_group_size=INDEX_ROW_GROUP)
         self.store.write_bytes(rel, buf.getvalue())
 
 
