@@ -132,22 +132,41 @@ def _clip_like(n: int, d: int, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "float64"])
 @pytest.mark.parametrize("tile", [257, 1000, 5000])
-def test_tiled_search_is_exact_with_ties_at_any_tile_size_and_precision(bf16, tile):
+def test_tiled_search_is_exact_with_ties_at_any_tile_size_and_precision(precision, tile):
     """The kernel returns exactly the brute-force answer, ties included (lower index first), whatever the tile
-    size, and in bf16 too: candidates are re-scored in float64 and rows bf16 cannot certify are redone in full."""
-    from m3t_gen.run.knn import TopK, tiles_of
+    size and the precision it starts at: candidates are re-scored in float64, and rows a rung cannot certify
+    are searched again one rung up."""
+    from m3t_gen.run.knn import exact_topk, tiles_of
 
     x = _clip_like(3000, 64)
     want_v, want_i = _reference_topk(x, 11)
-    top = TopK(x, np.arange(len(x)), 11, bf16=bf16, margin=8)
-    for offset, rows in tiles_of(x, tile):
-        top.add(offset, rows)
-    got_v, got_i = top.result()
+    passes = {}
+    got_v, got_i = exact_topk(x, np.arange(len(x)), tiles_of(x, tile), 11, precision=precision, margin=4,
+                              passes=passes)
     assert (got_i == want_i).all() and (got_v == want_v).all()
-    if bf16 and tile < len(x):
-        assert top.fallback_rows > 0  # dense near-ties on this data: the certification path ran
+    if precision == "bf16":
+        # dense near-ties on this data and a short list: the certificate fails for some rows, which climb
+        assert 0 < passes["fp32"] < len(x)
+
+
+def test_certificate_fails_where_it_must():
+    """A row whose k-th neighbour ties with rows left outside the list cannot be certified at any fast rung (the
+    bound is > 0): it is the float64 rung that answers it, lower indices first."""
+    from m3t_gen.run.knn import TopK, exact_topk, tiles_of
+
+    x = _clip_like(400, 16, seed=2)
+    x[100:130] = x[50]  # 31 copies of one image: every row's neighbour list is full of exact ties
+    top = TopK(x, np.arange(len(x)), 5, precision="fp32", margin=3)
+    for offset, rows in tiles_of(x, 64)():
+        top.add(offset, rows)
+    assert 50 in top.unsure()
+    passes = {}
+    got_v, got_i = exact_topk(x, np.arange(len(x)), tiles_of(x, 64), 5, precision="bf16", margin=3, passes=passes)
+    want_v, want_i = _reference_topk(x, 5)
+    assert (got_i == want_i).all() and (got_v == want_v).all() and passes["float64"] > 0
+    assert list(got_i[50]) == [100, 101, 102, 103, 104]
 
 
 def test_pairs_are_the_same_whatever_the_blocking():
@@ -163,7 +182,7 @@ def test_pairs_are_the_same_whatever_the_blocking():
     blocks = []
     for start in range(0, len(x), 128):
         rows = np.arange(start, min(start + 128, len(x)))
-        sims, nbrs = exact_topk(x[rows], rows, tiles_of(x, 100), spec.max_rank)
+        sims, nbrs = exact_topk(x[rows], rows, tiles_of(x, 100), spec.max_rank, precision="bf16")
         blocks.append(select_pairs(sims, nbrs, seeds[rows], rows, spec))
     assert PairArrays.concat(blocks).as_pairs() == whole  # keys here sort as the rows do
     per_ref = np.bincount([p.ref for p in whole], minlength=len(x))

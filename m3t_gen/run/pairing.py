@@ -156,10 +156,9 @@ def neighbours(data: np.ndarray, k: int, spec: PairingSpec, run_seed: int) -> tu
     """Each row's ``k`` nearest other rows, (similarity desc, index asc): -1 where there are fewer. Exact search
     is the tiled kernel (m3t_gen.run.knn); ivf / hnsw ask FAISS for one more and drop the row itself."""
     if spec.index == "exact":
-        from m3t_gen.run.knn import exact_topk, reduced_precision_pays, tiles_of
+        from m3t_gen.run.knn import exact_topk, tiles_of
 
-        return exact_topk(data, np.arange(len(data)), tiles_of(data, TILE_ROWS), k,
-                          bf16=spec.precision == "bf16" or (spec.precision == "auto" and reduced_precision_pays("cpu")))
+        return exact_topk(data, np.arange(len(data)), tiles_of(data, TILE_ROWS), k, precision=first_rung(spec, "cpu"))
     index = build_index(data, spec, run_seed)
     sims = np.empty((len(data), k + 1), dtype=np.float32)
     nbrs = np.empty((len(data), k + 1), dtype=np.int64)
@@ -259,19 +258,29 @@ def _mine_block(block, offset: int, seeds, bank: list[tuple[int, Any]], spec: Pa
     (tiles fetched one at a time from the object store), then the band, the window and the draw."""
     import ray
 
-    from m3t_gen.run.knn import TopK, device_for, reduced_precision_pays
+    from m3t_gen.run.knn import device_for, exact_topk
+
+    def tiles():  # fetched one shard at a time from the object store (zero-copy), once per pass
+        for start, ref in bank:
+            tile = ray.get(ref)
+            for t in range(0, len(tile), tile_rows):
+                yield start + t, tile[t:t + tile_rows]
+            del tile
 
     device = device_for(use_gpu)
-    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and reduced_precision_pays(device))
     rows = np.arange(offset, offset + len(block))
-    top = TopK(block, rows, spec.max_rank, device=device, bf16=bf16)
-    for start, ref in bank:
-        tile = ray.get(ref)
-        for t in range(0, len(tile), tile_rows):
-            top.add(start + t, tile[t:t + tile_rows])
-        del tile
-    sims, nbrs = top.result()
+    sims, nbrs = exact_topk(block, rows, tiles, spec.max_rank, device=device, precision=first_rung(spec, device))
     return select_pairs(sims, nbrs, seeds, rows, spec)
+
+
+def first_rung(spec: PairingSpec, device: str) -> str:
+    """The precision exact search starts at: bf16 where it is fast (or asked for), else fp32; rows it cannot
+    certify climb the ladder (m3t_gen.run.knn)."""
+    from m3t_gen.run.knn import reduced_precision_pays
+
+    if spec.precision == "bf16" or (spec.precision == "auto" and reduced_precision_pays(device)):
+        return "bf16"
+    return "fp32"
 
 
 def mine_pool(bank: Bank, spec: PairingSpec) -> PairArrays:
