@@ -38,11 +38,11 @@ def _verdicts(*items):
 @pytest.fixture
 def judge_stage(smoke_yaml, monkeypatch):
     from m3t_gen.run.pipeline import make_context
-    from m3t_gen.stages import judge
+    from m3t_gen.stages import generating, judge
 
     def make(answers, answerability=True):
         backend = ScriptedBackend(answers, output_tokens=5)
-        monkeypatch.setattr(judge, "get_backend", lambda name: lambda spec: backend)
+        monkeypatch.setattr(generating, "get_backend", lambda name: lambda spec: backend)
         cfg = load_config(smoke_yaml, [f"judge.answerability={str(answerability).lower()}", "judge.max_attempts=2"])
         return judge.JudgeStage(make_context(cfg)), backend
 

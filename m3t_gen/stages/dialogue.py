@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from m3t_gen.backends.base import GenerationResult, get_backend
+from m3t_gen.backends.base import GenerationResult
 from m3t_gen.config import PipelineConfig
-from m3t_gen.generation import generate_validated, open_image, parse_json_answer
+from m3t_gen.generation import open_image, parse_json_answer
 from m3t_gen.quality import degenerate_reason
-from m3t_gen.schemas import dialogue_decoding_schema, load_schema
-from m3t_gen.stages.base import EXAMPLE_ROW, RunContext, SchemaCheck, Stage
-from m3t_gen.templates import load_template
+from m3t_gen.schemas import dialogue_decoding_schema
+from m3t_gen.stages.base import EXAMPLE_ROW, RunContext, SchemaCheck
+from m3t_gen.stages.generating import GeneratingStage
 from m3t_gen.turns import TURN_TYPES, turn_plan, writes_target
 
 def template_fields(row: dict[str, Any], mix: dict[str, int]) -> dict[str, Any]:
@@ -24,11 +24,10 @@ def template_fields(row: dict[str, Any], mix: dict[str, int]) -> dict[str, Any]:
     }
 
 
-class DialogueStage(Stage):
+class DialogueStage(GeneratingStage):
     name = "dialogue"
     section = "dialogue"
     model_role = "dialogue"
-    generates = True
     writes = ("turns", "dialogue_attempts", "caption")  # caption: single-stage, the description it wrote
 
     @classmethod
@@ -55,24 +54,19 @@ class DialogueStage(Stage):
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        self.cfg = ctx.config.dialogue
-        self.template = load_template(self.cfg.template, ctx.config.base_dir)
-        self.schema = load_schema(self.cfg.schema_, ctx.config.base_dir)
         self.from_image = self.cfg.source == "image"
         self.decoding_schema = dialogue_decoding_schema(self.cfg.mix, self.cfg.max_text_chars,
                                                         single_stage=self.from_image)
         self.expected_types = [t["type"] for t in turn_plan(self.cfg.mix)]
-        self.backend = get_backend(self.cfg.model.backend)(self.cfg.model)
 
-    def _messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        prompt = self.template.render(**template_fields(row, self.cfg.mix))
-        if self.from_image:  # single stage: the MLLM sees the image itself
-            return [{"role": "user", "content": [{"type": "image", "image": open_image(row)},
-                                                 {"type": "text", "text": prompt}]}]
-        return [{"role": "user", "content": prompt}]
+    def fields(self, row: dict[str, Any]) -> dict[str, Any]:
+        return template_fields(row, self.cfg.mix)
+
+    def images(self, row: dict[str, Any]) -> list[Any]:
+        return [open_image(row)] if self.from_image else []  # single stage: the MLLM sees the image itself
 
     def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[list | None, str | None]:
-        data, error = parse_json_answer(result, [self.schema, self.decoding_schema])
+        data, error = parse_json_answer(result, [self.file_schema, self.decoding_schema])
         if error:
             return None, error
         turns = data["turns"]
@@ -92,11 +86,7 @@ class DialogueStage(Stage):
         return turns, None
 
     def process(self, rows: list[dict[str, Any]]) -> None:
-        for row, turns, attempts in generate_validated(
-            self.backend, rows, stage=self.name, run_seed=self.ctx.config.seed, sampling=self.cfg.sampling,
-            max_attempts=self.cfg.max_attempts, build_messages=self._messages, parse=self._parse,
-            json_schema=self.decoding_schema,
-        ):
+        for row, turns, attempts in self.generate(rows, self._parse, json_schema=self.decoding_schema):
             row["turns"] = [{k: t[k] for k in ("type", "query", "target")} for t in turns]
             row["dialogue_attempts"] = attempts
             if self.from_image:  # the description written in the same call serves as the dense caption

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from m3t_gen.backends.base import GenerationResult, get_backend
+from m3t_gen.backends.base import GenerationResult
 from m3t_gen.config import PipelineConfig
-from m3t_gen.generation import generate_validated, open_image, parse_json_answer
+from m3t_gen.generation import open_image, parse_json_answer
 from m3t_gen.rows import PAIR_SCHEMA
-from m3t_gen.schemas import bounded_text, load_schema
+from m3t_gen.schemas import bounded_text
 from m3t_gen.scoring import answer_agreement
-from m3t_gen.stages.base import EXAMPLE_PAIR, EXAMPLE_ROW, RunContext, SchemaCheck, Stage
+from m3t_gen.stages.base import EXAMPLE_PAIR, EXAMPLE_ROW, RunContext, SchemaCheck
+from m3t_gen.stages.generating import GeneratingStage, user_message
 from m3t_gen.stages.modify import load_pool_image
 from m3t_gen.templates import load_template
 from m3t_gen.turns import TURN_TYPES, turn_plan
@@ -84,31 +85,12 @@ def _parse_verdicts(result: GenerationResult, schemas: list[dict[str, Any]], rea
             for v in data["verdicts"]], None
 
 
-class _Judge(Stage):
-    """What both judges share: the backend, the verdict call with retries, the decoding schema per item count."""
+class _Judge(GeneratingStage):
+    """What both judges share: the verdict call with retries, the decoding schema per item count."""
 
-    generates = True
     model_role = "judge"
     writes = ("verdicts", "judge_attempts")
     items: str  # the row field judged, one verdict per item
-
-    def __init__(self, ctx: RunContext) -> None:
-        super().__init__(ctx)
-        self.cfg = self.settings(ctx.config)
-        self.template = load_template(self.cfg.template, ctx.config.base_dir)
-        self.file_schema = load_schema(self.cfg.schema_, ctx.config.base_dir)
-        self.backend = get_backend(self.cfg.model.backend)(self.cfg.model)
-
-    def _fields(self, row: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _images(self, row: dict[str, Any]) -> list[Any]:
-        raise NotImplementedError
-
-    def _messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        prompt = self.template.render(**self._fields(row))
-        return [{"role": "user", "content": [*({"type": "image", "image": im} for im in self._images(row)),
-                                             {"type": "text", "text": prompt}]}]
 
     def _verdicts(self, rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list, int]]:
         """Verdict calls grouped by item count (one decoding schema each); rows that fail are rejected in place."""
@@ -118,11 +100,8 @@ class _Judge(Stage):
             by_count.setdefault(len(row[self.items]), []).append(row)
         for n, group in sorted(by_count.items()):
             schema = verdict_decoding_schema(n, self.cfg.max_text_chars)
-            done += generate_validated(
-                self.backend, group, stage=self.name, run_seed=self.ctx.config.seed, sampling=self.cfg.sampling,
-                max_attempts=self.cfg.max_attempts, build_messages=self._messages, json_schema=schema,
-                parse=lambda row, result, s=schema: _parse_verdicts(result, [self.file_schema, s],
-                                                                    self.cfg.max_text_chars))
+            done += self.generate(group, lambda row, result, s=schema: _parse_verdicts(
+                result, [self.file_schema, s], self.cfg.max_text_chars), json_schema=schema)
         return done
 
 
@@ -168,16 +147,14 @@ class JudgeStage(_Judge):
     def schema_check(cls, config: PipelineConfig) -> SchemaCheck:
         return verdict_check("judge.schema", config.judge, len(cls._example(config)["turns"]))
 
-    def _fields(self, row: dict[str, Any]) -> dict[str, Any]:
+    def fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return template_fields(row)
 
-    def _images(self, row: dict[str, Any]) -> list[Any]:
+    def images(self, row: dict[str, Any]) -> list[Any]:
         return [open_image(row)]
 
     def _answer_messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        prompt = self.answer_template.render(**answer_fields(row))
-        return [{"role": "user", "content": [{"type": "image", "image": open_image(row)},
-                                             {"type": "text", "text": prompt}]}]
+        return user_message(self.answer_template.render(**answer_fields(row)), self.images(row))
 
     def _answers(self, rows: list[dict[str, Any]]) -> dict[int, list[str]]:
         """The judge's own answers to each checked query, by row (``id``); a row whose answers fail is rejected."""
@@ -195,10 +172,8 @@ class JudgeStage(_Judge):
                 return (None, error) if error else ([" ".join(a.split()) for a in data["answers"]], None)
 
             # Seeds apart from the verdict call's (run seed + 1); tokens and rejections count as the judge's.
-            for row, answers, _ in generate_validated(
-                    self.backend, group, stage=self.name, run_seed=self.ctx.config.seed + 1,
-                    sampling=self.cfg.sampling, max_attempts=self.cfg.max_attempts,
-                    build_messages=self._answer_messages, parse=parse, json_schema=schema):
+            for row, answers, _ in self.generate(group, parse, json_schema=schema, build=self._answer_messages,
+                                                 seed_offset=1):
                 out[id(row)] = answers
         return out
 
@@ -247,10 +222,10 @@ class TripletJudgeStage(_Judge):
     def schema_check(cls, config: PipelineConfig) -> SchemaCheck:
         return verdict_check("cir.judge.schema", config.cir.judge, config.cir.modify.n)
 
-    def _fields(self, row: dict[str, Any]) -> dict[str, Any]:
+    def fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return triplet_template_fields(row)
 
-    def _images(self, row: dict[str, Any]) -> list[Any]:
+    def images(self, row: dict[str, Any]) -> list[Any]:
         return [load_pool_image(row["ref_image"]), load_pool_image(row["tgt_image"])]
 
     def process(self, rows: list[dict[str, Any]]) -> None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from m3t_gen.backends.base import GenerationResult, get_backend
+from m3t_gen.backends.base import GenerationResult
 from m3t_gen.config import ModifyStage as ModifyConfig
 from m3t_gen.config import PipelineConfig
-from m3t_gen.generation import generate_validated, parse_json_answer
+from m3t_gen.generation import parse_json_answer
 from m3t_gen.quality import degenerate_reason
 from m3t_gen.rows import PAIR_SCHEMA
-from m3t_gen.schemas import bounded_text, load_schema
-from m3t_gen.stages.base import EXAMPLE_PAIR, RunContext, SchemaCheck, Stage
-from m3t_gen.templates import load_template
+from m3t_gen.schemas import bounded_text
+from m3t_gen.stages.base import EXAMPLE_PAIR, RunContext, SchemaCheck
+from m3t_gen.stages.generating import GeneratingStage
 
 
 def template_fields(row: dict[str, Any], cfg: ModifyConfig) -> dict[str, Any]:
@@ -50,12 +50,11 @@ def decoding_schema(cfg: ModifyConfig) -> dict[str, Any]:
             "required": ["modifications"], "additionalProperties": False}
 
 
-class ModifyStage(Stage):
+class ModifyStage(GeneratingStage):
     name = "modify"
     recipe_pass = "cir"
     section = "cir.modify"
     model_role = "modify"
-    generates = True
     writes = ("modifications", "modify_attempts")
     row_schema = PAIR_SCHEMA
 
@@ -81,19 +80,15 @@ class ModifyStage(Stage):
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        self.cfg = ctx.config.cir.modify
-        self.template = load_template(self.cfg.template, ctx.config.base_dir)
-        self.file_schema = load_schema(self.cfg.schema_, ctx.config.base_dir)
         self.decoding_schema = decoding_schema(self.cfg)
-        self.backend = get_backend(self.cfg.model.backend)(self.cfg.model)
 
-    def _messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        prompt = self.template.render(**template_fields(row, self.cfg))
+    def fields(self, row: dict[str, Any]) -> dict[str, Any]:
+        return template_fields(row, self.cfg)
+
+    def images(self, row: dict[str, Any]) -> list[Any]:
         if self.cfg.source == "images":  # the MLLM sees the reference image first, then the target
-            return [{"role": "user", "content": [{"type": "image", "image": load_pool_image(row["ref_image"])},
-                                                 {"type": "image", "image": load_pool_image(row["tgt_image"])},
-                                                 {"type": "text", "text": prompt}]}]
-        return [{"role": "user", "content": prompt}]
+            return [load_pool_image(row["ref_image"]), load_pool_image(row["tgt_image"])]
+        return []
 
     def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[list | None, str | None]:
         data, error = parse_json_answer(result, [self.file_schema, self.decoding_schema])
@@ -109,10 +104,6 @@ class ModifyStage(Stage):
         return mods, None
 
     def process(self, rows: list[dict[str, Any]]) -> None:
-        for row, mods, attempts in generate_validated(
-            self.backend, rows, stage=self.name, run_seed=self.ctx.config.seed, sampling=self.cfg.sampling,
-            max_attempts=self.cfg.max_attempts, build_messages=self._messages, parse=self._parse,
-            json_schema=self.decoding_schema,
-        ):
+        for row, mods, attempts in self.generate(rows, self._parse, json_schema=self.decoding_schema):
             row["modifications"] = [{"category": m["category"], "text": m["text"]} for m in mods]
             row["modify_attempts"] = attempts
