@@ -563,7 +563,7 @@ def _check_nodes(root: yaml.Node, loader: Any, source: str) -> None:
             open_nodes.discard(path)
             continue
         if id(node) in open_nodes:
-            raise ConfigError(f"{source}: {_loc(path)}: an alias inside its own anchor (line "
+            raise ConfigError(f"{source}: {_loc(path)}: an alias inside its own anchor (anchored at line "
                               f"{node.start_mark.line + 1}): a recursive structure is not a config value")
         if id(node) in seen and alias_at is None:
             alias_at = path  # the first alias on this branch: where an alias bomb is named
