@@ -22,9 +22,9 @@ def main() -> None:
     """Generate multimodal training data (M3T dialogues, CIR triplets) from web image shards."""
 
 
-def _load(pipeline: str, sets: tuple[str, ...], extra: list[str] | None = None):
+def _load(pipeline: str, sets: tuple[str, ...], values: dict | None = None):
     try:
-        return load_config(pipeline, list(extra or []) + list(sets))
+        return load_config(pipeline, list(sets), values)
     except ConfigError as e:
         _fail(str(e))
 
@@ -41,14 +41,14 @@ def run(pipeline: str, inputs: tuple[str, ...], output: str | None, limit: int |
     from m3t_gen.run.pipeline import format_summary, run_pipeline
     from m3t_gen.validate import validate_config
 
-    extra = []
+    values: dict = {}  # set into the parsed config as they are: a path is a value, never YAML text
     if inputs:
-        extra.append("input.paths=[" + ", ".join(repr(os.path.abspath(p)) for p in inputs) + "]")
+        values["input.paths"] = [p if "://" in p else os.path.abspath(p) for p in inputs]
     if output:
-        extra.append(f"output.dir={output if '://' in output else os.path.abspath(output)!r}")
+        values["output.dir"] = output if "://" in output else os.path.abspath(output)
     if limit is not None:
-        extra.append(f"limit={limit}")
-    cfg = _load(pipeline, sets, extra)
+        values["limit"] = limit
+    cfg = _load(pipeline, sets, values)
     try:
         validate_config(cfg)
         out = cfg.output.dir if "://" in cfg.output.dir else Path(cfg.output.dir).expanduser()

@@ -501,23 +501,108 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected dotted.key=value")
         dotted, raw = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"--set {item!r}: empty key segment")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw, f"--set {dotted.strip()}")
         except yaml.YAMLError:
             value = raw
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
-            node = child
-        node[parts[-1]] = value
+        set_value(data, dotted, value, f"--set {item!r}")
     return data
+
+
+def set_value(data: dict[str, Any], dotted: str, value: Any, what: str) -> None:
+    """Set ``dotted.key`` in the parsed config to ``value`` as it is: a command-line path goes in as a value, never
+    as YAML text (a path holding both quote characters once turned into other YAML, or into a relative folder)."""
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{what}: empty key segment")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {'.'.join(parts[: i + 1])} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+# A pipeline file is a few hundred values; aliases may repeat a block (one model spec for several stages), but a
+# tree of aliases of aliases expands exponentially (a "billion laughs": 9 levels of 10 are 10^9 values).
+MAX_YAML_VALUES = 100_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """YAML text to plain data, as ``yaml.safe_load`` but refusing what a config must not hold, each as one line
+    naming the YAML path: a key given twice (YAML lets the last one win silently), an alias inside its own anchor
+    (a cycle that pydantic, JSON and the config hash cannot hold) and aliases expanding past MAX_YAML_VALUES.
+    The node graph is checked before anything is built from it, in bounded work. Syntax errors: yaml.YAMLError."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_nodes(root, loader, source)
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(root: yaml.Node, loader: Any, source: str) -> None:
+    """Walk the node graph depth-first as the built data would hold it (an alias visits its anchor's node again),
+    with an explicit stack: the walk stops at the first duplicate key, cycle, or value past the bound."""
+    exit_marker = object()
+    work: list[tuple[Any, tuple[Any, ...], tuple[Any, ...] | None]] = [(root, (), None)]
+    open_nodes: set[int] = set()  # the nodes on the path from the root to the current one
+    seen: set[int] = set()
+    count = 0
+    while work:
+        node, path, alias_at = work.pop()
+        if node is exit_marker:
+            open_nodes.discard(path)
+            continue
+        if id(node) in open_nodes:
+            raise ConfigError(f"{source}: {_loc(path)}: an alias inside its own anchor (anchored at line "
+                              f"{node.start_mark.line + 1}): a recursive structure is not a config value")
+        if id(node) in seen and alias_at is None:
+            alias_at = path  # the first alias on this branch: where an alias bomb is named
+        seen.add(id(node))
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: {_loc(alias_at or path)}: the document expands to more than "
+                              f"{MAX_YAML_VALUES} values (aliases of aliases?): refused")
+        if isinstance(node, yaml.ScalarNode):
+            continue
+        open_nodes.add(id(node))
+        work.append((exit_marker, id(node), None))
+        if isinstance(node, yaml.SequenceNode):
+            children = [(child, path + (i,)) for i, child in enumerate(node.value)]
+        else:
+            children = _mapping_children(node, path, loader, source)
+        work.extend((child, where, alias_at) for child, where in reversed(children))
+
+
+def _mapping_children(node: yaml.MappingNode, path: tuple[Any, ...], loader: Any,
+                      source: str) -> list[tuple[yaml.Node, tuple[Any, ...]]]:
+    """A mapping's values with their paths; a key written twice is an error (a merge ``<<`` may be overridden:
+    that is what it is for)."""
+    first_line: dict[Any, int] = {}
+    children = []
+    for key_node, value in node.value:
+        if key_node.tag == _MERGE_TAG:
+            children.append((value, path + ("<<",)))
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):  # a list or mapping as a key: the constructor refuses it
+            children.append((value, path + (key_node.tag,)))
+            continue
+        key, line = loader.construct_object(key_node), key_node.start_mark.line + 1
+        if key in first_line:
+            raise ConfigError(f"{source}: {_loc(path + (str(key),))}: duplicate key at line {line} (first at line "
+                              f"{first_line[key]}; YAML would keep only the last)")
+        first_line[key] = line
+        children.append((value, path + (str(key),)))
+    return children
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -546,12 +631,15 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {_loc(tuple(loc))}: {msg}{tail}".replace("\n", " ")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> PipelineConfig:
+    """The config in ``path``; ``values`` ({dotted key: value}, the command line's options) are set first, then
+    the ``--set`` overrides (so a --set wins)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        data = load_yaml(path.read_bytes().decode("utf-8"), str(path))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -565,6 +653,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: (top level): expected a mapping, got {type(data).__name__}")
+    for dotted, value in (values or {}).items():
+        set_value(data, dotted, value, dotted)
     data = apply_overrides(data, overrides or [])
     data["base_dir"] = str(path.resolve().parent)
     try:

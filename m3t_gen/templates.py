@@ -2,34 +2,124 @@
 
 Web text (alt-text, captions) reaches a template only as variable *values*; Jinja never evaluates
 ``{{ ... }}`` found inside a value, and the sandbox stops a template from reaching Python internals.
+
+A template is one file: ``{% include %}``, ``{% import %}`` and ``{% extends %}`` are refused (none of the
+bundled prompts uses them, and they would read files past the confinement ``validate`` checks), and what a
+template can make is bounded (``range``, ``*``, ``**``, ``%``, the padding filters, the rendered prompt), so a
+template never takes the process's memory or time. Any failure of a template is a ``TemplateError``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from m3t_gen.resources import find_file
+
+# Far above any prompt (a model's context is some 10^5 tokens), far below what hurts the process.
+MAX_PROMPT_CHARS = 1_000_000
+MAX_RANGE = 10_000           # items one range() makes: prompts loop over turns and modifications, a few dozen
+MAX_EXPONENT = 1_000         # 10 ** 1000 is 1,000 digits; 10 ** 10 ** 9 would never finish
+_FORMAT_WIDTH = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\d*)(?:\.(\d*))?")
+_FILE_TAGS = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "import",
+              nodes.Extends: "extends"}
 
 
 class TemplateError(Exception):
     pass
 
 
+def _too_big(what: str) -> SecurityError:
+    return SecurityError(f"{what} (a prompt template's bound)")
+
+
+def _bounded_range(*args: int) -> range:
+    r = range(*args)
+    if len(r) > MAX_RANGE:
+        raise _too_big(f"range() of {len(r)} items, more than {MAX_RANGE}")
+    return r
+
+
+def _check_format(spec: Any) -> None:
+    """``"%09999999d" % 1`` makes a string of the width it asks for: widths and precisions are bounded."""
+    if isinstance(spec, str):
+        for width, precision in _FORMAT_WIDTH.findall(spec):
+            if max(int(width or 0), int(precision or 0)) > MAX_PROMPT_CHARS:
+                raise _too_big(f"format width {max(int(width or 0), int(precision or 0))}, more than {MAX_PROMPT_CHARS}")
+
+
+def _bounded_filter(name: str, size_args: tuple[int, ...]) -> Any:
+    """Jinja's filter ``name`` with the arguments at ``size_args`` (a width) bounded, and formats checked."""
+    base = jinja2.filters.FILTERS[name]
+
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "format":
+            _check_format(value)
+        for i in size_args:
+            if i < len(args) and isinstance(args[i], int) and args[i] > MAX_PROMPT_CHARS:
+                raise _too_big(f"{name}({args[i]}): a width over {MAX_PROMPT_CHARS}")
+        return base(value, *args, **kwargs)
+    return bounded
+
+
+class _PromptSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox with the operators that can make huge values bounded (intercepting them also
+    stops Jinja from folding ``10 ** 10 ** 9`` at compile time)."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and right > MAX_EXPONENT \
+                and isinstance(left, (int, float)) and abs(left) > 1:
+            raise _too_big(f"{left} ** {right}: an exponent over {MAX_EXPONENT}")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_PROMPT_CHARS:
+                    raise _too_big(f"{len(seq)} items repeated {n} times: more than {MAX_PROMPT_CHARS}")
+        if operator == "%":
+            _check_format(left)
+        return super().call_binop(context, operator, left, right)
+
+
+class _NoFiles(jinja2.BaseLoader):
+    """Refuses every name: a prompt template is one file (load_template refuses the tags that would load one)."""
+
+    def get_source(self, environment: Any, template: str) -> Any:
+        raise SecurityError(f"{template!r}: a prompt template cannot load another file")
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    return ImmutableSandboxedEnvironment(
+    env = _PromptSandbox(
+        loader=_NoFiles(),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=False,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.globals["range"] = _bounded_range
+    env.filters.update(center=_bounded_filter("center", (0,)), indent=_bounded_filter("indent", (0,)),
+                       format=_bounded_filter("format", ()))
+    return env
+
+
+def _template_line(error: BaseException) -> str:
+    """``line N: `` of the template where ``error`` was raised (Jinja maps its frames to template lines)."""
+    line = None
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"line {line}: " if line else ""
 
 
 @dataclass(frozen=True)
@@ -56,21 +146,41 @@ class PromptTemplate:
         return {k: v for k, v in self.__dict__.items() if k != "_compiled"}  # compiled code does not pickle
 
     def render(self, **fields: Any) -> str:
+        """The prompt for ``fields``; every failure (an undefined name, a bound, a division by zero) is a
+        TemplateError: at validate one line, in a run the rejection of that row."""
         try:
-            return self._compiled.render(**fields).strip()
+            return self._render(fields).strip()
         except jinja2.UndefinedError as e:
-            raise TemplateError(f"template {self.name}: {e.message}") from None
+            raise TemplateError(f"template {self.name}: {_template_line(e)}{e.message}") from None
         except jinja2.TemplateError as e:
-            raise TemplateError(f"template {self.name}: {e}") from None
+            raise TemplateError(f"template {self.name}: {_template_line(e)}{e}") from None
+        except Exception as e:  # noqa: BLE001  (the template's own arithmetic, filters, indexing)
+            raise TemplateError(f"template {self.name}: {_template_line(e)}{type(e).__name__}: {e}") from None
+
+    def _render(self, fields: dict[str, Any]) -> str:
+        """Streamed, so a prompt that grows past MAX_PROMPT_CHARS stops there rather than after filling memory."""
+        parts, size = [], 0
+        for part in self._compiled.generate(**fields):
+            size += len(part)
+            if size > MAX_PROMPT_CHARS:
+                raise _too_big(f"the prompt grows past {MAX_PROMPT_CHARS} characters")
+            parts.append(part)
+        return "".join(parts)
 
 
 def load_template(name: str, base_dir: str | Path | None = None) -> PromptTemplate:
     path = find_file(name, "prompts", base_dir)
-    source = path.read_text()
     try:
-        _environment().parse(source)
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TemplateError(f"template {name}: cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        ast = _environment().parse(source)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"template {name}: line {e.lineno}: {e.message}") from None
+    for node in ast.find_all(tuple(_FILE_TAGS)):
+        raise TemplateError(f"template {name}: line {node.lineno}: {{% {_FILE_TAGS[type(node)]} %}} is not "
+                            f"supported (a prompt template is one file)")
     return PromptTemplate(name=name, path=str(path), source=source)
 
 
@@ -84,7 +194,7 @@ def check_template(template: PromptTemplate, example_fields: dict[str, Any]) -> 
 
 
 def _check_names(template: PromptTemplate, fields: dict[str, Any]) -> None:
-    from jinja2 import meta, nodes
+    from jinja2 import meta
 
     env = _environment()
     ast = env.parse(template.source)

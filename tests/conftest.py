@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every stage in every test run (Ray workers inherit it) checks that it set only the row fields it declares.
@@ -52,3 +53,33 @@ def smoke_run(tmp_path_factory):
     proc = run_cli("run", str(ROOT / "pipelines" / "smoke.yaml"), "--output", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out, proc
+
+
+def small_pipeline(tmp_path: Path, **changes) -> Path:
+    """pipelines/smoke.yaml written to ``tmp_path/pipeline.yaml`` with its input made absolute and ``changes``
+    (``section__key=value``) applied: a valid config to break one thing in."""
+    data = yaml.safe_load((ROOT / "pipelines" / "smoke.yaml").read_text())
+    data["input"]["paths"] = [str(ROOT / "data" / "smoke" / "*.tar")]
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def one_line_exit_2(args: list[str], fragment: str) -> str:
+    """`m3t-gen ARGS` (click's runner) refuses: exit code 2, one line on stderr holding ``fragment``, no traceback."""
+    from click.testing import CliRunner
+
+    from m3t_gen.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output and len(err.splitlines()) == 1, err
+    assert fragment in err, err
+    return err

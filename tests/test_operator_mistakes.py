@@ -2,10 +2,8 @@
 and exit code 2 (no traceback). No model is loaded and Ray is not started: every refusal comes first."""
 
 import json
-from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from m3t_gen.backends.base import GenerationResult
@@ -14,31 +12,8 @@ from m3t_gen.config import ConfigError, Sampling, load_config
 from m3t_gen.generation import generate_validated
 from m3t_gen.run.pipeline import LOCK_FILE, OWNER_FILE, prepare_output, result_hash
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = yaml.safe_load((ROOT / "pipelines" / "smoke.yaml").read_text())
-
-
-def _pipeline(tmp_path: Path, **changes) -> Path:
-    data = json.loads(json.dumps(SMOKE))
-    data["input"]["paths"] = [str(ROOT / "data" / "smoke" / "*.tar")]
-    for dotted, value in changes.items():
-        node = data
-        *parents, last = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _one_line_exit_2(args: list[str], fragment: str) -> str:
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert "Traceback" not in result.output and len(err.splitlines()) == 1, err
-    assert fragment in err, err
-    return err
+from conftest import one_line_exit_2 as _one_line_exit_2
+from conftest import small_pipeline as _pipeline
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

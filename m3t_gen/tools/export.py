@@ -40,7 +40,10 @@ under its default name) or, when it ends with the format's suffix, the file itse
 
 Every export prints what it wrote and what it left out, with counts and reasons.
 
-Every file is written under a temporary name and renamed when complete.
+Every file is written under a temporary name and renamed when complete. An export writes only into a folder it
+made or that is empty, never inside a run output: the folder it writes into (``PATH``, or the ``.jsonl`` file's
+folder) gets ``.m3t-gen-export`` first, naming the format, and a later export of the same format may write there
+again; a non-empty folder without it, or with another format's, is refused.
 
 This module also holds the small readers of a finished run (manifest, samples in the tars) that
 ``card.py`` and ``inspect_html.py`` share; heavy imports are deferred so that the CLI stays fast to start.
@@ -55,10 +58,11 @@ from typing import Any, Callable
 
 from m3t_gen.storage.store import atomic_write_bytes, staged_file
 from m3t_gen.tools.run_reader import (RunOutputError, find_images, iter_samples, iter_triplets, read_manifest,
-                                      sorted_turns, triplet_files)
+                                      refuse_inside_run, sorted_turns, triplet_files)
 
 ROW_GROUP = 1000  # small row groups: the HF dataset viewer and streaming readers cope badly with big ones
 NO_TRIPLETS = "this run has no CIR triplets; run a CIR recipe"
+EXPORT_MARKER = ".m3t-gen-export"  # written first into the folder an export writes into: {"format": ...}
 
 
 # ----------------------------------------------------------------------------------------- registry
@@ -114,7 +118,37 @@ def export(out_dir: Path, fmt: str, to: Path, options: ExportOptions | None = No
             raise RunOutputError(f"{target}: is a directory")
     if target.parent.exists() and not target.parent.is_dir():
         raise RunOutputError(f"{target.parent}: exists and is not a directory")
-    return spec.write(out_dir, target, options)
+    refuse_inside_run(target, "--to")
+    folder = target if spec.file_name is None else target.parent
+    made = _claim_folder(folder, fmt)
+    try:
+        return spec.write(out_dir, target, options)
+    except RunOutputError:
+        if made and [p.name for p in folder.iterdir()] == [EXPORT_MARKER]:  # nothing written: leave no trace
+            (folder / EXPORT_MARKER).unlink()
+            folder.rmdir()
+        raise
+
+
+def _claim_folder(folder: Path, fmt: str) -> bool:
+    """Mark ``folder`` as an export of ``fmt`` before anything is written there; refuse a non-empty folder that
+    m3t-gen did not export into, or one that holds another format's export (files of one name would be
+    overwritten, or two layouts mixed). Returns whether the folder was made here."""
+    marker = folder / EXPORT_MARKER
+    made = not folder.exists()
+    if not made and any(folder.iterdir()):
+        try:
+            earlier = json.loads(marker.read_bytes()).get("format")
+        except (OSError, ValueError, AttributeError):
+            raise RunOutputError(f"--to {folder}: a non-empty folder that m3t-gen did not export into (no "
+                                 f"{EXPORT_MARKER}); refusing to overwrite files there: give a new or empty "
+                                 f"folder") from None
+        if earlier != fmt:
+            raise RunOutputError(f"--to {folder}: holds an m3t-gen {earlier} export; refusing to write a {fmt} "
+                                 f"export over it: give a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(marker, json.dumps({"tool": "m3t-gen", "format": fmt}).encode())
+    return made
 
 
 def _make_dirs(target: Path) -> Path:

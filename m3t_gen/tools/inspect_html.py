@@ -10,19 +10,24 @@ generated text) is untrusted: the template autoescapes every value, and URLs are
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
 from m3t_gen.storage.store import atomic_write_bytes
-from m3t_gen.tools.run_reader import find_images, iter_samples, iter_triplets, read_manifest, triplet_files
+from m3t_gen.tools.run_reader import (RunOutputError, find_images, iter_samples, iter_triplets, read_manifest,
+                                      refuse_inside_run, triplet_files)
 
 THUMB = 320
+# In every page's head: an existing file is overwritten only when it carries this (an earlier page of inspect).
+GENERATOR = '<meta name="generator" content="m3t-gen inspect">'
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+""" + GENERATOR + """
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
 <title>m3t-gen: {{ name }}</title>
 <style>
@@ -275,7 +280,23 @@ def render_html(out_dir: Path, n: int = 24) -> str:
 def write_html(out_dir: Path, html_path: Path, n: int = 24) -> Path:
     """Write the page for the finished run in ``out_dir`` to ``html_path``; returns ``html_path``."""
     html_path = Path(html_path)
+    refuse_inside_run(html_path, "--html")
+    _refuse_foreign_file(html_path)
     text = render_html(out_dir, n)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(html_path, text.encode("utf-8", errors="replace"))
     return html_path
+
+
+def _refuse_foreign_file(path: Path) -> None:
+    """An existing file is replaced only when it is an earlier page of this command (its generator tag says so)."""
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096) if path.is_file() else b""
+    except OSError:
+        head = b""
+    if GENERATOR.encode() not in head:
+        raise RunOutputError(f"--html {path}: exists and is not a page m3t-gen inspect wrote; refusing to "
+                             f"overwrite it: give a new file name")

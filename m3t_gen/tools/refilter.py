@@ -1,9 +1,15 @@
 """`m3t-gen refilter OUT --set filter.x=...`: apply new thresholds to a finished run without re-scoring.
 
 Every scored sample of the run is in OUT/shards (kept) or OUT/filtered (rejected by the filter), with its scores
-and all its turns. Refilter replays them through the same `apply_filter` and the same `OutputWriter` into a new
-directory, carries the earlier stages' rejections over from OUT/rejects, and swaps the directories when done:
-the result is what a fresh run with the new thresholds would have written.
+and all its turns. Refilter replays them through the same `apply_filter` and the same `OutputWriter`, carries the
+earlier stages' rejections over from OUT/rejects, and swaps the new results in: the output is then what a fresh
+run with the new thresholds would have written.
+
+It writes nowhere but inside OUT, and there only into its own working folder (OUT/.m3t-gen-refilter, made by it
+and marked so) and the names it rewrites. The new results are built in ``work/new``; the swap moves each
+rewritten name's old version to ``work/old`` and the new one into place, then writes the manifest, then marks the
+work done. A refilter killed on the way leaves the working folder: the next refilter rolls an unfinished swap
+back (or drops an unfinished build) and starts over. A folder of that name that m3t-gen did not make is refused.
 """
 
 from __future__ import annotations
@@ -27,18 +33,65 @@ from m3t_gen.run.writer import OutputWriter, row_from_sample
 from m3t_gen.tools.run_reader import iter_tar
 
 
+WORK_DIR = ".m3t-gen-refilter"  # inside the output: refilter's working folder, and only refilter's
+WORK_MARKER = ".m3t-gen"        # in the working folder, written first: the proof that refilter made it
+WORK_STATE = "state.json"       # {"step": "swap" | "done", "new": [names the new results have]}
+# What a refilter rewrites at the top of the output (the manifest last, on its own); the card described the old
+# results and goes. Everything else (the CIR results, the pool, anything m3t-gen did not write) stays in place.
+SWAPPED = ("shards", "filtered", "index", "rejects", "stats", OWNER_FILE, "README.md", "card")
+
+
 def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
     manifest_path = out / "manifest.json"
     if not manifest_path.exists():
         raise ConfigError(f"{out}: no manifest.json (not a finished m3t-gen run)")
+    _refuse_foreign_work_dir(out)  # before the lock file is made: nothing is written next to a stranger's folder
     try:
         lock = lock_output(Store(out), "refilter")  # not while a run (or another refilter) writes it
     except OutputBusy as e:
         raise ConfigError(str(e)) from None
     try:
+        _recover(out)
         return _refilter_held(out, overrides, manifest_path)
     finally:
         lock.release()
+
+
+def _refuse_foreign_work_dir(out: Path) -> None:
+    """The working folder is refilter's when it holds the marker, or is empty (killed between making it and
+    marking it: removing an empty folder loses nothing); anything else of that name is someone else's."""
+    work = out / WORK_DIR
+    if not os.path.lexists(work):
+        return
+    if work.is_symlink() or not work.is_dir() or not ((work / WORK_MARKER).is_file() or not any(work.iterdir())):
+        raise ConfigError(f"{work}: exists and m3t-gen did not make it (no {WORK_MARKER} in it); refilter works "
+                          f"there and will not touch it: move it away")
+
+
+def _recover(out: Path) -> None:
+    """Clean up after a refilter that was killed: an unfinished build goes; an unfinished swap is rolled back (each
+    name gets its old version back, the manifest too), so the output is the run as it was before that refilter."""
+    work = out / WORK_DIR
+    if not work.exists():
+        return
+    state_path = work / WORK_STATE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"step": "build"}
+    if state["step"] == "swap":
+        for name in ("manifest.json",) + SWAPPED:
+            moved_in = name in state["new"] and not os.path.lexists(work / "new" / name)
+            if moved_in:
+                Store(out).remove(name)  # the new version, half-way through the swap
+            if os.path.lexists(work / "old" / name):
+                os.replace(work / "old" / name, out / name)
+    shutil.rmtree(work)
+
+
+def _start_work(out: Path) -> Path:
+    work = out / WORK_DIR
+    work.mkdir()
+    atomic_write_bytes(work / WORK_MARKER, json.dumps({"tool": "m3t-gen", "command": "refilter",
+                                                       "pid": os.getpid()}).encode())
+    return work
 
 
 def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict[str, Any]:
@@ -55,9 +108,8 @@ def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict
                      model_names=manifest["models"])
     stats_files = sorted((out / "stats").glob("*.json"))
     sources = {json.loads(p.read_text())["shard"]: json.loads(p.read_text())["source"] for p in stats_files}
-    new = out.with_name(out.name + ".refilter.tmp")
-    if new.exists():
-        shutil.rmtree(new)
+    work = _start_work(out)
+    new = work / "new"
     writer = OutputWriter(new, ctx, sources)
     for path in stats_files:
         stats = json.loads(path.read_text())
@@ -95,25 +147,28 @@ def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict
     manifest.update(config=cfg.model_dump(mode="json", by_alias=True), config_hash=ctx.config_hash,
                     totals=summary["totals"], stages=summary["stages"], refilters=history)
     write_owner_file(new, cfg)
-    # Everything else in the output comes along: the CIR results (not refiltered) and anything m3t-gen did not
-    # write. The card (README.md, card/) described the old results and is not carried.
-    rewritten = {"shards", "filtered", "index", "rejects", "stats", "manifest.json", OWNER_FILE, LOCK_FILE,
-                 "README.md", "card"}
-    for entry in out.iterdir():
-        if entry.name in rewritten or entry.name.endswith(".tmp"):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True, dirs_exist_ok=True)
-        else:
-            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
-    # The quality report of what the refilter kept (the CIR part, carried over above, included).
-    manifest["quality"] = timed_quality_report(Store(new), manifest["config"], lambda _msg: None)
-    atomic_write_bytes(new / "manifest.json", json.dumps(manifest, indent=1).encode())
-    old = out.with_name(out.name + ".old.tmp")
-    os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old)
+    _swap(out, work)
+    # The quality report of what the refilter kept (the CIR part, left in place, included).
+    manifest["quality"] = timed_quality_report(Store(out), manifest["config"], lambda _msg: None)
+    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(work / WORK_STATE, json.dumps({"step": "done"}).encode())
+    shutil.rmtree(work)
     return manifest
+
+
+def _swap(out: Path, work: Path) -> None:
+    """Each rewritten name: its old version to work/old, its new one into place; the manifest is kept as it was
+    (a copy in work/old) until the caller writes the new one. The state file first, so a crash can be undone."""
+    old, new = work / "old", work / "new"
+    old.mkdir()
+    shutil.copy2(out / "manifest.json", old / "manifest.json")
+    atomic_write_bytes(work / WORK_STATE, json.dumps({"step": "swap", "new": [
+        name for name in SWAPPED if os.path.lexists(new / name)]}).encode())
+    for name in SWAPPED:
+        if os.path.lexists(out / name):
+            os.replace(out / name, old / name)
+        if os.path.lexists(new / name):
+            os.replace(new / name, out / name)
 
 
 def refilter_remote(location: str, overrides: list[str]) -> dict[str, Any]:

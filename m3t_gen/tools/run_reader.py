@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +23,35 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RunOutputError(f"{path}: unreadable manifest ({e})") from None
+
+
+def run_output_around(path: Path) -> Path | None:
+    """The m3t-gen run output that holds ``path`` (the folder itself or one above it, links resolved), if any:
+    a folder with m3t-gen's owner file (a run under way) or its manifest (a JSON object with a config hash)."""
+    from m3t_gen.run.pipeline import OWNER_FILE
+
+    here = Path(os.path.realpath(path))
+    for folder in (here, *here.parents):
+        if (folder / OWNER_FILE).is_file() or _is_manifest(folder / "manifest.json"):
+            return folder
+    return None
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "config_hash" in data
+
+
+def refuse_inside_run(path: Path, option: str) -> None:
+    """A tool writes its page or export outside every run output (the one it reads included): inside, it would
+    overwrite the run's own files (its manifest, its triplet parts) or mix its files into the run's."""
+    root = run_output_around(path)
+    if root is not None:
+        raise RunOutputError(f"{option} {path}: inside the m3t-gen run output {root}; refusing to write there "
+                             f"(it would overwrite or mix with the run's files): choose a path outside it")
 
 
 def tar_paths(out_dir: Path, sub: str = "shards") -> list[Path]:
