@@ -19,7 +19,6 @@ class TurnType:
     instruction: str  # what the writer is asked for (the dialogue template lists it per turn)
     target_is_caption: bool = False  # the target is the dense description (not written by the two-stage writer)
     scored: Literal["target", "query and target"] = "query and target"  # what CLIP compares with the image
-    default_count: int = 1
     answer_check: bool = False  # the judge's answerability check answers its query and compares with the target
 
 
@@ -28,13 +27,16 @@ TURN_TYPES: dict[str, TurnType] = {t.name: t for t in (
              "three words", scored="target"),
     TurnType("retrieval", "a search query someone would type to find exactly this image; its target is the "
              "description", target_is_caption=True, scored="target"),
-    TurnType("vqa_holistic", "a question about the scene as a whole; the target is its short answer", default_count=2, answer_check=True),
+    TurnType("vqa_holistic", "a question about the scene as a whole; the target is its short answer", answer_check=True),
     TurnType("vqa_localized", "a question about one specific object, region or detail; the target is its short "
-             "answer", default_count=2, answer_check=True),
+             "answer", answer_check=True),
     TurnType("vqa_creative", "an imaginative question still grounded in what is visible; the target is its answer", answer_check=True),
 )}
 TURN_TYPE_NAMES = tuple(TURN_TYPES)
-DEFAULT_MIX: dict[str, int] = {t.name: t.default_count for t in TURN_TYPES.values()}  # the MuCo mix: 7 pairs
+# The published mix (MuCo, M3T: 7 pairs per image), written out: a type added to the table above changes no
+# default, no config hash and no export until a config's dialogue.mix asks for it.
+DEFAULT_MIX: dict[str, int] = {"classification": 1, "retrieval": 1, "vqa_holistic": 2, "vqa_localized": 2,
+                               "vqa_creative": 1}
 CAPTION_TURN = next(t.name for t in TURN_TYPES.values() if t.target_is_caption)
 
 
