@@ -252,10 +252,11 @@ def load_bank(store, rels: list[str], run_seed: int, num_cpus: float = 1) -> Ban
                 sizes=ray.get(list(cols[4])))
 
 
-def _mine_block(block, offset: int, seeds, bank: list[tuple[int, Any]], spec: PairingSpec, use_gpu: bool,
-                tile_rows: int) -> PairArrays:
-    """One Ray task: the best max_rank neighbours of ``block`` (pool rows offset..offset+len) among the whole bank
-    (tiles fetched one at a time from the object store), then the band, the window and the draw."""
+def _mine_block(shard: np.ndarray, shard_seeds: np.ndarray, start: int, end: int, offset: int,
+                bank: list[tuple[int, Any]], spec: PairingSpec, use_gpu: bool, tile_rows: int) -> PairArrays:
+    """One Ray task: the best max_rank neighbours of a block of references (rows start..end of a pool shard whose
+    first row is pool row ``offset``; the shard arrives zero-copy from the object store) among the whole bank
+    (tiles fetched one at a time), then the band, the window and the draw."""
     import ray
 
     from m3t_gen.run.knn import device_for, exact_topk
@@ -268,9 +269,10 @@ def _mine_block(block, offset: int, seeds, bank: list[tuple[int, Any]], spec: Pa
             del tile
 
     device = device_for(use_gpu)
-    rows = np.arange(offset, offset + len(block))
-    sims, nbrs = exact_topk(block, rows, tiles, spec.max_rank, device=device, precision=first_rung(spec, device))
-    return select_pairs(sims, nbrs, seeds, rows, spec)
+    rows = np.arange(offset + start, offset + end)
+    sims, nbrs = exact_topk(shard[start:end], rows, tiles, spec.max_rank, device=device,
+                            precision=first_rung(spec, device))
+    return select_pairs(sims, nbrs, shard_seeds[start:end], rows, spec)
 
 
 def first_rung(spec: PairingSpec, device: str) -> str:
@@ -292,15 +294,8 @@ def mine_pool(bank: Bank, spec: PairingSpec) -> PairArrays:
     res = spec.resources
     tiles = list(zip(bank.offsets, bank.image))
     mine = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)(_mine_block)
-    take = ray.remote(num_cpus=0, num_returns=2)(_rows)
-    tasks = []
-    for offset, size, emb, seeds in zip(bank.offsets, bank.sizes, bank.image, bank.seeds):
-        for start in range(0, size, res.block_rows):
-            block, block_seeds = take.remote(emb, seeds, start, min(start + res.block_rows, size))
-            tasks.append(mine.remote(block, offset + start, block_seeds, tiles, spec, bool(res.num_gpus),
-                                     res.tile_rows))
+    tasks = [mine.remote(emb, seeds, start, min(start + res.block_rows, size), offset, tiles, spec,
+                         bool(res.num_gpus), res.tile_rows)
+             for offset, size, emb, seeds in zip(bank.offsets, bank.sizes, bank.image, bank.seeds)
+             for start in range(0, size, res.block_rows)]
     return PairArrays.concat(ray.get(tasks))
-
-
-def _rows(emb: np.ndarray, seeds: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-    return emb[start:end], seeds[start:end]
