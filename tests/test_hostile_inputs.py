@@ -432,20 +432,25 @@ def test_a_conversion_that_fails_is_that_samples_reason_not_the_runs(tmp_path, m
     assert json.loads(rows["a"]["reject_detail"])["mode"] == "I;16B"
 
 
-def _pipeline_config(tmp_path, paths, **reward_bank):
+def _pipeline_yaml(tmp_path, paths, **reward_bank):
+    """The small-shard pipeline over ``paths`` (images from 64 px), ``reward.self_retrieval`` updated."""
     from pathlib import Path
 
     import yaml
 
-    from m3t_gen.config import load_config
-
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipelines" / "smoke.yaml").read_text())
     data["input"] = {"format": "webdataset", "paths": [str(p) for p in paths]}
-    data["read"] = {"min_side": 64}
+    data["read"]["min_side"] = 64
     data["reward"].setdefault("self_retrieval", {}).update(reward_bank)
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(yaml.safe_dump(data))
-    return load_config(pipeline)
+    return pipeline
+
+
+def _pipeline_config(tmp_path, paths, **reward_bank):
+    from m3t_gen.config import load_config
+
+    return load_config(_pipeline_yaml(tmp_path, paths, **reward_bank))
 
 
 def test_distractor_bank_skips_what_it_cannot_use_and_says_when_nothing_is_left(tmp_path):
@@ -796,3 +801,22 @@ def test_hostile_shards_through_a_run_every_entry_accounted_and_visible(tmp_path
 
     text = (out / "README.md").read_text()
     assert f"| {md('text_not_utf8')} | 1 |" in text and f"| {md('fake-000000')} | damaged tar" in text
+
+
+@pytest.mark.slow
+def test_a_bank_without_a_readable_image_ends_the_run_with_one_line(tmp_path):
+    """Starts Ray, no engine: the bank is read on the driver before any stage (issue 25: a traceback before)."""
+    import subprocess
+    import sys
+
+    good = tmp_path / "in-000000.tar"
+    good.write_bytes(_tar([_member("a.jpg", GOOD)]))
+    bad = tmp_path / "bank-000000.tar"
+    bad.write_bytes(_tar([_member("x.jpg", b"<html>"), _member("y.tif", _encoded(_gradient("I;16B"), "TIFF")[:200])]))
+    pipeline = _pipeline_yaml(tmp_path, [good], bank=[str(bad)])
+    proc = subprocess.run([sys.executable, "-m", "m3t_gen.cli", "run", str(pipeline), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in errors if "reward.self_retrieval.bank: no readable image in 1 input(s)" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
