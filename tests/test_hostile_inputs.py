@@ -541,7 +541,8 @@ def test_names_that_are_not_utf8_are_escaped_reversibly_and_written(tmp_path, sm
         _member("ok.jpg", GOOD), _member("ok.json", b'{"url": "\\udcff"}'),  # a lone surrogate in JSON
     ]))
     rows, _, all_rows = _read(path, "webdataset")
-    assert {k: _outcome(r) for k, r in rows.items()} == {"caf\\xe9": "ok", "lien\\xe9": "not_a_regular_file", "ok": "ok"}
+    assert {k: _outcome(r) for k, r in rows.items()} == {
+        "caf\\xe9": "ok", "lien\\xe9": "not_a_regular_file", "ok": "ok"}
     assert name_bytes("caf\\xe9") == b"caf\xe9" and rows["caf\\xe9"]["flags"] == ["name_not_utf8", "text_not_utf8"]
     assert json.loads(rows["lien\\xe9"]["reject_detail"])["target"] == "/tmp/\\xff"
     assert rows["ok"]["flags"] == ["json_invalid"] and rows["ok"]["meta"] is None
@@ -632,7 +633,8 @@ prepare_image(buf.getvalue(), spec)  # imports and plugins loaded before the bas
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
 rows = list(read_shard(path, "s", InputSpec(format=fmt, paths=[path]), spec, None))
-print(json.dumps({"seconds": time.perf_counter() - t, "rss_growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before,
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": time.perf_counter() - t, "rss_growth": peak - before,
                   "rows": [[r["source_key"], r["status"], r["reject_reason"], r["reject_detail"]] for r in rows[:-1]],
                   "shard_rows": rows[-1]["shard_rows"], "detail": json.loads(rows[-1]["reject_detail"] or "{}")}))
 """
@@ -676,6 +678,24 @@ def test_a_gzip_bomb_is_rejected_while_streaming_in_bounded_memory(tmp_path):
     out = _read_in_child(path)
     assert out["rows"] == [] and "extended header" in out["detail"]["errors"][0]
     assert out["rss_growth"] < 100 << 20, out
+
+
+@pytest.mark.parametrize("ext", ["gz", "xz"])
+def test_a_cut_compressed_tar_keeps_the_members_before_the_cut(tmp_path, ext):
+    import gzip
+    import lzma
+
+    compress = {"gz": gzip.compress, "xz": lzma.compress}[ext]
+    raw = _tar([_member(f"{i}.jpg", GOOD + os.urandom(20_000)) for i in range(4)])  # random tails: no dedup
+    path = tmp_path / f"cut-000000.tar.{ext}"
+    whole = compress(raw)
+    path.write_bytes(whole)
+    rows, detail, _ = _read(path, "webdataset")
+    assert [_outcome(r) for r in rows.values()] == ["ok"] * 4 and not detail
+    path.write_bytes(whole[: int(len(whole) * 0.7)])
+    rows, detail, _ = _read(path, "webdataset")
+    assert {k: _outcome(r) for k, r in rows.items()} == {"0": "ok", "1": "ok", "2": "damaged_member"}
+    assert detail["errors"][0].startswith("damaged tar: EOFError")
 
 
 def test_member_and_sample_budgets_in_every_format(tmp_path):
@@ -814,8 +834,8 @@ def test_a_bank_without_a_readable_image_ends_the_run_with_one_line(tmp_path):
     bad = tmp_path / "bank-000000.tar"
     bad.write_bytes(_tar([_member("x.jpg", b"<html>"), _member("y.tif", _encoded(_gradient("I;16B"), "TIFF")[:200])]))
     pipeline = _pipeline_yaml(tmp_path, [good], bank=[str(bad)])
-    proc = subprocess.run([sys.executable, "-m", "m3t_gen.cli", "run", str(pipeline), "--output", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "m3t_gen.cli", "run", str(pipeline), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [line for line in errors if "reward.self_retrieval.bank: no readable image in 1 input(s)" in line]

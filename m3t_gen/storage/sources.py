@@ -60,7 +60,7 @@ class ShardReport:
         return out or None
 
 
-Reader = Callable[[str, InputSpec, ShardReport, "ReadSpec | None"], Iterator[RawSample]]
+Reader = Callable[[str, InputSpec, ShardReport, ReadSpec | None], Iterator[RawSample]]
 
 
 class EntryProblem(Exception):
@@ -264,6 +264,33 @@ class _Prefixed:
         return data
 
 
+class _UpToError:
+    """A decompressed stream whose reads hand over what came before a decompression error (a cut or corrupt
+    .tar.gz) and raise it on the next read: tarfile reads ahead TAR_BUFFER bytes, and the members before the
+    damage must not be lost with that read."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.error = inner, None
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.error is not None:
+            raise self.error
+        chunks, got = [], 0
+        while size is None or size < 0 or got < size:
+            try:
+                chunk = self.inner.read1(TAR_BUFFER if size is None or size < 0 else size - got)
+            except STREAM_ERRORS as e:
+                self.error = e
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if not chunks and self.error is not None:
+            raise self.error
+        return b"".join(chunks)
+
+
 def _tar_bytes(stream: Any) -> Any:
     """The tar inside a plain, gzip, bzip2 or xz stream. Decompressed here, not by tarfile's stream mode: that
     inflates whatever one read of the compressed file holds at once (1 MB of a gzip of zeros is 1 GB), while
@@ -272,7 +299,7 @@ def _tar_bytes(stream: Any) -> Any:
     whole = _Prefixed(head, stream)
     for magic, reader in _COMPRESSED:
         if head.startswith(magic):
-            return reader(whole)
+            return _UpToError(reader(whole))
     return whole
 
 
