@@ -207,6 +207,12 @@ class ReadSpec(Strict):
         "encoders tile them into thousands of tokens or refuse them)")
     max_side: int | None = Field(None, ge=16, description="downscale so the longer side is at most this")
     max_text_chars: int = Field(2000, ge=1, description="alt-text longer than this is truncated and flagged")
+    max_member_bytes: int = Field(
+        64 * 2**20, ge=1, description="a tar member, file or parquet image larger than this is rejected unread "
+        "(member_too_large): bombs such as sparse or gzip-of-zeros members")
+    max_sample_bytes: int = Field(
+        128 * 2**20, ge=1, description="the members of one sample (image, caption, metadata) together; more is "
+        "rejected (sample_too_large)")
     jpeg_quality: int = Field(92, ge=1, le=100)
     dedupe: DedupeSpec = Field(default_factory=DedupeSpec)
     num_cpus: float = Field(1, gt=0, description="CPUs per read task (one task per input shard at a time)",

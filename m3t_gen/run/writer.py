@@ -23,6 +23,7 @@ from m3t_gen import __version__
 from m3t_gen.rows import MARKER, OK, REJECTED, compact, worker_counts
 from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.filter import JUDGED_FIELDS, FilterStage, verdict_of
+from m3t_gen.storage.sources import escape_name
 from m3t_gen.storage.store import Store
 
 INDEX_ROW_GROUP = 1000  # small row groups: the HF dataset viewer fails on big ones
@@ -170,7 +171,8 @@ class OutputWriter:
     def __init__(self, out: Store | Path, ctx: RunContext, shard_sources: dict[str, str]) -> None:
         self.store = out if isinstance(out, Store) else Store(out)
         self.ctx = ctx
-        self.sources = shard_sources
+        # Paths as the index, rejects and stats hold them: UTF-8 text (a file name need not be; escape_name).
+        self.sources = {shard: escape_name(path) for shard, path in shard_sources.items()}
         self.per_tar = ctx.config.output.samples_per_tar
         self.open: dict[str, _ShardState] = {}
         self.finished: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from m3t_gen.config import InputSpec, ReadSpec
 from m3t_gen.rows import MARKER, add_timing, new_row, reject, to_table
-from m3t_gen.storage.images import strip_jpeg_metadata, to_rgb
+from m3t_gen.storage.images import PixelProblem, strip_jpeg_metadata, to_rgb
 from m3t_gen.storage.sources import FORMATS, ShardReport, parse_meta
 
 NAME = "read"
@@ -53,11 +53,15 @@ def _decode_failure(raw: bytes, exc: Exception) -> tuple[str, dict[str, Any]]:
     return "decode_error", detail
 
 
+JPEG_MAX_SIDE = 65_535  # the JPEG format's limit on either side
+
+
 def prepare_image(raw: bytes, spec: ReadSpec, flags: list[str] | None = None
                   ) -> tuple[dict[str, Any] | None, str | None, dict[str, Any]]:
-    """Decode and validate one image. Returns (fields, None, {}) or (None, reason, detail). The output image
-    carries no metadata: a JPEG kept as it came loses its metadata segments losslessly (flag
-    ``metadata_stripped``), a re-encoded one is written without any."""
+    """Decode and validate one image. Returns (fields, None, {}) or (None, reason, detail): whatever the bytes
+    (any mode, any size, NaN pixels), a reason, never an exception. The output image carries no metadata: a JPEG
+    kept as it came loses its metadata segments losslessly (flag ``metadata_stripped``), a re-encoded one is
+    written without any."""
     flags = [] if flags is None else flags
     if not raw:
         return None, "empty_file", {"bytes": 0}
@@ -66,12 +70,9 @@ def prepare_image(raw: bytes, spec: ReadSpec, flags: list[str] | None = None
             warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings
             img = Image.open(io.BytesIO(raw))
             width, height = img.size  # header only: checked before any pixel is decoded
-            if width * height > spec.max_pixels:
-                return None, "too_many_pixels", {"width": width, "height": height, "max_pixels": spec.max_pixels}
-            ratio = max(width, height) / max(1, min(width, height))
-            if spec.max_aspect_ratio and ratio > spec.max_aspect_ratio:
-                return None, "extreme_aspect_ratio", {"width": width, "height": height, "ratio": round(ratio, 2),
-                                                      "max_aspect_ratio": spec.max_aspect_ratio}
+            refused = _refuse_by_size(width, height, spec)
+            if refused:
+                return None, *refused
             fmt = img.format
             img.load()
             # exif_transpose returns a copy even when there is nothing to do: only call it when needed.
@@ -82,13 +83,40 @@ def prepare_image(raw: bytes, spec: ReadSpec, flags: list[str] | None = None
     except Exception as e:  # PIL raises many types for corrupt/truncated/non-image data
         reason, detail = _decode_failure(raw, e)
         return None, reason, detail
+    try:
+        return _output_image(raw, img, oriented, fmt, spec, flags)
+    except PixelProblem as e:
+        return None, e.reason, e.detail
+    except Exception as e:  # a mode Pillow cannot convert, an encoder's refusal: this sample's, not the run's
+        return None, "encode_error", {"error": f"{type(e).__name__}: {str(e)[:200]}", "mode": img.mode,
+                                      "width": width, "height": height}
 
+
+def _refuse_by_size(width: int, height: int, spec: ReadSpec) -> tuple[str, dict[str, Any]] | None:
+    """What the header's size alone rules out: too many pixels, too elongated, or too long a side for a JPEG
+    after ``max_side``."""
+    if width * height > spec.max_pixels:
+        return "too_many_pixels", {"width": width, "height": height, "max_pixels": spec.max_pixels}
+    ratio = max(width, height) / max(1, min(width, height))
+    if spec.max_aspect_ratio and ratio > spec.max_aspect_ratio:
+        return "extreme_aspect_ratio", {"width": width, "height": height, "ratio": round(ratio, 2),
+                                        "max_aspect_ratio": spec.max_aspect_ratio}
+    longest = min(max(width, height), spec.max_side or max(width, height))
+    if longest > JPEG_MAX_SIDE:
+        return "too_large_for_jpeg", {"width": width, "height": height, "max_jpeg_side": JPEG_MAX_SIDE,
+                                      "max_side": spec.max_side}
+    return None
+
+
+def _output_image(raw: bytes, img: Image.Image, oriented: Image.Image, fmt: str | None, spec: ReadSpec,
+                  flags: list[str]) -> tuple[dict[str, Any] | None, str | None, dict[str, Any]]:
+    """A decoded image -> the output JPEG and its fields: RGB, upright, within ``max_side``, no metadata."""
     needs_encode = fmt != "JPEG" or img.mode != "RGB"
     if oriented is not img:
         needs_encode = True
         img = oriented
     if img.mode != "RGB":
-        img = to_rgb(img)
+        img = to_rgb(img, flags)
     if max(img.size) < spec.min_side:
         return None, "too_small", {"width": img.width, "height": img.height, "min_side": spec.min_side}
     if spec.max_side and max(img.size) > spec.max_side:
@@ -127,7 +155,7 @@ def read_shard(path: str, shard: str, input_spec: InputSpec, spec: ReadSpec,
     report = ShardReport()
     count = 0
     started = time.perf_counter()
-    for sample in FORMATS[input_spec.format](path, input_spec, report):
+    for sample in FORMATS[input_spec.format](path, input_spec, report, spec):
         if limit is not None and count >= limit:
             break
         flags: list[str] = list(sample.get("flags") or [])

@@ -12,13 +12,14 @@ Each image is embedded once: the embedding serves every text of its sample.
 from __future__ import annotations
 
 import io
+from collections import Counter
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from m3t_gen.clip import ClipEmbedder
-from m3t_gen.config import PipelineConfig
+from m3t_gen.config import ConfigError, PipelineConfig
 from m3t_gen.scoring import pick_distractors, self_retrieval
 from m3t_gen.seeds import derive_seed
 from m3t_gen.stages.base import RunContext, Stage
@@ -32,26 +33,37 @@ def _r(x: float) -> float:
 
 def bank_images(cfg: PipelineConfig) -> tuple[list[str], list[bytes]]:
     """The self-retrieval distractor bank: the first ``bank_size`` distinct readable images of the configured
-    bank (or of the run's input), as (source sha256s, JPEG bytes). Built once per run."""
+    bank (or of the run's input), as (source sha256s, JPEG bytes). Built once per run, through the reader: an
+    image it cannot use is skipped, within the same byte budgets.
+
+    A configured bank without one readable image is a config error (one line, exit 2). The run's own input
+    without one is not: then no sample can reach the reward stage either, and the run ends with every sample
+    rejected with its reason; the bank is empty (self-retrieval against no distractor: rank 1)."""
     from m3t_gen.stages.read import read_shard
     from m3t_gen.storage.sources import expand_inputs
 
     sr = cfg.reward.self_retrieval
     if sr.bank:
         cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"paths": sr.bank})})
+    shards = expand_inputs(cfg, label="reward.self_retrieval.bank" if sr.bank else "input.paths")
     shas: list[str] = []
     images: list[bytes] = []
-    for shard in expand_inputs(cfg):
+    reasons: Counter = Counter()
+    for shard in shards:
         for row in read_shard(shard.path, shard.shard, cfg.input, cfg.read, None):
             if row["status"] == "ok" and row["source_sha256"] not in shas:
                 shas.append(row["source_sha256"])
                 images.append(row["image"])
+            elif row["status"] == "rejected":
+                reasons[row["reject_reason"]] += 1
             if len(images) >= sr.bank_size:
                 break
         if len(images) >= sr.bank_size:
             break
-    if not images:
-        raise ValueError("self-retrieval: the distractor bank has no readable image")
+    if not images and sr.bank:
+        seen = ", ".join(f"{n} {r}" for r, n in reasons.most_common(3)) or "no entries"
+        raise ConfigError(f"reward.self_retrieval.bank: no readable image in {len(shards)} input(s) ({seen}); "
+                          "give other bank paths, or leave bank unset to draw distractors from the run's input")
     return shas, images
 
 
@@ -79,9 +91,11 @@ class RewardStage(Stage):
                 shas, images = ray.get(ctx.shared["reward_bank"])
             else:
                 shas, images = bank_images(ctx.config)
-            pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+            pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]  # the reader's own JPEGs
             self.bank_shas = shas
-            self.bank = np.concatenate([self.clip.embed_images(pil[i:i + 64]) for i in range(0, len(pil), 64)])
+            # Empty only when the run's input has no readable image (bank_images): then no row comes here.
+            self.bank = np.concatenate([self.clip.embed_images(pil[i:i + 64]) for i in range(0, len(pil), 64)]
+                                       ) if pil else np.zeros((0, 0), np.float32)
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         # Images were embedded once by the embed stage; the caption's embedding is reused too.

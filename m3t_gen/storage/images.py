@@ -4,7 +4,9 @@ reader, the OpenAI backend's data URLs, the card and the inspector."""
 from __future__ import annotations
 
 import io
+from typing import Any
 
+import numpy as np
 from PIL import Image
 
 
@@ -65,20 +67,53 @@ def strip_jpeg_metadata(data: bytes) -> bytes | None:
     return None  # no end-of-image marker
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for any mode: transparency flattened onto white (black would read as content), 16/32-bit greyscale
-    scaled from its actual range."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
+class PixelProblem(ValueError):
+    """Pixels that cannot become an image (not one finite value): carries the rejection reason and its detail."""
+
+    def __init__(self, reason: str, **detail: Any) -> None:
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")  # La / RGBa: alpha premultiplied
+_ROWS_PER_BLOCK = 1024  # greyscale scaling in row blocks: a float copy of a whole 89-Mpx image would be ~700 MB
+
+
+def to_rgb(img: Image.Image, flags: list[str] | None = None) -> Image.Image:
+    """RGB for any mode: transparency flattened onto white (black would read as content), 16/32-bit integer and
+    float greyscale (TIFF ``I;16B``, ``I``, ``F``...) scaled from its actual range. NaN and infinite pixels
+    (float images) are set to the ends of the finite range and flagged ``nonfinite_pixels`` in ``flags``; an
+    image without one finite pixel raises PixelProblem. A mode Pillow cannot convert raises ValueError."""
+    if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")  # Pillow has no La -> RGBA
         flat = Image.new("RGB", rgba.size, (255, 255, 255))
         flat.paste(rgba, mask=rgba.getchannel("A"))
         return flat
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit / 32-bit greyscale: scale the actual range to 8 bits (a plain convert clips to 255).
-        lo, hi = img.getextrema()
-        scale = 255.0 / max(hi - lo, 1)
-        return img.point(lambda v: (v - lo) * scale).convert("L").convert("RGB")
+    if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;"):
+        return Image.fromarray(_grey_to_8bit(np.asarray(img), flags), "L").convert("RGB")
     return img.convert("RGB")
+
+
+def _grey_to_8bit(arr: np.ndarray, flags: list[str] | None) -> np.ndarray:
+    """Wide greyscale (any byte order) -> uint8, its finite range stretched to 0..255 (a plain convert clips
+    16-bit values to 255 and turns NaN into black)."""
+    if arr.dtype.kind == "f":
+        finite = np.isfinite(arr)
+        bad = int(arr.size - np.count_nonzero(finite))
+        if bad == arr.size:
+            raise PixelProblem("no_finite_pixels", pixels=arr.size)
+        if bad:
+            lo, hi = float(arr[finite].min()), float(arr[finite].max())
+            arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+            if flags is not None:
+                flags.append("nonfinite_pixels")
+    lo, hi = float(arr.min()), float(arr.max())
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    out = np.empty(arr.shape, np.uint8)
+    for start in range(0, arr.shape[0], _ROWS_PER_BLOCK):
+        block = arr[start:start + _ROWS_PER_BLOCK].astype(np.float64)
+        out[start:start + _ROWS_PER_BLOCK] = np.clip(np.rint((block - lo) * scale), 0, 255)
+    return out
 
 
 def thumbnail_jpeg(image: bytes, side: int, quality: int = 85) -> bytes:
