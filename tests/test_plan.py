@@ -223,3 +223,32 @@ def test_reasoning_budget_is_planned_as_output():
     plain = by_stage(plan(M3T, "--images", "1000", "--set", "dialogue.model.reasoning=null"))["dialogue"]
     assert with_budget == pytest.approx(min(plain["output_tokens_per_image"] + 1024, 3072))
     assert with_budget > plain["output_tokens_per_image"]
+
+
+def test_every_model_stage_owns_its_estimate():
+    """plan has no per-stage branch: each stage with a model answers Stage.estimate itself (a new stage without
+    one fails here), for every recipe and variant the bundled pipelines cover."""
+    from m3t_gen.config import load_config
+    from m3t_gen.run.recipe import STAGES, enabled
+    from m3t_gen.stages.estimate import Estimating
+
+    variants = [(M3T, []), (CIR, []), (SMOKE, []), (M3T, ["dialogue.source=image"]),
+                (SMOKE, ["judge.answerability=false"]), (CIR, ["cir.modify.source=images"])]
+    seen = set()
+    for path, overrides in variants:
+        cfg = load_config(path, overrides)
+        est = Estimating(cfg, 1024, 28, 1.0, {})
+        for stage in (s for s in enabled(cfg) if s.model_role):
+            work = stage.estimate(est)
+            assert work is not None and work.items_per_image > 0, stage.name
+            assert work.output > 0 if work.generates else work.output == 0, stage.name
+            est.work[stage.name] = work
+            seen.add(stage.name)
+    assert seen == {s.name for s in STAGES.values() if s.model_role}
+
+
+def test_single_stage_plan_counts_the_image_not_a_caption():
+    single = by_stage(plan(M3T, "--images", "1000", "--set", "dialogue.source=image"))
+    two = by_stage(plan(M3T, "--images", "1000"))
+    assert "caption" not in single and single["dialogue"]["prompt_tokens_per_image"] > 1000  # vision tokens in
+    assert single["dialogue"]["output_tokens_per_image"] > two["dialogue"]["output_tokens_per_image"]  # it writes the description

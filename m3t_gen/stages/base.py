@@ -145,6 +145,12 @@ class Stage:
         return None
 
     @classmethod
+    def estimate(cls, est: "Estimating") -> "Work | None":  # noqa: F821 - m3t_gen.stages.estimate
+        """Its cost per input image for `m3t-gen plan` (prompt and output tokens, requests); every stage with a
+        model answers (a test checks), stages without one return None."""
+        return None
+
+    @classmethod
     def templates(cls, config: PipelineConfig) -> dict[str, str]:
         """The prompt templates it renders, by lineage name (hashed into every sample, kept in the manifest)."""
         return {cls.name: cls.settings(config).template} if cls.generates else {}

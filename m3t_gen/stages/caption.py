@@ -9,6 +9,7 @@ from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import open_image
 from m3t_gen.quality import degenerate_reason
 from m3t_gen.stages.base import EXAMPLE_ROW
+from m3t_gen.stages.estimate import CHAT_OVERHEAD, Estimating, Work
 from m3t_gen.stages.generating import GeneratingStage
 
 
@@ -34,6 +35,13 @@ class CaptionStage(GeneratingStage):
     @classmethod
     def example_prompts(cls, config: PipelineConfig) -> list[tuple[str, str, dict[str, Any]]]:
         return [("caption.template", config.caption.template, template_fields(EXAMPLE_ROW))]
+
+    @classmethod
+    def estimate(cls, est: Estimating) -> Work:
+        cfg = est.cfg.caption
+        prompt = est.count(cls)(est.rendered(cfg.template, template_fields(EXAMPLE_ROW)))
+        est.bounds.append(f"caption max_tokens {cfg.sampling.max_tokens}")
+        return Work(1, prompt + CHAT_OVERHEAD + est.vision(cfg.model.model), est.caption_out, True)
 
     def fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return template_fields(row)

@@ -11,6 +11,7 @@ from m3t_gen.generation import open_image, parse_json_answer
 from m3t_gen.quality import degenerate_reason
 from m3t_gen.schemas import dialogue_decoding_schema
 from m3t_gen.stages.base import EXAMPLE_ROW, RunContext, SchemaCheck
+from m3t_gen.stages.estimate import CHAT_OVERHEAD, Estimating, Work, dialogue_output_bound
 from m3t_gen.stages.generating import GeneratingStage
 from m3t_gen.turns import TURN_TYPES, turn_plan, writes_target
 
@@ -51,6 +52,19 @@ class DialogueStage(GeneratingStage):
         return SchemaCheck("dialogue.schema", cfg.schema_, probe,
                            dialogue_decoding_schema(cfg.mix, cfg.max_text_chars, single_stage=single),
                            "a well-formed dialogue for this mix", f"mix = {sum(cfg.mix.values())} turns")
+
+    @classmethod
+    def estimate(cls, est: Estimating) -> Work:
+        cfg = est.cfg.dialogue
+        count = est.count(cls)
+        text = est.rendered(cfg.template, template_fields(EXAMPLE_ROW, cfg.mix))
+        if cfg.source == "image":  # single stage: the image instead of a caption
+            prompt = count(text) + est.vision(cfg.model.model) + CHAT_OVERHEAD
+        else:  # the prompt holds the caption as written, not the example's
+            prompt = count(text) - count(EXAMPLE_ROW["caption"]) + est.caption_out + CHAT_OVERHEAD
+        bound = dialogue_output_bound(est.cfg)
+        est.bounds.append(f"dialogue {bound} for {sum(cfg.mix.values())} turns")
+        return Work(1, prompt, est.output(cls.name, bound), True)
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

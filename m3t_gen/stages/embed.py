@@ -10,6 +10,7 @@ import numpy as np
 from m3t_gen.clip import ClipEmbedder
 from m3t_gen.generation import open_image
 from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.estimate import Estimating, Work
 
 
 def to_bytes(vec: np.ndarray) -> bytes:
@@ -25,6 +26,10 @@ class EmbedStage(Stage):
     section = "reward"  # same model as the reward: same placement
     model_role = "reward"
     writes = ("image_emb", "caption_emb")
+
+    @classmethod
+    def estimate(cls, est: Estimating) -> Work:
+        return Work(1, 0, 0, False, speedup=2, speedup_why="image tower only")
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

@@ -14,6 +14,7 @@ never revives an unjudged turn.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from m3t_gen.backends.base import GenerationResult
@@ -23,6 +24,8 @@ from m3t_gen.rows import PAIR_SCHEMA
 from m3t_gen.schemas import bounded_text
 from m3t_gen.scoring import answer_agreement
 from m3t_gen.stages.base import EXAMPLE_PAIR, EXAMPLE_ROW, RunContext, SchemaCheck
+from m3t_gen.stages.estimate import (CHARS_PER_TOKEN, CHAT_OVERHEAD, Estimating, Work, dialogue_output_bound,
+                                     verdict_output_bound, with_reasoning)
 from m3t_gen.stages.generating import GeneratingStage, user_message
 from m3t_gen.stages.modify import load_pool_image
 from m3t_gen.templates import load_template
@@ -147,6 +150,26 @@ class JudgeStage(_Judge):
     def schema_check(cls, config: PipelineConfig) -> SchemaCheck:
         return verdict_check("judge.schema", config.judge, len(cls._example(config)["turns"]))
 
+    @classmethod
+    def estimate(cls, est: Estimating) -> Work:
+        """Per image: one call with the image and every turn as written (+ one with the VQA queries,
+        answerability)."""
+        spec, count = est.cfg.judge, est.count(cls)
+        plan = turn_plan(est.cfg.dialogue.mix)
+        row = dict(EXAMPLE_ROW, turns=[{"type": t["type"], "query": "", "target": ""} for t in plan])
+        turn_text = dialogue_output_bound(est.cfg) * est.fill  # the turns as written go back in
+        vis = est.vision(spec.model.model)
+        prompt = count(est.rendered(spec.template, template_fields(row))) + turn_text + vis + CHAT_OVERHEAD
+        bound = verdict_output_bound(len(plan), spec)
+        est.bounds.append(f"judge {bound} for {len(plan)} verdicts")
+        if spec.answerability:
+            n = sum(TURN_TYPES[t["type"]].answer_check for t in plan)
+            prompt += count(est.rendered(spec.answer_template, answer_fields(row))) + turn_text / 2 + vis + CHAT_OVERHEAD
+            answers = with_reasoning(4 + n * (math.ceil(spec.max_text_chars / CHARS_PER_TOKEN) + 2), spec)
+            bound += answers
+            est.bounds.append(f"answerability {answers} for {n} answers")
+        return Work(1, prompt, est.output(cls.name, bound), True)
+
     def fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return template_fields(row)
 
@@ -221,6 +244,19 @@ class TripletJudgeStage(_Judge):
     @classmethod
     def schema_check(cls, config: PipelineConfig) -> SchemaCheck:
         return verdict_check("cir.judge.schema", config.cir.judge, config.cir.modify.n)
+
+    @classmethod
+    def estimate(cls, est: Estimating) -> Work:
+        """Per pair: both images, both captions and the modification texts as written."""
+        spec, jspec = est.cfg.cir.modify, est.cfg.cir.judge
+        count = est.count(cls)
+        mods = [{"category": next(iter(spec.categories)), "text": ""}] * spec.n
+        text = est.rendered(jspec.template, triplet_template_fields(dict(EXAMPLE_PAIR, modifications=mods)))
+        prompt = (count(text) + 2 * est.caption_out + est.work["modify"].output + 2 * est.vision(jspec.model.model)
+                  + CHAT_OVERHEAD)
+        bound = verdict_output_bound(spec.n, jspec)
+        est.bounds.append(f"triplet_judge {bound} for {spec.n} verdicts per pair")
+        return Work(est.cfg.cir.pairing.pairs_per_image, prompt, est.output(cls.name, bound), True, items="pairs")
 
     def fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return triplet_template_fields(row)

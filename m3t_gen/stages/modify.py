@@ -13,6 +13,7 @@ from m3t_gen.quality import degenerate_reason
 from m3t_gen.rows import PAIR_SCHEMA
 from m3t_gen.schemas import bounded_text
 from m3t_gen.stages.base import EXAMPLE_PAIR, RunContext, SchemaCheck
+from m3t_gen.stages.estimate import CHAT_OVERHEAD, Estimating, Work, modify_output_bound
 from m3t_gen.stages.generating import GeneratingStage
 
 
@@ -77,6 +78,21 @@ class ModifyStage(GeneratingStage):
                                    for i in range(spec.n)]}
         return SchemaCheck("cir.modify.schema", spec.schema_, probe, decoding_schema(spec), "well-formed modifications",
                            f"{spec.n} modifications in {len(spec.categories)} categories")
+
+    @classmethod
+    def estimate(cls, est: Estimating) -> Work:
+        spec = est.cfg.cir.modify
+        count = est.count(cls)
+        text = est.rendered(spec.template, template_fields(EXAMPLE_PAIR, spec))
+        prompt = (count(text) - count(EXAMPLE_PAIR["ref_caption"]) - count(EXAMPLE_PAIR["tgt_caption"])
+                  + 2 * est.caption_out + CHAT_OVERHEAD)
+        if spec.source == "images":
+            prompt += 2 * est.vision(spec.model.model)
+        pairs = est.cfg.cir.pairing.pairs_per_image
+        bound = modify_output_bound(est.cfg)
+        est.bounds.append(f"modify {bound} for {spec.n} texts per pair, "
+                          f"{pairs} pair(s) per image (every image paired: an upper bound)")
+        return Work(pairs, prompt, est.output(cls.name, bound), True, items="pairs")
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

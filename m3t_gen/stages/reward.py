@@ -23,6 +23,7 @@ from m3t_gen.config import ConfigError, PipelineConfig
 from m3t_gen.scoring import pick_distractors, self_retrieval
 from m3t_gen.seeds import derive_seed
 from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.estimate import CLIP_MAX_TOKENS, Estimating, Work
 from m3t_gen.stages.embed import from_bytes
 from m3t_gen.turns import scored_text
 
@@ -76,6 +77,15 @@ class RewardStage(Stage):
     @classmethod
     def enabled(cls, config: PipelineConfig) -> bool:
         return config.wants("m3t")
+
+    @classmethod
+    def estimate(cls, est: Estimating) -> Work:
+        """CLIP reads the caption and every turn as written (each text cut at 77 tokens)."""
+        texts = min(est.caption_out, CLIP_MAX_TOKENS)
+        dialogue = est.work.get("dialogue")
+        if dialogue is not None:
+            texts += est.clip_texts(sum(est.cfg.dialogue.mix.values()), dialogue.output)
+        return Work(1, texts, 0, False)
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)

@@ -18,6 +18,7 @@ from m3t_gen.config import PipelineConfig
 from m3t_gen.rows import PAIR_SCHEMA
 from m3t_gen.scoring import directional
 from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.estimate import CLIP_MAX_TOKENS, Estimating, Work
 
 
 class TripletRewardStage(Stage):
@@ -31,6 +32,12 @@ class TripletRewardStage(Stage):
     @classmethod
     def enabled(cls, config: PipelineConfig) -> bool:
         return config.wants("cir")
+
+    @classmethod
+    def estimate(cls, est: Estimating) -> Work:
+        """Per pair: the target caption and the modification texts as written."""
+        texts = min(est.caption_out, CLIP_MAX_TOKENS) + est.clip_texts(est.cfg.cir.modify.n, est.work["modify"].output)
+        return Work(est.cfg.cir.pairing.pairs_per_image, texts, 0, False, items="pairs")
 
     def __init__(self, ctx: RunContext) -> None:
         import ray

@@ -1,6 +1,7 @@
 """`m3t-gen plan`: a dry run that estimates tokens and GPU-hours per stage, to budget a run before starting it.
 
-Nothing loads a model or starts Ray. Per image and stage:
+Nothing loads a model or starts Ray. Per image, each stage gives its own estimate (``Stage.estimate``, helpers in
+m3t_gen/stages/estimate.py; this module has no per-stage branch):
 
 - prompt tokens: the stage's real template rendered with the example row of ``m3t-gen validate``, counted with
   the model's own tokenizer when it is on this machine (a local checkpoint directory, or a tiny model already
@@ -41,6 +42,7 @@ from typing import Any
 
 from m3t_gen.config import ConfigError, PipelineConfig
 from m3t_gen.run.recipe import STAGES as STAGE_CLASSES
+from m3t_gen.stages.estimate import CHAT_OVERHEAD, TINY_IMAGE_TOKENS, Estimating, Work, local_model_dir
 
 
 
@@ -54,16 +56,7 @@ def _model_stages(recipe_pass: str) -> tuple[str, ...]:
 SAMPLE_PASS = _model_stages("sample")
 CIR_PASS = _model_stages("cir")  # a second pass over the mined pairs, after the sample pass
 STAGES = ("read",) + SAMPLE_PASS + ("pair_mining",) + CIR_PASS  # pair_mining: between the passes (GFLOP/s)
-VERDICT_OVERHEAD = 12  # {"verdict": "...", "score": N, "reason": "..."} markup per item, in tokens
 
-CHAT_OVERHEAD = 10  # role markers and generation prompt of a chat template, in tokens
-CHARS_PER_TOKEN = 4.0
-JSON_TURN_OVERHEAD = 16  # {"type": "...", "query": "...", "target": "..."} markup per turn, in tokens
-CLIP_MAX_TOKENS = 77
-ASPECT = 3 / 4  # shorter / longer side of the assumed image
-# m3t_gen.testing.tiny_models: tiny:vlm sees 32x32 images in 8x8 patches; tiny:qwen2_5_vl at most 112x112 px at 28 px
-# per token (its image processor's max_pixels).
-TINY_IMAGE_TOKENS = {"tiny:vlm": 16, "tiny:qwen2_5_vl": 16}
 
 # Output tokens per second per GPU for offline batch generation with vLLM (bf16, one 80 GB H100-class GPU,
 # large batches so continuous batching stays full), by model size class (billions of parameters; for a
@@ -140,70 +133,6 @@ class Plan:
         return asdict(self)
 
 
-# ------------------------------------------------------------------------------------------------- tokens
-
-
-class TokenCounter:
-    """The model's tokenizer when it is on this machine (tokenizer.json), else characters / 4."""
-
-    def __init__(self, model_ref: str) -> None:
-        self.source = "chars/4"
-        self._tok = None
-        path = _local_model_dir(model_ref)
-        if path is not None and (path / "tokenizer.json").is_file():
-            try:
-                from tokenizers import Tokenizer
-
-                self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-                self.source = f"tokenizer of {model_ref}"
-            except Exception:  # an unreadable tokenizer: fall back to the character estimate
-                self._tok = None
-
-    def __call__(self, text: str) -> int:
-        if self._tok is not None:
-            return len(self._tok.encode(text, add_special_tokens=False).ids)
-        return math.ceil(len(text) / CHARS_PER_TOKEN)
-
-
-def _local_model_dir(ref: str) -> Path | None:
-    """A checkpoint already on this machine: a local directory, or a tiny model already built (never built
-    here: planning loads nothing)."""
-    if ref.startswith("tiny:"):
-        from m3t_gen.models import tiny_cache_dir
-
-        path = tiny_cache_dir() / ref[len("tiny:"):]
-        return path if path.is_dir() else None
-    path = Path(ref).expanduser()
-    return path if ref.startswith(("/", "./", "../", "~")) and path.is_dir() else None
-
-
-def vision_tokens(model_ref: str, side: int, px_per_token: int) -> int:
-    if model_ref in TINY_IMAGE_TOKENS:
-        return TINY_IMAGE_TOKENS[model_ref]
-    short = max(1, round(side * ASPECT))
-    return math.ceil(side / px_per_token) * math.ceil(short / px_per_token)
-
-
-def with_reasoning(answer_bound: int, stage: Any) -> int:
-    """Output tokens of a stage whose model may reason first: the answer's bound plus the reasoning budget (all of
-    ``max_tokens`` when thinking has no budget), within ``max_tokens``."""
-    r = stage.model.reasoning
-    if r is None or not r.thinking:
-        return min(answer_bound, stage.sampling.max_tokens)
-    return min(answer_bound + (r.budget or stage.sampling.max_tokens), stage.sampling.max_tokens)
-
-
-def dialogue_output_bound(cfg: PipelineConfig) -> int:
-    from m3t_gen.turns import turn_plan, writes_target
-
-    per_string = math.ceil(cfg.dialogue.max_text_chars / CHARS_PER_TOKEN)
-    bound = 4  # {"turns": [ ... ]}
-    for turn in turn_plan(cfg.dialogue.mix):
-        strings = 2 if writes_target(turn["type"], cfg.dialogue.source == "image") else 1
-        bound += strings * per_string + JSON_TURN_OVERHEAD
-    return with_reasoning(bound, cfg.dialogue)
-
-
 # ------------------------------------------------------------------------------------------ model classes
 
 
@@ -220,7 +149,7 @@ def model_size_b(model_ref: str) -> tuple[float, str]:
     sized = re.search(r"(?<![\d.a-z])(\d+(?:\.\d+)?)\s*b(?![a-z])", name)
     if sized:
         return float(sized.group(1)), f"{sized.group(1)}B"
-    local = _local_model_dir(model_ref)
+    local = local_model_dir(model_ref)
     if local is not None and (local / "config.json").is_file():
         try:
             params = _params_from_config(json.loads((local / "config.json").read_text()))
@@ -362,22 +291,6 @@ def planned_stages(cfg: PipelineConfig) -> list[str]:
     return [s.name for s in enabled(cfg) if s.model_role]
 
 
-def verdict_output_bound(n: int, spec: Any) -> int:
-    return with_reasoning(4 + n * (math.ceil(spec.max_text_chars / CHARS_PER_TOKEN) + VERDICT_OVERHEAD), spec)
-
-
-def modify_output_bound(cfg: PipelineConfig) -> int:
-    spec = cfg.cir.modify
-    per_item = math.ceil(spec.max_text_chars / CHARS_PER_TOKEN) + JSON_TURN_OVERHEAD
-    return with_reasoning(4 + spec.n * per_item, spec)
-
-
-def _rendered(name: str, cfg: PipelineConfig, fields: dict[str, Any]) -> str:
-    from m3t_gen.templates import load_template
-
-    return load_template(name, cfg.base_dir).render(**fields)
-
-
 def gpus_per_replica(cfg: PipelineConfig, stage: str) -> tuple[float, list[str]]:
     section = stage_section(cfg, stage)
     gpus = section.resources.num_gpus
@@ -395,114 +308,35 @@ def gpus_per_replica(cfg: PipelineConfig, stage: str) -> tuple[float, list[str]]
     return gpus, notes
 
 
-@dataclass
-class _Work:
-    """What one stage does per input image: requests (pairs for CIR), prompt and output tokens per request."""
+def _work(cfg: PipelineConfig, side: int, vision_px: int, fill: float,
+          measured_tokens: dict[str, float]) -> tuple[dict[str, Work], list[str]]:
+    """Each planned stage's own estimate (``Stage.estimate``), in pipeline order: a later prompt holds an earlier
+    output."""
+    from m3t_gen.run.recipe import enabled
 
-    items_per_image: float
-    prompt: float
-    output: float
-    generates: bool
-
-
-def _work(cfg: PipelineConfig, stages: list[str], side: int, vision_px: int, fill: float,
-          measured_tokens: dict[str, float]) -> tuple[dict[str, _Work], list[str]]:
-    from m3t_gen.stages import caption, dialogue
-    from m3t_gen.stages.base import EXAMPLE_ROW
-
-    notes: list[str] = []
-    count = {s: TokenCounter(stage_section(cfg, s).model.model) for s in stages
-             if s in ("caption", "dialogue", "modify", "judge", "triplet_judge")}
-    work: dict[str, _Work] = {}
-    cap_out = measured_tokens.get("caption", cfg.caption.sampling.max_tokens * fill)
-    vis = vision_tokens(cfg.caption.model.model, side, vision_px)
-    cap_prompt = count["caption"](_rendered(cfg.caption.template, cfg, caption.template_fields(EXAMPLE_ROW)))
-    work["caption"] = _Work(1, cap_prompt + CHAT_OVERHEAD + vis, cap_out, True)
-    notes.append(f"images at {side} px on the longer side, 4:3 "
-                 f"({'read.max_side' if cfg.read.max_side else '--image-side'}): {vis} vision tokens per image"
-                 + (f" ({cfg.caption.model.model})" if cfg.caption.model.model in TINY_IMAGE_TOKENS
-                    else f" ({vision_px} px per token)"))
-    bounds = [f"caption max_tokens {cfg.caption.sampling.max_tokens}"]
-    clip_caption = min(cap_out, CLIP_MAX_TOKENS)
-    if "embed" in stages:
-        work["embed"] = _Work(1, 0, 0, False)  # image tower only
-    if "dialogue" in stages:
-        c = count["dialogue"]
-        text = _rendered(cfg.dialogue.template, cfg, dialogue.template_fields(EXAMPLE_ROW, cfg.dialogue.mix))
-        prompt = c(text) - c(EXAMPLE_ROW["caption"]) + cap_out + CHAT_OVERHEAD
-        out = measured_tokens.get("dialogue", dialogue_output_bound(cfg) * fill)
-        work["dialogue"] = _Work(1, prompt, out, True)
-        n_turns = sum(cfg.dialogue.mix.values())
-        bounds.append(f"dialogue {dialogue_output_bound(cfg)} for {n_turns} turns")
-        if "reward" in stages:
-            work["reward"] = _Work(1, clip_caption + n_turns * min(out / n_turns, CLIP_MAX_TOKENS), 0, False)
-    elif "reward" in stages:
-        work["reward"] = _Work(1, clip_caption, 0, False)
-    if "judge" in stages:
-        work["judge"] = _judge_work(cfg, count["judge"], vision_tokens(cfg.judge.model.model, side, vision_px),
-                                    cap_out, measured_tokens, fill, bounds)
-    if "modify" in stages:
-        from m3t_gen.stages import modify
-        from m3t_gen.stages.base import EXAMPLE_PAIR
-
-        spec = cfg.cir.modify
-        c = count["modify"]
-        text = _rendered(spec.template, cfg, modify.template_fields(EXAMPLE_PAIR, spec))
-        prompt = (c(text) - c(EXAMPLE_PAIR["ref_caption"]) - c(EXAMPLE_PAIR["tgt_caption"]) + 2 * cap_out
-                  + CHAT_OVERHEAD)
-        pairs = cfg.cir.pairing.pairs_per_image
-        out = measured_tokens.get("modify", modify_output_bound(cfg) * fill)
-        work["modify"] = _Work(pairs, prompt, out, True)
-        work["triplet_reward"] = _Work(pairs, clip_caption + spec.n * min(out / spec.n, CLIP_MAX_TOKENS), 0, False)
-        bounds.append(f"modify {modify_output_bound(cfg)} for {spec.n} texts per pair, "
-                      f"{pairs} pair(s) per image (every image paired: an upper bound)")
-        if "triplet_judge" in stages:
-            from m3t_gen.stages import judge
-
-            jspec = cfg.cir.judge
-            c = count["triplet_judge"]
-            mods = [{"category": next(iter(spec.categories)), "text": ""}] * spec.n
-            text = _rendered(jspec.template, cfg, judge.triplet_template_fields(dict(EXAMPLE_PAIR, modifications=mods)))
-            vis_j = vision_tokens(jspec.model.model, side, vision_px)
-            prompt = c(text) + 2 * cap_out + out + 2 * vis_j + CHAT_OVERHEAD  # both captions, the texts, 2 images
-            bound = verdict_output_bound(spec.n, jspec)
-            work["triplet_judge"] = _Work(pairs, prompt, measured_tokens.get("triplet_judge", bound * fill), True)
-            bounds.append(f"triplet_judge {bound} for {spec.n} verdicts per pair")
+    est = Estimating(cfg, side, vision_px, fill, measured_tokens)
+    vis = est.vision(cfg.caption.model.model)
+    notes = [f"images at {side} px on the longer side, 4:3 "
+             f"({'read.max_side' if cfg.read.max_side else '--image-side'}): {vis} vision tokens per image"
+             + (f" ({cfg.caption.model.model})" if cfg.caption.model.model in TINY_IMAGE_TOKENS
+                else f" ({vision_px} px per token)")]
+    for stage in (s for s in enabled(cfg) if s.model_role):
+        work = stage.estimate(est)
+        if work is None:
+            raise ConfigError(f"{stage.section}: the {stage.name} stage has no plan estimate (Stage.estimate)")
+        est.work[stage.name] = work
     notes.append(f"output tokens are {'the upper bound' if fill == 1 else f'{fill:g} x the upper bound'}: "
-                 + ", ".join(bounds)
+                 + ", ".join(est.bounds)
                  + (f"; measured per image in the run for {', '.join(sorted(measured_tokens))}"
                     if measured_tokens else ""))
     notes.append("prompt tokens: templates rendered with the validate example row, counted by "
-                 + ", ".join(f"{c.source} ({s})" for s, c in count.items()) + f", + {CHAT_OVERHEAD} chat tokens")
-    return work, notes
-
-
-def _judge_work(cfg: PipelineConfig, c: "TokenCounter", vis: int, cap_out: float, measured_tokens: dict[str, float],
-                fill: float, bounds: list[str]) -> _Work:
-    """The judge per image: one call with the image and every turn (+ one with the VQA queries, answerability)."""
-    from m3t_gen.stages import judge
-    from m3t_gen.turns import TURN_TYPES, turn_plan
-    from m3t_gen.stages.base import EXAMPLE_ROW
-
-    spec = cfg.judge
-    plan = turn_plan(cfg.dialogue.mix)
-    row = dict(EXAMPLE_ROW, turns=[{"type": t["type"], "query": "", "target": ""} for t in plan])
-    turn_text = dialogue_output_bound(cfg) * fill  # the turns as written go back in
-    prompt = c(_rendered(spec.template, cfg, judge.template_fields(row))) + turn_text + vis + CHAT_OVERHEAD
-    bound = verdict_output_bound(len(plan), spec)
-    bounds.append(f"judge {bound} for {len(plan)} verdicts")
-    if spec.answerability:
-        n = sum(TURN_TYPES[t["type"]].answer_check for t in plan)
-        prompt += c(_rendered(spec.answer_template, cfg, judge.answer_fields(row))) + turn_text / 2 + vis + CHAT_OVERHEAD
-        answers = with_reasoning(4 + n * (math.ceil(spec.max_text_chars / CHARS_PER_TOKEN) + 2), spec)
-        bound += answers
-        bounds.append(f"answerability {answers} for {n} answers")
-    return _Work(1, prompt, measured_tokens.get("judge", bound * fill), True)
+                 + ", ".join(f"{c.source} ({s})" for s, c in est.counters.items()) + f", + {CHAT_OVERHEAD} chat tokens")
+    return est.work, notes
 
 
 def embedding_dim(cfg: PipelineConfig) -> tuple[int, str]:
     """The CLIP embedding width (projection_dim of a local checkpoint; 768, ViT-L/14's, otherwise)."""
-    path = _local_model_dir(cfg.reward.model)
+    path = local_model_dir(cfg.reward.model)
     if path is not None and (path / "config.json").is_file():
         dim = json.loads((path / "config.json").read_text()).get("projection_dim")
         if dim:
@@ -556,8 +390,7 @@ def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs:
                           f"(stages: read, {', '.join(stages)})")
     reach = measured.reach if measured else {}
     side = cfg.read.max_side or image_side
-    work, assumptions = _work(cfg, stages, side, vision_px, fill,
-                              measured.output_tokens_per_image if measured else {})
+    work, assumptions = _work(cfg, side, vision_px, fill, measured.output_tokens_per_image if measured else {})
     plans: list[StagePlan] = []
 
     # read: CPU tasks, one core each.
@@ -593,15 +426,15 @@ def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs:
                     value, src = value / CPU_SLOWDOWN, src + f", CPU /{CPU_SLOWDOWN:g}"
             items_s = value / w.output
         else:
-            unit = f"{'pairs' if w.items_per_image != 1 or stage == 'triplet_reward' else 'images'}/s/{per}"
+            unit = f"{w.items}/s/{per}"
             if stage in throughputs:
                 value, src = throughputs[stage], "--throughput"
             elif measured and stage in measured.images_per_s:
                 value, src = measured.images_per_s[stage], f"measured: {measured.run}"
             else:
                 value, src = default_clip_throughput(section.model)
-                if stage == "embed":
-                    value, src = value * 2, src + ", image tower only (x2)"
+                if w.speedup != 1:
+                    value, src = value * w.speedup, src + f", {w.speedup_why} (x{w.speedup:g})"
                 if device == "cpu":
                     value, src = value / CPU_SLOWDOWN, src + f", CPU /{CPU_SLOWDOWN:g}"
             items_s = value
