@@ -125,7 +125,7 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _backend_and_options(self) -> "ModelSpec":
-        from m3t_gen.backends.base import backend_names, get_backend
+        from m3t_gen.backends.registry import backend_names, get_backend
 
         try:
             backend = get_backend(self.backend)
@@ -236,7 +236,7 @@ class GenerationStage(Strict):
 
     def stage_resources(self) -> Resources:
         """``resources`` with ``batches_in_flight`` settled: the configured value, else the backend's own."""
-        from m3t_gen.backends.base import get_backend
+        from m3t_gen.backends.registry import get_backend
 
         n = self.resources.batches_in_flight or get_backend(self.model.backend).batches_in_flight
         return Resources(**{**self.resources.model_dump(), "batches_in_flight": n})

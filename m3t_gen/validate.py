@@ -47,7 +47,7 @@ def _check_schema(check: SchemaCheck, cfg: PipelineConfig) -> str:
 def _check_images_per_prompt(cfg: PipelineConfig) -> None:
     """An engine refuses a request with more images than its limit (vLLM: ``limit_images_per_prompt``): every
     batch would fail."""
-    from m3t_gen.backends.base import get_backend
+    from m3t_gen.backends.registry import get_backend
     from m3t_gen.run.recipe import enabled
 
     for stage in enabled(cfg):

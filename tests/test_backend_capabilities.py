@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from m3t_gen.backends import base
+from m3t_gen.backends import base, registry
 from m3t_gen.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +37,10 @@ class ScratchBackend(base.Backend):
 
 
 @pytest.fixture
-def scratch(monkeypatch):
-    base._load_builtin()
-    monkeypatch.setitem(base._REGISTRY, ScratchBackend.name, ScratchBackend)
+def scratch():
+    registry.register(ScratchBackend)
+    yield
+    registry.unregister(ScratchBackend.name)
 
 
 def test_validate_reads_the_image_limit_from_the_backend(scratch):

@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from m3t_gen.backends.base import GenerationRequest, get_backend
+from m3t_gen.backends.base import GenerationRequest
+from m3t_gen.backends.registry import get_backend
 from m3t_gen.backends.openai_backend import (
     OpenAIBackend,
     OpenAIOptions,
@@ -105,7 +106,7 @@ def test_registered():
 
 def test_import_is_cheap():
     code = (
-        "import sys, m3t_gen.backends.base as b; b.backend_names(); "
+        "import sys, m3t_gen.backends.registry as b; b.backend_names(); "
         "print(sorted({'vllm', 'torch', 'httpx', 'PIL'} & set(sys.modules)))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

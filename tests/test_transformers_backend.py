@@ -16,7 +16,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from pydantic import ValidationError  # noqa: E402
 
-from m3t_gen.backends import base  # noqa: E402
+from m3t_gen.backends import registry  # noqa: E402
 from m3t_gen.backends.base import GenerationRequest  # noqa: E402
 from m3t_gen.backends.transformers_backend import TransformersBackend, _make_gumbel_processor  # noqa: E402
 from m3t_gen.config import ModelSpec  # noqa: E402
@@ -106,7 +106,7 @@ def text_request(text="Tell me about the sea.", seed=0, **kw) -> GenerationReque
 
 
 def test_registered_and_options_strict():
-    assert base._REGISTRY["transformers"] is TransformersBackend
+    assert registry.get_backend("transformers") is TransformersBackend
     opts = TransformersBackend.Options.model_validate({"device": "cpu", "max_batch_size": 2})
     assert opts.device == "cpu" and opts.max_batch_size == 2 and opts.attn_implementation is None
     with pytest.raises(ValidationError):

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from m3t_gen.backends.base import GenerationRequest, get_backend
+from m3t_gen.backends.base import GenerationRequest
+from m3t_gen.backends.registry import get_backend
 from m3t_gen.backends.vllm_backend import VLLMBackend, VLLMOptions, sampling_kwargs, to_vllm_messages
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -56,7 +56,7 @@ class NoOptions(BaseModel):
 
 
 class Backend:
-    """Subclass, set ``name`` and ``Options``, implement ``generate``; register with ``@register``.
+    """Subclass, set ``name`` and ``Options``, implement ``generate``; list it in ``m3t_gen.backends.registry``.
 
     ``__init__`` does the heavy setup (load weights, start the engine) once per Ray actor.
     """
@@ -137,30 +137,3 @@ def convert_messages(
             raise TypeError(f"message {i}: content must be a string or a list of parts")
         out.append(new)
     return out
-
-
-_REGISTRY: dict[str, type[Backend]] = {}
-
-
-def register(cls: type[Backend]) -> type[Backend]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def backend_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def get_backend(name: str) -> type[Backend]:
-    _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown backend {name!r} (expected one of: {', '.join(sorted(_REGISTRY))})") from None
-
-
-def _load_builtin() -> None:
-    # Importing the modules runs their @register; the engines themselves are imported lazily inside them,
-    # so listing backends never pulls in torch or vllm.
-    from m3t_gen.backends import openai_backend, transformers_backend, vllm_backend  # noqa: F401

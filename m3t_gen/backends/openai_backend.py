@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, convert_messages, register
+from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, convert_messages
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -256,7 +256,6 @@ class _Failure:
     attempts: int = 1
 
 
-@register
 class OpenAIBackend(Backend):
     name = "openai"
     packages = ("httpx",)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, convert_messages, register
+from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, convert_messages
 from m3t_gen.models import torch_dtype
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ class TransformersOptions(BaseModel):
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
 
 
-@register
 class TransformersBackend(Backend):
     name = "transformers"
     packages = ("transformers", "torch")

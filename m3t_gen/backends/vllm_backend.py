@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, convert_messages, register
+from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult, convert_messages
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm import SamplingParams
@@ -399,7 +399,6 @@ class _Reasoning:
         return reasoning or "", (answer or "").strip(), len(token_ids) - len(content_ids)
 
 
-@register
 class VLLMBackend(Backend):
     name = "vllm"
     Options = VLLMOptions

@@ -335,7 +335,7 @@ def _versions(cfg: PipelineConfig) -> dict[str, str]:
     """Versions of what made the output: the pipeline's own packages and those of every backend a stage ran."""
     from importlib import metadata
 
-    from m3t_gen.backends.base import get_backend
+    from m3t_gen.backends.registry import get_backend
     from m3t_gen.run.recipe import enabled
 
     models = (getattr(s.settings(cfg), "model", None) for s in enabled(cfg))

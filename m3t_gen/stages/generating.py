@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from m3t_gen.backends.base import get_backend
+from m3t_gen.backends.registry import get_backend
 from m3t_gen.generation import Builder, Parser, generate_validated
 from m3t_gen.schemas import load_schema
 from m3t_gen.stages.base import RunContext, Stage

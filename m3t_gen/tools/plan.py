@@ -297,7 +297,7 @@ def gpus_per_replica(cfg: PipelineConfig, stage: str) -> tuple[float, list[str]]
     notes: list[str] = []
     model = getattr(section, "model", None)
     if gpus > 0 and hasattr(model, "backend"):  # a generation model (CLIP stages name theirs by a string)
-        from m3t_gen.backends.base import get_backend
+        from m3t_gen.backends.registry import get_backend
 
         backend = get_backend(model.backend)
         parallel = backend.devices_per_replica(backend.Options.model_validate(model.options))
