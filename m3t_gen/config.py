@@ -315,10 +315,10 @@ class PrivacySpec(Strict):
     """Drop texts that mention protected attributes (MTCIR: skin, hair, gender, age, race). Whole-word matches."""
 
     enabled: bool = False
-    words: dict[str, list[str]] | None = Field(None, description="category -> words; default: m3t_gen.quality")
+    words: dict[str, list[str]] | None = Field(None, description="category -> words; default: m3t_gen.text.checks")
 
     def word_lists(self) -> dict[str, list[str]]:
-        from m3t_gen.quality import PRIVACY_WORDS
+        from m3t_gen.text.checks import PRIVACY_WORDS
 
         return self.words if self.words is not None else PRIVACY_WORDS
 

@@ -11,7 +11,7 @@ from m3t_gen.backends.base import Backend, GenerationRequest, GenerationResult
 from m3t_gen.config import Sampling
 from m3t_gen.rows import add_tokens, reject
 from m3t_gen.seeds import derive_seed
-from m3t_gen.templates import TemplateError
+from m3t_gen.text.templates import TemplateError
 
 # parse(row, result) -> (value, None) when usable, (None, reason) when not.
 Parser = Callable[[dict[str, Any], GenerationResult], tuple[Any, str | None]]
@@ -105,7 +105,7 @@ def parse_json_answer(result: GenerationResult, schemas: list[dict[str, Any]]) -
     """JSON that passes every schema (the file's and the narrowed decoding one), or (None, reason)."""
     import json
 
-    from m3t_gen.schemas import validation_error
+    from m3t_gen.text.schemas import validation_error
 
     try:
         data = json.loads(result.text)

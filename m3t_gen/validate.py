@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 from m3t_gen.config import ConfigError, PipelineConfig
-from m3t_gen.resources import data_dir, find_file
-from m3t_gen.schemas import load_schema, validation_error
+from m3t_gen.bundled import data_dir, find_file
+from m3t_gen.text.schemas import load_schema, validation_error
 from m3t_gen.stages.base import SchemaCheck
-from m3t_gen.templates import TemplateError, check_template, load_template
+from m3t_gen.text.templates import TemplateError, check_template, load_template
 
 
 def check_confined(where: str, name: str, kind: str, cfg: PipelineConfig) -> None:

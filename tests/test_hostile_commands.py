@@ -325,7 +325,7 @@ def test_template_that_would_read_a_file_or_eat_the_machine_is_one_line(tmp_path
 def test_template_bounds_at_run_time_reject_the_row_not_the_run(tmp_path):
     """A branch validate's example does not take (a wide image) meets a bound on a real row: that row is
     rejected with template_error, as any other render failure; the run refuses the template at validate."""
-    from m3t_gen.templates import PromptTemplate, TemplateError
+    from m3t_gen.text.templates import PromptTemplate, TemplateError
 
     template = PromptTemplate("t.j2", "t.j2", "Describe.{% if sample.width > 4000 %}{{ range(10 ** 9) | list }}"
                                               "{% endif %}")

@@ -455,7 +455,7 @@ def _pipeline_config(tmp_path, paths, **reward_bank):
 
 def test_distractor_bank_skips_what_it_cannot_use_and_says_when_nothing_is_left(tmp_path):
     from m3t_gen.config import ConfigError
-    from m3t_gen.scoring import pick_distractors, self_retrieval
+    from m3t_gen.scoring.measures import pick_distractors, self_retrieval
     from m3t_gen.stages.reward import bank_images
 
     odd = tmp_path / "odd-000000.tar"  # what made the driver exit 1 before any stage (issue 25)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from m3t_gen.config import ConfigError, FilterSpec, TripletFilterSpec, load_config
 from m3t_gen.rows import compact, new_row, to_table
-from m3t_gen.scoring import answer_agreement
+from m3t_gen.scoring.measures import answer_agreement
 from m3t_gen.stages.filter import apply_filter
 from m3t_gen.stages.triplet_filter import apply_triplet_filter
 from m3t_gen.testing.scripted import ScriptedBackend

@@ -67,3 +67,9 @@ def test_layers():
             assert not {d for d in deps if d.startswith("m3t_gen.tools")}, name
         if name.startswith("m3t_gen.stages."):
             assert not {d for d in deps if d.startswith(("m3t_gen.tools", "m3t_gen.run"))}, name
+
+
+def test_at_most_ten_modules_at_the_package_top():
+    """Modules are grouped by what they serve (text/, scoring/, stages/, run/, ...): the top stays short."""
+    flat = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert len(flat) <= 10, flat

@@ -39,7 +39,7 @@ from m3t_gen.backends.openai_backend import (
     to_openai_messages,
 )
 from m3t_gen.config import ModelSpec
-from m3t_gen.schemas import bounded_text
+from m3t_gen.text.schemas import bounded_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

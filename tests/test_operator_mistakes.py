@@ -113,7 +113,7 @@ def test_actors_that_leave_no_cpu_for_a_task_are_refused_before_ray_waits_foreve
 def test_template_that_still_fails_on_a_row_rejects_that_row_only():
     """What no static check sees (an index past the end of this row's text) is that row's rejection."""
     from m3t_gen.rows import new_row
-    from m3t_gen.templates import PromptTemplate
+    from m3t_gen.text.templates import PromptTemplate
 
     template = PromptTemplate("t.j2", "t.j2", "Describe. {% if sample.width > 1000 %}{{ sample.text[500] }}{% endif %}")
 

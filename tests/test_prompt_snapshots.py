@@ -8,7 +8,7 @@ import pytest
 
 from m3t_gen.config import DEFAULT_CIR_CATEGORIES, DEFAULT_MIX, ModifyStage
 from m3t_gen.stages import caption, dialogue, judge, modify
-from m3t_gen.templates import load_template
+from m3t_gen.text.templates import load_template
 from m3t_gen.stages.base import EXAMPLE_PAIR, EXAMPLE_ROW
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"

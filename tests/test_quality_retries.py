@@ -7,7 +7,7 @@ import pytest
 from m3t_gen.backends.base import GenerationResult
 from m3t_gen.config import FilterSpec, PrivacySpec, Sampling
 from m3t_gen.generation import generate_validated
-from m3t_gen.quality import degenerate_reason, privacy_hit
+from m3t_gen.text.checks import degenerate_reason, privacy_hit
 from m3t_gen.rows import new_row
 from m3t_gen.stages.filter import apply_filter
 from m3t_gen.testing.scripted import ScriptedBackend

@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from m3t_gen.clip import ClipEmbedder
+from m3t_gen.scoring.clip import ClipEmbedder
 from m3t_gen.config import load_config
 from m3t_gen.run.pipeline import make_context
 from m3t_gen.rows import new_row
-from m3t_gen.scoring import directional, self_retrieval
+from m3t_gen.scoring.measures import directional, self_retrieval
 from m3t_gen.stages.embed import EmbedStage
 from m3t_gen.stages.reward import RewardStage
 from m3t_gen.turns import scored_text
@@ -82,7 +82,7 @@ def test_reward_stage_scores_equal_numpy_on_same_embeddings(stage):
         assert scores["k"] == 2  # drawn from a bank of the first 4 smoke images
         assert all(1 <= r <= 3 for r in scores["turn_ranks"])
         # Same distractors as a direct computation: re-draw them and compare the rank.
-        from m3t_gen.scoring import pick_distractors
+        from m3t_gen.scoring.measures import pick_distractors
         from m3t_gen.seeds import derive_seed
 
         d = pick_distractors(stage.bank, stage.bank_shas, row["source_sha256"], 2, derive_seed(0, "reward", row["key"]))

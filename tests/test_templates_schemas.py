@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from m3t_gen.schemas import dialogue_decoding_schema, load_schema, validation_error
+from m3t_gen.text.schemas import dialogue_decoding_schema, load_schema, validation_error
 from m3t_gen.stages import caption, dialogue
-from m3t_gen.templates import PromptTemplate, TemplateError, load_template
+from m3t_gen.text.templates import PromptTemplate, TemplateError, load_template
 
 ROW = {"key": "s_000001", "width": 640, "height": 480, "text": "alt", "caption": "A dog on grass."}
 

@@ -23,7 +23,7 @@ from m3t_gen.run.recipe import SAMPLE_ORDER, SAMPLE_STAGES, apply_stages, init_r
 from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.read import read_shards
 from m3t_gen.rows import usage_fields
-from m3t_gen.templates import load_template
+from m3t_gen.text.templates import load_template
 from m3t_gen.storage.store import LOCK_FILE, OutputBusy, Store, is_remote, lock_output
 from m3t_gen.run.writer import OutputWriter
 

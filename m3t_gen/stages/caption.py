@@ -7,7 +7,7 @@ from typing import Any
 from m3t_gen.backends.base import GenerationResult
 from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import open_image
-from m3t_gen.quality import degenerate_reason
+from m3t_gen.text.checks import degenerate_reason
 from m3t_gen.stages.base import EXAMPLE_ROW
 from m3t_gen.stages.estimate import CHAT_OVERHEAD, Estimating, Work
 from m3t_gen.stages.generating import GeneratingStage

@@ -8,8 +8,8 @@ from typing import Any
 from m3t_gen.backends.base import GenerationResult
 from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import open_image, parse_json_answer
-from m3t_gen.quality import degenerate_reason
-from m3t_gen.schemas import dialogue_decoding_schema
+from m3t_gen.text.checks import degenerate_reason
+from m3t_gen.text.schemas import dialogue_decoding_schema
 from m3t_gen.stages.base import EXAMPLE_ROW, RunContext, SchemaCheck
 from m3t_gen.stages.estimate import CHAT_OVERHEAD, Estimating, Work, dialogue_output_bound
 from m3t_gen.stages.generating import GeneratingStage

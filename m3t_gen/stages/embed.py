@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from m3t_gen.clip import ClipEmbedder
+from m3t_gen.scoring.clip import ClipEmbedder
 from m3t_gen.generation import open_image
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.stages.estimate import Estimating, Work

@@ -128,7 +128,7 @@ class Estimating:
         return self.counters[stage.name]
 
     def rendered(self, template: str, fields: dict[str, Any]) -> str:
-        from m3t_gen.templates import load_template
+        from m3t_gen.text.templates import load_template
 
         return load_template(template, self.cfg.base_dir).render(**fields)
 

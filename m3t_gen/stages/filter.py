@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from m3t_gen.config import FilterSpec, PipelineConfig, TripletFilterSpec
-from m3t_gen.quality import privacy_hit
+from m3t_gen.text.checks import privacy_hit
 from m3t_gen.rows import OK, reject
 from m3t_gen.stages.base import Stage
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from m3t_gen.backends.registry import get_backend
 from m3t_gen.generation import Builder, Parser, generate_validated
-from m3t_gen.schemas import load_schema
+from m3t_gen.text.schemas import load_schema
 from m3t_gen.stages.base import RunContext, Stage
-from m3t_gen.templates import load_template
+from m3t_gen.text.templates import load_template
 
 
 def user_message(prompt: str, images: list[Any]) -> list[dict[str, Any]]:

@@ -21,14 +21,14 @@ from m3t_gen.backends.base import GenerationResult
 from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import open_image, parse_json_answer
 from m3t_gen.rows import PAIR_SCHEMA
-from m3t_gen.schemas import bounded_text
-from m3t_gen.scoring import answer_agreement
+from m3t_gen.text.schemas import bounded_text
+from m3t_gen.scoring.measures import answer_agreement
 from m3t_gen.stages.base import EXAMPLE_PAIR, EXAMPLE_ROW, RunContext, SchemaCheck
 from m3t_gen.stages.estimate import (CHARS_PER_TOKEN, CHAT_OVERHEAD, Estimating, Work, dialogue_output_bound,
                                      verdict_output_bound, with_reasoning)
 from m3t_gen.stages.generating import GeneratingStage, user_message
 from m3t_gen.stages.modify import load_pool_image
-from m3t_gen.templates import load_template
+from m3t_gen.text.templates import load_template
 from m3t_gen.turns import TURN_TYPES, turn_plan
 
 VERDICTS = ("supported", "contradicted", "not_answerable")

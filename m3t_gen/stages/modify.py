@@ -9,9 +9,9 @@ from m3t_gen.backends.base import GenerationResult
 from m3t_gen.config import ModifyStage as ModifyConfig
 from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import parse_json_answer
-from m3t_gen.quality import degenerate_reason
+from m3t_gen.text.checks import degenerate_reason
 from m3t_gen.rows import PAIR_SCHEMA
-from m3t_gen.schemas import bounded_text
+from m3t_gen.text.schemas import bounded_text
 from m3t_gen.stages.base import EXAMPLE_PAIR, RunContext, SchemaCheck
 from m3t_gen.stages.estimate import CHAT_OVERHEAD, Estimating, Work, modify_output_bound
 from m3t_gen.stages.generating import GeneratingStage

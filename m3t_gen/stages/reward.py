@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from m3t_gen.clip import ClipEmbedder
+from m3t_gen.scoring.clip import ClipEmbedder
 from m3t_gen.config import ConfigError, PipelineConfig
-from m3t_gen.scoring import pick_distractors, self_retrieval
+from m3t_gen.scoring.measures import pick_distractors, self_retrieval
 from m3t_gen.seeds import derive_seed
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.stages.estimate import CLIP_MAX_TOKENS, Estimating, Work

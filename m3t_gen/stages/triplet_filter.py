@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from m3t_gen.config import PipelineConfig, TripletFilterSpec
-from m3t_gen.quality import privacy_hit
+from m3t_gen.text.checks import privacy_hit
 from m3t_gen.rows import MODIFICATION, PAIR_SCHEMA, reject
 from m3t_gen.stages.base import Stage
 from m3t_gen.stages.filter import judge_failure, judged_fields

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from m3t_gen.clip import ClipEmbedder
+from m3t_gen.scoring.clip import ClipEmbedder
 from m3t_gen.config import PipelineConfig
 from m3t_gen.rows import PAIR_SCHEMA
-from m3t_gen.scoring import directional
+from m3t_gen.scoring.measures import directional
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.stages.estimate import CLIP_MAX_TOKENS, Estimating, Work
 

@@ -134,7 +134,7 @@ def _stats(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def _templates(manifest: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
-    from m3t_gen.resources import find_file
+    from m3t_gen.bundled import find_file
 
     cfg = manifest.get("config") or {}
     out = []

@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import jsonschema_rs
 
-from m3t_gen.resources import find_file
+from m3t_gen.bundled import find_file
 
 
 def load_schema(name: str, base_dir: str | Path | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import jinja2
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from m3t_gen.resources import find_file
+from m3t_gen.bundled import find_file
 
 # Far above any prompt (a model's context is some 10^5 tokens), far below what hurts the process.
 MAX_PROMPT_CHARS = 1_000_000

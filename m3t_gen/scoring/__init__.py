@@ -1,0 +1,1 @@
+"""Scoring images against texts: the CLIP/SigLIP embedder and the reward measures."""

@@ -1,0 +1,1 @@
+"""Prompt text and model answers: sandboxed templates, JSON schemas and their narrowing, checks of written text."""
