@@ -22,7 +22,7 @@ from typing import Any, ClassVar, NamedTuple
 import pyarrow as pa
 
 from m3t_gen.config import PipelineConfig, Resources
-from m3t_gen.rows import OK, add_timing, to_table
+from m3t_gen.rows import OK, PAIR_SCHEMA, add_timing, to_table
 
 
 # What `m3t-gen validate` renders every template with, and `m3t-gen plan` counts prompt tokens from.
@@ -219,3 +219,31 @@ class Stage:
                     workers[self.name] = worker
                     r["workers"] = json.dumps(workers)
         return to_table(rows, self.row_schema)
+
+
+class OnPairs:
+    """Mixed into a stage of the CIR pass: one row per mined image pair (the pair row schema), run when the
+    recipe asks for CIR."""
+
+    recipe_pass: ClassVar[str] = "cir"
+    row_schema: ClassVar[pa.Schema | None] = PAIR_SCHEMA
+
+    @classmethod
+    def enabled(cls, config: PipelineConfig) -> bool:
+        return config.wants("cir")
+
+
+class RuleFilter(Stage):
+    """A filter: stateless tasks (no model) that apply ``rule(row, its config section, stage name)`` to each
+    live row. The rule decides from recorded scores only, so `m3t-gen refilter` re-runs it without a model."""
+
+    rule: ClassVar[Any]  # a staticmethod
+
+    @classmethod
+    def uses_actor(cls) -> bool:
+        return False
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        spec = self.settings(self.ctx.config)
+        for row in rows:
+            self.rule(row, spec, self.name)

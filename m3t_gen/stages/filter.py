@@ -12,7 +12,7 @@ from typing import Any
 from m3t_gen.config import FilterSpec, PipelineConfig, TripletFilterSpec
 from m3t_gen.text.checks import privacy_hit
 from m3t_gen.rows import OK, reject
-from m3t_gen.stages.base import Stage
+from m3t_gen.stages.base import RuleFilter
 
 
 def turn_failure(scores: dict[str, Any], i: int, spec: FilterSpec, turn: dict[str, Any]) -> str | None:
@@ -96,20 +96,13 @@ def apply_filter(row: dict[str, Any], spec: FilterSpec, stage: str = "filter") -
                threshold=spec.min_mean_score, keep_image=True)
 
 
-class FilterStage(Stage):
+class FilterStage(RuleFilter):
     name = "filter"
     section = "filter"
     writes = ("turns",)  # each turn marked kept or dropped with its reason
+    rule = staticmethod(apply_filter)
 
     @classmethod
     def enabled(cls, config: PipelineConfig) -> bool:
         return config.wants("m3t")
-
-    @classmethod
-    def uses_actor(cls) -> bool:
-        return False
-
-    def process(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            apply_filter(row, self.ctx.config.filter, self.name)
 

@@ -20,10 +20,9 @@ from typing import Any
 from m3t_gen.backends.base import GenerationResult
 from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import open_image, parse_json_answer
-from m3t_gen.rows import PAIR_SCHEMA
 from m3t_gen.text.schemas import bounded_text
 from m3t_gen.scoring.measures import answer_agreement
-from m3t_gen.stages.base import EXAMPLE_PAIR, EXAMPLE_ROW, RunContext, SchemaCheck
+from m3t_gen.stages.base import EXAMPLE_PAIR, EXAMPLE_ROW, OnPairs, RunContext, SchemaCheck
 from m3t_gen.stages.estimate import (CHARS_PER_TOKEN, CHAT_OVERHEAD, Estimating, Work, dialogue_output_bound,
                                      verdict_output_bound, with_reasoning)
 from m3t_gen.stages.generating import GeneratingStage, user_message
@@ -216,17 +215,15 @@ class JudgeStage(_Judge):
             row["judge_attempts"] = attempts
 
 
-class TripletJudgeStage(_Judge):
+class TripletJudgeStage(OnPairs, _Judge):
     name = "triplet_judge"
-    recipe_pass = "cir"
     section = "cir.judge"
     model_role = "triplet_judge"
     items = "modifications"
-    row_schema = PAIR_SCHEMA
 
     @classmethod
     def enabled(cls, config: PipelineConfig) -> bool:
-        return config.wants("cir") and config.cir.judge is not None
+        return super().enabled(config) and config.cir.judge is not None
 
     @classmethod
     def images_per_request(cls, config: PipelineConfig) -> int:

@@ -10,9 +10,8 @@ from m3t_gen.config import ModifyStage as ModifyConfig
 from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import parse_json_answer
 from m3t_gen.text.checks import degenerate_reason
-from m3t_gen.rows import PAIR_SCHEMA
 from m3t_gen.text.schemas import bounded_text
-from m3t_gen.stages.base import EXAMPLE_PAIR, RunContext, SchemaCheck
+from m3t_gen.stages.base import EXAMPLE_PAIR, OnPairs, RunContext, SchemaCheck
 from m3t_gen.stages.estimate import CHAT_OVERHEAD, Estimating, Work, modify_output_bound
 from m3t_gen.stages.generating import GeneratingStage
 
@@ -51,17 +50,11 @@ def decoding_schema(cfg: ModifyConfig) -> dict[str, Any]:
             "required": ["modifications"], "additionalProperties": False}
 
 
-class ModifyStage(GeneratingStage):
+class ModifyStage(OnPairs, GeneratingStage):
     name = "modify"
-    recipe_pass = "cir"
     section = "cir.modify"
     model_role = "modify"
     writes = ("modifications", "modify_attempts")
-    row_schema = PAIR_SCHEMA
-
-    @classmethod
-    def enabled(cls, config: PipelineConfig) -> bool:
-        return config.wants("cir")
 
     @classmethod
     def images_per_request(cls, config: PipelineConfig) -> int:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from m3t_gen.config import PipelineConfig, TripletFilterSpec
+from m3t_gen.config import TripletFilterSpec
 from m3t_gen.text.checks import privacy_hit
-from m3t_gen.rows import MODIFICATION, PAIR_SCHEMA, reject
-from m3t_gen.stages.base import Stage
+from m3t_gen.rows import MODIFICATION, reject
+from m3t_gen.stages.base import OnPairs, RuleFilter
 from m3t_gen.stages.filter import judge_failure, judged_fields
 
 TEXT_FIELDS = frozenset(f.name for f in MODIFICATION)
@@ -42,21 +42,8 @@ def apply_triplet_filter(row: dict[str, Any], spec: TripletFilterSpec, stage: st
                failures=[m.get("reason") for m in mods if not m["kept"]])
 
 
-class TripletFilterStage(Stage):
+class TripletFilterStage(OnPairs, RuleFilter):
     name = "triplet_filter"
-    recipe_pass = "cir"
     section = "cir.filter"
     writes = ("modifications",)
-    row_schema = PAIR_SCHEMA
-
-    @classmethod
-    def enabled(cls, config: PipelineConfig) -> bool:
-        return config.wants("cir")
-
-    @classmethod
-    def uses_actor(cls) -> bool:
-        return False
-
-    def process(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            apply_triplet_filter(row, self.ctx.config.cir.filter, self.name)
+    rule = staticmethod(apply_triplet_filter)

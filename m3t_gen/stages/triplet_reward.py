@@ -14,24 +14,16 @@ from typing import Any
 import numpy as np
 
 from m3t_gen.scoring.clip import ClipEmbedder
-from m3t_gen.config import PipelineConfig
-from m3t_gen.rows import PAIR_SCHEMA
 from m3t_gen.scoring.measures import directional
-from m3t_gen.stages.base import RunContext, Stage
+from m3t_gen.stages.base import OnPairs, RunContext, Stage
 from m3t_gen.stages.estimate import CLIP_MAX_TOKENS, Estimating, Work
 
 
-class TripletRewardStage(Stage):
+class TripletRewardStage(OnPairs, Stage):
     name = "triplet_reward"
-    recipe_pass = "cir"
     section = "reward"
     model_role = "reward"
     writes = ("scores",)
-    row_schema = PAIR_SCHEMA
-
-    @classmethod
-    def enabled(cls, config: PipelineConfig) -> bool:
-        return config.wants("cir")
 
     @classmethod
     def estimate(cls, est: Estimating) -> Work:
