@@ -219,7 +219,7 @@ class ReadSpec(Strict):
                             json_schema_extra=PLACEMENT)
 
 
-class GenerationStage(Strict):
+class GenerationSpec(Strict):
     model: ModelSpec
     template: str
     sampling: Sampling = Field(default_factory=Sampling)
@@ -227,7 +227,7 @@ class GenerationStage(Strict):
     max_attempts: int = Field(3, ge=1, description="tries with a new seed before a sample is rejected")
 
     @model_validator(mode="after")
-    def _budget_fits(self) -> "GenerationStage":
+    def _budget_fits(self) -> "GenerationSpec":
         r = self.model.reasoning
         if r is not None and r.thinking and r.budget is not None and r.budget >= self.sampling.max_tokens:
             raise ValueError(f"model.reasoning.budget ({r.budget}) must be below sampling.max_tokens "
@@ -242,12 +242,12 @@ class GenerationStage(Strict):
         return Resources(**{**self.resources.model_dump(), "batches_in_flight": n})
 
 
-class CaptionStage(GenerationStage):
+class CaptionSpec(GenerationSpec):
     template: str = "caption_dense.j2"
     min_chars: int = Field(1, ge=0, description="shorter captions count as empty and are retried")
 
 
-class DialogueStage(GenerationStage):
+class DialogueSpec(GenerationSpec):
     template: str = "m3t_dialogue.j2"
     schema_: str = Field("m3t_dialogue.schema.json", alias="schema")
     mix: dict[TurnType, int] = Field(default_factory=lambda: dict(DEFAULT_MIX))
@@ -257,7 +257,7 @@ class DialogueStage(GenerationStage):
         "stage (an MLLM writes the turns straight from the image; its retrieval target is the dense description)")
 
     @model_validator(mode="after")
-    def _single_stage(self) -> "DialogueStage":
+    def _single_stage(self) -> "DialogueSpec":
         if self.source == "image":
             if not self.mix.get(CAPTION_TURN):
                 raise ValueError(f"source: image needs a {CAPTION_TURN} turn in the mix (its target is the description)")
@@ -275,7 +275,7 @@ class DialogueStage(GenerationStage):
         return v
 
 
-class JudgeStage(GenerationStage):
+class JudgeSpec(GenerationSpec):
     """Optional: an MLLM checks every turn of a sample against its image in one call (m3t_gen/stages/judge.py)."""
 
     template: str = "m3t_judge.j2"
@@ -286,7 +286,7 @@ class JudgeStage(GenerationStage):
     answer_template: str = "m3t_answer.j2"
 
 
-class TripletJudgeStage(GenerationStage):
+class TripletJudgeSpec(GenerationSpec):
     """Optional: an MLLM sees reference and target images and judges each modification text."""
 
     template: str = "cir_judge.j2"
@@ -304,7 +304,7 @@ class SelfRetrievalSpec(Strict):
     bank: list[str] | None = Field(None, description="paths/globs in the input format; default: the run's input")
 
 
-class RewardStage(Strict):
+class RewardSpec(Strict):
     model: ModelRef = Field(description="CLIP or SigLIP checkpoint (HF format): tiny:clip, a directory, or org/name")
     dtype: Dtype = "auto"
     self_retrieval: SelfRetrievalSpec = Field(default_factory=SelfRetrievalSpec)
@@ -417,7 +417,7 @@ class PairingSpec(Strict):
         return self
 
 
-class ModifyStage(GenerationStage):
+class ModifySpec(GenerationSpec):
     template: str = "cir_modifications.j2"
     schema_: str = Field("cir_modifications.schema.json", alias="schema")
     n: int = Field(5, ge=1, le=20, description="modification texts per pair")
@@ -428,7 +428,7 @@ class ModifyStage(GenerationStage):
 
 
     @model_validator(mode="after")
-    def _image_template(self) -> "ModifyStage":
+    def _image_template(self) -> "ModifySpec":
         if self.source == "images" and self.template == "cir_modifications.j2":
             self.template = "cir_modifications_images.j2"
         return self
@@ -448,9 +448,9 @@ class TripletFilterSpec(Strict):
 
 class CirSpec(Strict):
     pairing: PairingSpec = Field(default_factory=PairingSpec)
-    modify: ModifyStage
+    modify: ModifySpec
     filter: TripletFilterSpec = Field(default_factory=TripletFilterSpec)
-    judge: TripletJudgeStage | None = Field(None, description="optional VLM judge of each modification text")
+    judge: TripletJudgeSpec | None = Field(None, description="optional VLM judge of each modification text")
     triplets_per_file: int = Field(1000, ge=1, description="triplets per JSONL part (the CIR resume unit)")
 
 
@@ -461,10 +461,10 @@ class PipelineConfig(Strict):
     limit: int | None = Field(None, ge=1, description="small-shard test mode: read at most N samples per shard")
     input: InputSpec
     read: ReadSpec = Field(default_factory=ReadSpec)
-    caption: CaptionStage
-    dialogue: DialogueStage | None = Field(None, description="required by the m3t recipe")
-    reward: RewardStage
-    judge: JudgeStage | None = Field(None, description="optional VLM judge of every turn (off unless set)")
+    caption: CaptionSpec
+    dialogue: DialogueSpec | None = Field(None, description="required by the m3t recipe")
+    reward: RewardSpec
+    judge: JudgeSpec | None = Field(None, description="optional VLM judge of every turn (off unless set)")
     filter: FilterSpec = Field(default_factory=FilterSpec)
     cir: CirSpec | None = Field(None, description="required by the cir recipe")
     output: OutputSpec = Field(default_factory=OutputSpec)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from m3t_gen.config import DEFAULT_CIR_CATEGORIES, DEFAULT_MIX, ModifyStage
+from m3t_gen.config import DEFAULT_CIR_CATEGORIES, DEFAULT_MIX, ModifySpec
 from m3t_gen.stages import caption, dialogue, judge, modify
 from m3t_gen.text.templates import load_template
 from m3t_gen.stages.base import EXAMPLE_PAIR, EXAMPLE_ROW
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-MODIFY = ModifyStage.model_construct(n=5, categories=dict(DEFAULT_CIR_CATEGORIES), max_text_chars=200)
+MODIFY = ModifySpec.model_construct(n=5, categories=dict(DEFAULT_CIR_CATEGORIES), max_text_chars=200)
 JUDGED = dict(EXAMPLE_ROW, turns=[
     {"type": "classification", "query": "What does the image mainly show?", "target": "a cat"},
     {"type": "retrieval", "query": "grey cat on a red sofa", "target": EXAMPLE_ROW["caption"]},

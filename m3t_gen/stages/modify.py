@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from m3t_gen.backends.base import GenerationResult
-from m3t_gen.config import ModifyStage as ModifyConfig
+from m3t_gen.config import ModifySpec
 from m3t_gen.config import PipelineConfig
 from m3t_gen.generation import parse_json_answer
 from m3t_gen.text.checks import degenerate_reason
@@ -16,7 +16,7 @@ from m3t_gen.stages.estimate import CHAT_OVERHEAD, Estimating, Work, modify_outp
 from m3t_gen.stages.generating import GeneratingStage
 
 
-def template_fields(row: dict[str, Any], cfg: ModifyConfig) -> dict[str, Any]:
+def template_fields(row: dict[str, Any], cfg: ModifySpec) -> dict[str, Any]:
     """The fields the modification template may use (checked by ``m3t-gen validate``)."""
     return {
         "reference_caption": row["ref_caption"],
@@ -41,7 +41,7 @@ def load_pool_image(location: str) -> Any:
     return img.convert("RGB")
 
 
-def decoding_schema(cfg: ModifyConfig) -> dict[str, Any]:
+def decoding_schema(cfg: ModifySpec) -> dict[str, Any]:
     item = {"type": "object", "properties": {"category": {"enum": list(cfg.categories)},
                                              "text": bounded_text(cfg.max_text_chars)},
             "required": ["category", "text"], "additionalProperties": False}
