@@ -4,7 +4,7 @@ pool/*.parquet (key, caption, CLIP image + caption embeddings; JPEGs in pool/*.t
   -> load_bank: each shard's embeddings into Ray's object store     Ray tasks
   -> mine_pool (exact kNN in tiles, band + rank window + draw)     Ray tasks (GPUs when given)
   -> parts of `triplets_per_file` pairs (resume unit)               driver (pairs as four columns)
-  -> modify -> triplet_reward -> triplet_filter          Ray Data (actor pools / tasks)
+  -> modify -> triplet_reward -> triplet_judge -> triplet_filter   Ray Data (actor pools / tasks)
   -> triplets/part-N.jsonl + triplet_rejects/part-N.parquet + triplet_stats/part-N.json (written last)
 For every part: pairs = kept triplets + rejected triplets.
 """

@@ -1,7 +1,8 @@
-"""Build and run the Ray Data pipeline for a config.
+"""A run of a config: output ownership and lock, resume, the sample pass, the CIR pass, manifest and summary.
 
-input shards --read (tasks)--> caption (actors) --> dialogue (actors) --> reward (actors) --> filter (tasks)
---> driver: OutputWriter (tars, index, rejects, stats) --> manifest.json + summary.
+input shards --read (tasks)--> the sample stages of run/recipe.py (dedupe, caption, embed, dialogue, reward,
+judge: actor pools; filter: tasks) --> driver: OutputWriter (tars, index, rejects, pool, stats)
+--> the CIR pass (run/cir.py) when the recipe asks for it --> manifest.json + summary.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ They let the whole pipeline (and the tests) run on a laptop without a model hub:
 - ``clip``: a tiny ``CLIPModel`` with tokenizer and image processor; loads like
   ``openai/clip-vit-large-patch14`` through ``AutoModel`` + ``AutoTokenizer`` + ``AutoImageProcessor``.
 
-All three share one byte-level BPE tokenizer trained here on local text only (Python's own docstrings plus a
+All five share one byte-level BPE tokenizer trained here on local text only (Python's own docstrings plus a
 few fixed paragraphs), with ChatML special tokens and a chat template that takes string content or lists of
 ``text`` / ``image`` parts. Builds are deterministic: a fixed seed gives the same weights every time.
 

@@ -45,7 +45,7 @@ made or that is empty, never inside a run output: the folder it writes into (``P
 folder) gets ``.m3t-gen-export`` first, naming the format, and a later export of the same format may write there
 again; a non-empty folder without it, or with another format's, is refused.
 
-This module also holds the small readers of a finished run (manifest, samples in the tars) that
+A finished run is read through ``tools/run_reader.py`` (manifest, samples in the tars, triplets), the readers
 ``card.py`` and ``inspect_html.py`` share; heavy imports are deferred so that the CLI stays fast to start.
 """
 
