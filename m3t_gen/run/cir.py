@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 
 from m3t_gen import __version__
 from m3t_gen.run.pairing import Bank, PairArrays, load_bank, mine_arrays, mine_pool
-from m3t_gen.rows import MODIFICATION, OK, PAIR_SCHEMA, REJECTED, TRIPLET_SCORES, usage_fields, worker_counts
-from m3t_gen.run.recipe import CIR_STAGES, apply_stages, init_ray
+from m3t_gen.rows import MODIFICATION, OK, PAIR_SCHEMA, REJECTED, TRIPLET_SCORES, worker_counts
+from m3t_gen.run.recipe import CIR_STAGES, apply_stages, init_ray, stage_table
 from m3t_gen.stages.base import RunContext
 from m3t_gen.storage.store import Store
 
@@ -300,27 +300,12 @@ def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
             workers.setdefault(stage, Counter()).update(counts)
     return {"pool": sum(bank.sizes), "pairs": n_pairs, "pool_fingerprint": fingerprint,
             "kept": sum(s["kept"] for s in stats), "rejected": sum(s["rejected"] for s in stats),
-            "reasons": dict(reasons), "stages": stage_table(stats, n_pairs),
+            "reasons": dict(reasons), "stages": cir_stage_table(stats, n_pairs),
             "rows_per_worker": {stage: dict(sorted(c.items())) for stage, c in workers.items()}}
 
 
-def stage_table(stats: list[dict[str, Any]], pairs: int) -> list[dict[str, Any]]:
-    """Per CIR stage over all parts: pairs in / kept / rejected, actor seconds, generated tokens (the shape of
-    the sample stages' table in the manifest)."""
-    rejected: Counter = Counter()
-    seconds: Counter = Counter()
-    tokens: Counter = Counter()
-    for s in stats:
-        for key, n in s["reasons"].items():
-            rejected[key.split(":", 1)[0]] += n
-        seconds.update(s.get("stage_seconds", {}))  # parts written before these fields existed have none
-        tokens.update(s.get("stage_tokens", {}))
-    table, rows_in = [], pairs
-    for stage in CIR_STAGES:
-        kept = rows_in - rejected[stage.name]
-        entry = {"stage": stage.name, "in": rows_in, "kept": kept, "rejected": rejected[stage.name],
-                 "busy_seconds": round(seconds.get(stage.name, 0.0), 2)}
-        entry.update(usage_fields(tokens, stage.name))
-        table.append(entry)
-        rows_in = kept
-    return table
+def cir_stage_table(stats: list[dict[str, Any]], pairs: int) -> list[dict[str, Any]]:
+    """Per CIR stage over all parts: pairs in / kept / rejected, actor seconds, generated tokens (the sample
+    pass's table, every CIR stage listed)."""
+    names = [s.name for s in CIR_STAGES]
+    return stage_table(stats, names, pairs, always=frozenset(names))

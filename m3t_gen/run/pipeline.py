@@ -20,10 +20,9 @@ from typing import Any, Callable
 from m3t_gen import __version__
 from m3t_gen.config import ConfigError, PipelineConfig, drop_excluded, placement_exclude
 from m3t_gen.storage.sources import InputShard, expand_inputs
-from m3t_gen.run.recipe import SAMPLE_ORDER, SAMPLE_STAGES, apply_stages, init_ray, lineage
+from m3t_gen.run.recipe import SAMPLE_ORDER, SAMPLE_STAGES, apply_stages, init_ray, lineage, stage_table
 from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.read import read_shards
-from m3t_gen.rows import usage_fields
 from m3t_gen.text.templates import load_template
 from m3t_gen.storage.store import LOCK_FILE, OutputBusy, Store, is_remote, lock_output
 from m3t_gen.run.writer import OutputWriter
@@ -241,26 +240,7 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
     read = sum(s["read"] for s in stats)
     kept = sum(s["kept"] for s in stats)
     rejected = sum(s["rejected"] for s in stats)
-    by_stage: Counter = Counter()
-    for s in stats:
-        for key, n in s["reasons"].items():
-            by_stage[key.split(":", 1)[0]] += n
-    seconds: Counter = Counter()
-    tokens: Counter = Counter()
-    for s in stats:
-        seconds.update(s["stage_seconds"])
-        tokens.update(s.get("stage_tokens", {}))
-    stages = []
-    rows_in = read
-    for name in SAMPLE_ORDER:
-        if name != "read" and name not in seconds and not by_stage[name]:
-            continue  # a stage this recipe does not use
-        out = rows_in - by_stage[name]
-        entry = {"stage": name, "in": rows_in, "kept": out, "rejected": by_stage[name],
-                 "busy_seconds": round(seconds.get(name, 0.0), 2)}
-        entry.update(usage_fields(tokens, name))
-        stages.append(entry)
-        rows_in = out
+    stages = stage_table(stats, SAMPLE_ORDER, read, always=frozenset({"read"}))
     reasons: Counter = Counter()
     repairs: Counter = Counter()
     skipped: Counter = Counter()

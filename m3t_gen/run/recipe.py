@@ -174,3 +174,33 @@ def init_ray(cfg: PipelineConfig) -> None:
     data_ctx.execution_options.preserve_order = cfg.ray.preserve_order
     # Pools start together and meet in PoolRendezvous; Ray Data's own wait would start them one after another.
     data_ctx.wait_for_min_actors_s = -1
+
+
+def stage_table(stats: list[dict[str, Any]], names: list[str], rows_in: int,
+                always: frozenset[str] | None = None) -> list[dict[str, Any]]:
+    """The per-stage table of a pass (the manifest's ``stages``, ``cir.stages``): rows in, kept, rejected, actor
+    seconds and generated tokens per stage in order, summed over the shards' or parts' stats. A stage with no
+    time and no rejection did not run in this recipe and is left out, unless listed in ``always``."""
+    from collections import Counter
+
+    from m3t_gen.rows import usage_fields
+
+    rejected: Counter = Counter()
+    seconds: Counter = Counter()
+    tokens: Counter = Counter()
+    for s in stats:
+        for key, n in s["reasons"].items():
+            rejected[key.split(":", 1)[0]] += n
+        seconds.update(s.get("stage_seconds", {}))  # parts written before these fields existed have none
+        tokens.update(s.get("stage_tokens", {}))
+    table = []
+    for name in names:
+        if (always is None or name not in always) and name not in seconds and not rejected[name]:
+            continue
+        kept = rows_in - rejected[name]
+        entry = {"stage": name, "in": rows_in, "kept": kept, "rejected": rejected[name],
+                 "busy_seconds": round(seconds.get(name, 0.0), 2)}
+        entry.update(usage_fields(tokens, name))
+        table.append(entry)
+        rows_in = kept
+    return table
