@@ -73,3 +73,16 @@ def test_at_most_ten_modules_at_the_package_top():
     """Modules are grouped by what they serve (text/, scoring/, stages/, run/, ...): the top stays short."""
     flat = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
     assert len(flat) <= 10, flat
+
+
+def test_the_change_table_names_files_that_exist():
+    """docs/architecture.md's "Where a change goes" names real files (a rename that forgets it fails here)."""
+    import re
+
+    root = PACKAGE.parent
+    doc = (root / "docs" / "architecture.md").read_text()
+    section = doc[doc.index("## Where a change goes"):]
+    paths = set(re.findall(r"`((?:m3t_gen|schemas|docs)/[\w/.]+\.(?:py|json|md))`", section))
+    assert len(paths) >= 10
+    missing = sorted(p for p in paths if not (root / p).is_file())
+    assert not missing, missing
