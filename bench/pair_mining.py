@@ -183,7 +183,10 @@ def distributed(n: int, d: int, workers: int, shard_rows: int, block_rows: int, 
 
     gc.collect()
     base = rss_gb()
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    # The bank (image + caption embeddings, N x d x 8 bytes) must fit the object store, or Ray spills it to disk
+    # while loading and restores it on the miners' gets: what is measured is then the disk.
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+             object_store_memory=max(2 * 1024 ** 3, int(n * d * 8 * 1.25)))
     peak = Peak()
     t = time.perf_counter()
     bank = load_bank(Store(tmp), rels, run_seed=0)
