@@ -243,3 +243,25 @@ def test_distributed_mining_equals_the_exact_faiss_search(tmp_path):
     assert (got.ref == want.ref).all() and (got.tgt == want.tgt).all() and (got.rank == want.rank).all()
     assert np.array_equal(got.similarity, want.similarity)
     assert isinstance(got, PairArrays)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU (runs where one is lent)")
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_gpu_search_equals_the_brute_force(precision):
+    """The same kernel on a GPU (cuBLAS products, reductions in fp32 forced) gives exactly the CPU's answer."""
+    from m3t_gen.run.knn import device_for, exact_topk, tiles_of
+
+    x = _clip_like(3000, 64)
+    want_v, want_i = _reference_topk(x, 11)
+    got_v, got_i = exact_topk(x, np.arange(len(x)), tiles_of(x, 1000), 11, device=device_for(True),
+                              precision=precision, margin=4)
+    assert (got_i == want_i).all() and (got_v == want_v).all()
