@@ -82,11 +82,12 @@ ASSUMED_SIZE_B = 8.0  # when the size cannot be told from the name or a local co
 CLIP_IMAGES_PER_S = {"base": 3000.0, "large": 1000.0, "huge": 400.0}
 # Devices without a GPU (a stage with num_gpus: 0): CPU actors are this many times slower.
 CPU_SLOWDOWN = 50.0
-# Exact pair mining (2 N^2 d FLOP of tile products + top-k), FLOP/s per device. GPU: an estimate, a third of an
-# H100's 989 TFLOP/s dense bf16 peak (tile products with a top-k, not a bare GEMM). CPU: measured on a 2-core AMX
-# box, 355 GFLOP/s for bf16 products with a top-31 on 2 threads (docs/BENCHMARKS.md), per core.
+# Exact pair mining (2 N^2 d FLOP of tile products + selection), FLOP/s per device. GPU: an estimate, a third of an
+# H100's 989 TFLOP/s dense bf16 peak (tile products with a selection pass, not a bare GEMM). CPU: measured end to
+# end on a 2-core AVX-512-bf16 box, 1M x 768 mined by 2 single-thread tasks in 2,816 s: 546 GFLOP/s, per core
+# (docs/BENCHMARKS.md, issue 23).
 MINING_FLOPS_GPU = 330e12
-MINING_FLOPS_CPU_CORE = 177e9
+MINING_FLOPS_CPU_CORE = 273e9
 # read (decode, EXIF, RGB, checks, re-encode when downscaled, sha256, perceptual hash) in CPU seconds per
 # image: 5 ms of CPU time measured on the bundled smoke photos (300-1400 px, read.max_side 512 or 1344);
 # budgeted at twice that for larger web JPEGs.
@@ -364,7 +365,7 @@ def _mining_plan(cfg: PipelineConfig, images: int, throughputs: dict[str, float]
     elif gpu:
         rate, src = MINING_FLOPS_GPU, "default: estimate, a third of an H100's dense bf16 peak"
     else:
-        rate, src = MINING_FLOPS_CPU_CORE * spec.resources.num_cpus, "default: measured per core (AMX bf16)"
+        rate, src = MINING_FLOPS_CPU_CORE * spec.resources.num_cpus, "default: measured per core (AVX-512 bf16, 1M x 768)"
     devices = max(pass_gpus, spec.resources.num_gpus) if gpu else float(cfg.ray.num_cpus or 1) / spec.resources.num_cpus
     hours = flops / rate / 3600
     tasks = -(-images // spec.resources.block_rows)
