@@ -123,6 +123,13 @@ class ModelSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="the backend's own settings")
     reasoning: ReasoningSpec | None = Field(None, description="for models that reason before they answer")
 
+    def engine(self) -> tuple[Any, BaseModel]:
+        """(backend class, its validated options): what validate and plan read capabilities from."""
+        from m3t_gen.backends.registry import get_backend
+
+        backend = get_backend(self.backend)
+        return backend, backend.Options.model_validate(self.options)
+
     @model_validator(mode="after")
     def _backend_and_options(self) -> "ModelSpec":
         from m3t_gen.backends.registry import backend_names, get_backend

@@ -47,7 +47,6 @@ def _check_schema(check: SchemaCheck, cfg: PipelineConfig) -> str:
 def _check_images_per_prompt(cfg: PipelineConfig) -> None:
     """An engine refuses a request with more images than its limit (vLLM: ``limit_images_per_prompt``): every
     batch would fail."""
-    from m3t_gen.backends.registry import get_backend
     from m3t_gen.run.recipe import enabled
 
     for stage in enabled(cfg):
@@ -55,8 +54,8 @@ def _check_images_per_prompt(cfg: PipelineConfig) -> None:
         model = getattr(stage.settings(cfg), "model", None)
         if not n or not hasattr(model, "backend"):
             continue
-        backend = get_backend(model.backend)
-        limit = backend.images_per_request_limit(backend.Options.model_validate(model.options))
+        backend, options = model.engine()
+        limit = backend.images_per_request_limit(options)
         if limit is not None and limit < n:
             raise ConfigError(f"{stage.section}.model.options.limit_images_per_prompt: the {stage.name} stage "
                               f"sends {n} images per request, {backend.name} would accept {limit}: set it to {n}")

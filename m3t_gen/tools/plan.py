@@ -298,10 +298,8 @@ def gpus_per_replica(cfg: PipelineConfig, stage: str) -> tuple[float, list[str]]
     notes: list[str] = []
     model = getattr(section, "model", None)
     if gpus > 0 and hasattr(model, "backend"):  # a generation model (CLIP stages name theirs by a string)
-        from m3t_gen.backends.registry import get_backend
-
-        backend = get_backend(model.backend)
-        parallel = backend.devices_per_replica(backend.Options.model_validate(model.options))
+        backend, options = model.engine()
+        parallel = backend.devices_per_replica(options)
         if parallel > gpus:
             notes.append(f"{backend.name} tensor x pipeline parallel = {parallel} GPUs per engine but "
                          f"resources.num_gpus = {gpus:g}: planned with {parallel}")
