@@ -461,6 +461,53 @@ class CirSpec(Strict):
     triplets_per_file: int = Field(1000, ge=1, description="triplets per JSONL part (the CIR resume unit)")
 
 
+class NegativeBandSpec(Strict):
+    """Where candidates are taken from among a positive's neighbours: a similarity band and a rank window (rank 1 =
+    the nearest candidate from another image)."""
+
+    min_similarity: float = Field(-1.0, ge=-1, le=1)
+    max_similarity: float = Field(1.0, ge=-1, le=1)
+    min_rank: int = Field(1, ge=1)
+    max_rank: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "NegativeBandSpec":
+        if self.min_similarity > self.max_similarity:
+            raise ValueError("min_similarity must be <= max_similarity")
+        if self.min_rank > self.max_rank:
+            raise ValueError("min_rank must be <= max_rank")
+        return self
+
+
+class NegativeGuardSpec(Strict):
+    """The false-negative guard, decided from recorded scores (`m3t-gen refilter --set negatives.guard.x=...`
+    re-decides without mining again)."""
+
+    max_positive_ratio: float = Field(
+        0.95, gt=0, le=1, description="positive-aware (NV-Retriever's TopK-PercPos): a candidate's score against the "
+        "query must stay below the positive's score less (1 - ratio) of its size; else a likely false negative")
+    max_text_similarity: float = Field(
+        0.98, ge=-1, le=1, description="a text candidate this close to the positive target is a paraphrase of it")
+    max_image_similarity: float = Field(
+        0.95, ge=-1, le=1, description="an image candidate this close to the image is a near-duplicate of it")
+    per_turn: int = Field(3, ge=1, description="negatives kept per turn (the nearest that pass the guard)")
+    images_per_sample: int = Field(3, ge=0, description="negative images kept per sample (neg_image_path)")
+
+
+class NegativesSpec(Strict):
+    """Hard negatives for every kept turn, mined from the run's own output (a pass after the sample pass):
+    targets of the same turn type from other images near the positive in CLIP text space, and images near the
+    sample's image in CLIP image space; each candidate recorded with its scores and the guard's decision."""
+
+    candidates: int = Field(8, ge=1, description="candidates mined per turn (and per image) before the guard")
+    text: NegativeBandSpec = Field(default_factory=NegativeBandSpec)
+    image: NegativeBandSpec = Field(default_factory=NegativeBandSpec)
+    guard: NegativeGuardSpec = Field(default_factory=NegativeGuardSpec)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", json_schema_extra=PLACEMENT,
+                                                       description="as cir.pairing.precision")
+    resources: PairingResources = Field(default_factory=lambda: PairingResources(), json_schema_extra=PLACEMENT)
+
+
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     recipe: Literal["m3t", "cir", "m3t+cir"] = "m3t"
@@ -474,6 +521,8 @@ class PipelineConfig(Strict):
     judge: JudgeSpec | None = Field(None, description="optional VLM judge of every turn (off unless set)")
     filter: FilterSpec = Field(default_factory=FilterSpec)
     cir: CirSpec | None = Field(None, description="required by the cir recipe")
+    negatives: NegativesSpec | None = Field(
+        None, description="hard negatives for every kept turn (a pass after the sample pass; off unless set)")
     output: OutputSpec = Field(default_factory=OutputSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     file_roots: list[str] = Field(
@@ -490,6 +539,8 @@ class PipelineConfig(Strict):
             raise ValueError("recipe m3t needs a dialogue: section")
         if self.wants("cir") and self.cir is None:
             raise ValueError("recipe cir needs a cir: section")
+        if self.negatives is not None and not self.wants("m3t"):
+            raise ValueError("negatives are mined for M3T turns: the recipe must include m3t")
         if self.wants("cir") and self.dialogue is not None and self.wants("m3t") and self.dialogue.source == "image":
             raise ValueError("dialogue.source: image skips the caption stage, which the cir recipe needs")
         return self

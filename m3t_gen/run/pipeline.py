@@ -33,6 +33,8 @@ def result_hash(cfg: PipelineConfig) -> str:
     """Hash of everything that changes what a run writes: every config field but those marked as placement on the
     config models (where Ray runs, where output goes, how many actors/GPUs/CPUs a stage gets)."""
     data = cfg.model_dump(mode="json", by_alias=True, exclude=placement_exclude(PipelineConfig))
+    if data.get("negatives") is None:  # a section added later: unset, it leaves every earlier hash as it was
+        data.pop("negatives", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -69,6 +71,7 @@ def build_dataset(cfg: PipelineConfig, ctx: RunContext, shards: list[InputShard]
 OWNER_FILE = ".m3t-gen"  # written first into every output: the proof that m3t-gen made this folder
 # What a run (and refilter, card) writes at the top of an output; --overwrite removes these and nothing else.
 OWNED = ("shards", "filtered", "index", "rejects", "stats", "pool", "pairs", "triplets", "triplet_shards",
+         "negatives", "negatives_stats",
          "triplet_rejects", "triplet_stats", "card", "manifest.json", "README.md", OWNER_FILE)
 
 
@@ -208,6 +211,11 @@ def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], start
         from m3t_gen.run.cir import run_cir
 
         cir_summary = run_cir(cfg, ctx, store, [s.shard for s in shards], log)
+    negatives = None
+    if cfg.negatives is not None:
+        from m3t_gen.run.negatives import run_negatives
+
+        negatives = run_negatives(cfg, store, [s.shard for s in shards], log)
     manifest = {
         "name": cfg.name, "recipe": cfg.recipe, "config_hash": result_hash(cfg),
         "config": cfg.model_dump(mode="json", by_alias=True),
@@ -219,6 +227,8 @@ def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], start
     }
     if cir_summary is not None:
         manifest["cir"] = cir_summary
+    if negatives is not None:
+        manifest["negatives"] = negatives
     manifest["quality"] = timed_quality_report(store, manifest["config"], log)
     store.write_bytes("manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
@@ -286,6 +296,12 @@ def format_summary(manifest: dict[str, Any]) -> str:
         lines += _request_lines(cir.get("stages", []))
         for reason, n in sorted(cir["reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"  rejected {n:>6}  {reason}")
+    neg = manifest.get("negatives")
+    if neg:
+        lines.append(f"negatives: {neg['turns_with_negatives']} of {neg['turns']} kept turns carry hard negatives; "
+                     f"candidates {neg['candidates']} = kept {neg['kept']} + dropped {neg['dropped']}")
+        for reason, n in sorted(neg["reasons"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"  dropped  {n:>6}  {reason}")
     return "\n".join(lines)
 
 

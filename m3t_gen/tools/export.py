@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from m3t_gen.storage.store import atomic_write_bytes, staged_file
+from m3t_gen.turns import CAPTION_TURN
 from m3t_gen.tools.run_reader import (RunOutputError, find_images, iter_samples, iter_triplets, read_manifest,
                                       refuse_inside_run, sorted_turns, triplet_files)
 
@@ -244,6 +245,112 @@ def export_muco(out_dir: Path, target: Path, options: ExportOptions) -> dict[str
         written[str(path)] = len(rows)
     return {"format": "muco", "rows": len(finetune), "path": str(target), "images": str(images),
             "written": written, "left_out": dict(left_out)}
+
+
+# ----------------------------------------------------------------------------------------- mmeb
+# One row per kept turn (image + query -> target text), and per sample with a retrieval turn one text -> image
+# row (its query -> the image), with the turn's hard negatives, in the layout of MMEB-train, read by VLM2Vec
+# (datasets.load_dataset(root, subset, split="original")) and by MuCo's loader in its single-query mode (glob
+# */*_generated_sentence.parquet). The two read negatives differently: VLM2Vec one string (a list crashes its
+# parser), MuCo a non-empty list that it samples from (a string that is not a list literal, or an empty list,
+# crashes it); so each subset is written once per loader, the MuCo rows without negatives in a subset of their own
+# without the negative columns (MuCo then trains them with in-batch negatives only).
+MMEB_SUBSETS = {"turns": "M3T_turns", "t2i": "M3T_t2i"}
+MMEB_IMAGE_TARGET = f"{MUCO_IMAGE_PLACEHOLDER}\nRepresent the given image."  # MMEB's text of an image target
+
+
+def _mmeb_rows(key: str, sample: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    image = f"images/{key}.jpg"
+    caption = sample.get("caption") or ""
+    rows: dict[str, list[dict[str, Any]]] = {"turns": [], "t2i": []}
+    for t in sorted_turns(sample):
+        negs = [n["text"] for n in t.get("negatives", [])]
+        rows["turns"].append({"qry": f"{MUCO_IMAGE_PLACEHOLDER}\n{t['query']}", "qry_image_path": image,
+                              "pos_text": t["target"], "pos_image_path": "", "negs": negs,
+                              "neg_images": ["" for _ in negs], "qry_sentence": caption, "pos_sentence": "",
+                              "key": key, "turn_type": t["type"], "i": t["i"]})
+        if t["type"] == CAPTION_TURN:
+            neg_keys = [n["source"] for n in sample.get("negative_images", [])]
+            rows["t2i"].append({"qry": t["query"], "qry_image_path": "", "pos_text": MMEB_IMAGE_TARGET,
+                                "pos_image_path": image, "negs": [MMEB_IMAGE_TARGET for _ in neg_keys],
+                                "neg_images": [f"images/{k}.jpg" for k in neg_keys], "qry_sentence": "",
+                                "pos_sentence": caption, "key": key, "turn_type": "t2i", "i": t["i"]})
+    return rows
+
+
+def _mmeb_schema(negatives: str | None):
+    import pyarrow as pa
+
+    fields = [("qry", pa.string()), ("qry_image_path", pa.string()), ("pos_text", pa.string()),
+              ("pos_image_path", pa.string())]
+    if negatives == "string":
+        fields += [("neg_text", pa.string()), ("neg_image_path", pa.string())]
+    elif negatives == "list":
+        fields += [("neg_text", pa.list_(pa.string())), ("neg_image_path", pa.list_(pa.string()))]
+    fields += [("qry_sentence", pa.string()), ("pos_sentence", pa.string()), ("key", pa.string()),
+               ("turn_type", pa.string()), ("i", pa.int32())]
+    return pa.schema(fields)
+
+
+def _mmeb_readme(subsets: list[str]) -> str:
+    configs = "".join(f"- config_name: {s}\n  data_files:\n  - split: original\n    path: {s}/original-*.parquet\n"
+                      for s in subsets)
+    return (f"---\nconfigs:\n{configs}---\n\n# m3t-gen export (mmeb)\n\nOne row per turn with its hard negatives, "
+            "in MMEB-train's columns. `<subset>/original-*.parquet`: VLM2Vec (`load_dataset(root, subset, "
+            "split=\"original\")`, `image_dir` = this folder; `neg_text` is the hardest negative). "
+            "`*/*_generated_sentence.parquet`: MuCo's loader (`--meta_folder` and `--image_folder` = this folder; "
+            "`neg_text` lists every kept negative).\n")
+
+
+@exporter("mmeb", None)
+def export_mmeb(out_dir: Path, target: Path, options: ExportOptions) -> dict[str, Any]:
+    from collections import Counter
+
+    images = target / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[dict[str, Any]]] = {"turns": [], "t2i": []}
+    exported: set[str] = set()
+    left_out: Counter = Counter()
+    for key, image, sample in iter_samples(out_dir, "shards"):
+        if image is None:
+            raise RunOutputError(f"{out_dir}: sample {key} has no JPEG in its tar")
+        atomic_write_bytes(images / f"{key}.jpg", image)
+        exported.add(key)
+        for kind, found in _mmeb_rows(key, sample).items():
+            rows[kind] += found
+    wanted = {p[len("images/"):-len(".jpg")] for r in rows["t2i"] for p in r["neg_images"]} - exported
+    for key, image in find_images(out_dir, wanted, ("filtered", "pool")):  # a negative refilter has since dropped
+        atomic_write_bytes(images / f"{key}.jpg", image)
+        exported.add(key)
+    for r in rows["t2i"]:
+        keep = [n for n, p in enumerate(r["neg_images"]) if p[len("images/"):-len(".jpg")] in exported]
+        left_out["negative image not in the output"] += len(r["neg_images"]) - len(keep)
+        r["negs"], r["neg_images"] = [r["negs"][n] for n in keep], [r["neg_images"][n] for n in keep]
+    written = {}
+    for kind, subset in MMEB_SUBSETS.items():
+        found = rows[kind]
+        vlm2vec = [dict(_without_negs(r), neg_text=r["negs"][0] if r["negs"] else "",
+                        neg_image_path=r["neg_images"][0] if r["negs"] else "") for r in found]
+        path = target / subset / "original-00000-of-00001.parquet"
+        _write_parquet(path, vlm2vec, _mmeb_schema("string"))
+        written[str(path)] = len(vlm2vec)
+        muco = [dict(_without_negs(r), neg_text=r["negs"], neg_image_path=r["neg_images"]) for r in found if r["negs"]]
+        path = target / subset / f"{subset}_generated_sentence.parquet"
+        _write_parquet(path, muco, _mmeb_schema("list"))
+        written[str(path)] = len(muco)
+        bare = [_without_negs(r) for r in found if not r["negs"]]
+        path = target / f"{subset}_no_negatives" / f"{subset}_no_negatives_generated_sentence.parquet"
+        _write_parquet(path, bare, _mmeb_schema(None))
+        written[str(path)] = len(bare)
+    atomic_write_bytes(target / "README.md", _mmeb_readme(list(MMEB_SUBSETS.values())).encode())
+    n_rows = sum(len(v) for v in rows.values())
+    with_negs = sum(1 for v in rows.values() for r in v if r["negs"])
+    return {"format": "mmeb", "rows": n_rows, "rows_with_negatives": with_negs, "path": str(target),
+            "images": str(images), "written": written, "left_out": dict(left_out)}
+
+
+def _without_negs(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("negs", "neg_images")}
 
 
 # ----------------------------------------------------------------------------------------- cirr / fashioniq

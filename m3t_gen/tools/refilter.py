@@ -38,7 +38,9 @@ WORK_MARKER = ".m3t-gen"        # in the working folder, written first: the proo
 WORK_STATE = "state.json"       # {"step": "swap" | "done", "new": [names the new results have]}
 # What a refilter rewrites at the top of the output (the manifest last, on its own); the card described the old
 # results and goes. Everything else (the CIR results, the pool, anything m3t-gen did not write) stays in place.
-SWAPPED = ("shards", "filtered", "index", "rejects", "stats", OWNER_FILE, "README.md", "card")
+SWAPPED = ("shards", "filtered", "index", "rejects", "stats", "negatives", "negatives_stats", OWNER_FILE, "README.md",
+           "card")
+REDECIDED = ("filter.", "negatives.guard.")  # what a refilter may change: decisions over recorded scores
 
 
 def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
@@ -96,9 +98,10 @@ def _start_work(out: Path) -> Path:
 
 def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict[str, Any]:
     manifest = json.loads(manifest_path.read_text())
-    bad = [o for o in overrides if not o.startswith("filter.")]
+    bad = [o for o in overrides if not o.startswith(REDECIDED)]
     if bad:
-        raise ConfigError(f"refilter changes only filter.* thresholds, not {bad[0].split('=')[0]}")
+        raise ConfigError(f"refilter changes only filter.* and negatives.guard.* thresholds, not "
+                          f"{bad[0].split('=')[0]}")
     data = apply_overrides(json.loads(json.dumps(manifest["config"])), overrides)
     try:
         cfg = PipelineConfig.model_validate(data)
@@ -146,6 +149,12 @@ def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict
     history = manifest.get("refilters", []) + [{"set": overrides, "previous_config_hash": manifest["config_hash"]}]
     manifest.update(config=cfg.model_dump(mode="json", by_alias=True), config_hash=ctx.config_hash,
                     totals=summary["totals"], stages=summary["stages"], refilters=history)
+    if cfg.negatives is not None:  # the mined candidates, re-decided onto the new shards (no mining again)
+        from m3t_gen.run.negatives import attach
+
+        negatives = attach(Store(out), Store(new), cfg.negatives.guard)
+        if negatives is not None:
+            manifest["negatives"] = negatives
     write_owner_file(new, cfg)
     _swap(out, work)
     # The quality report of what the refilter kept (the CIR part, left in place, included).
