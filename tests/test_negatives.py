@@ -282,3 +282,53 @@ def test_mmeb_export_loads_row_by_row_in_vlm2vec_and_muco_with_negatives(smoke_r
     for query, pos, neg, meta in rows:  # a drawn text negative is never the row's own positive
         if neg and meta["turn_type"] != "t2i":
             assert normalised(neg) != normalised(targets[(meta["key"], meta["i"])]["target"])
+
+
+@pytest.mark.slow
+def test_quality_report_card_and_inspect_show_the_negatives(smoke_run, tmp_path):
+    out = smoke_run[0]
+    report = json.loads((out / "manifest.json").read_text())["quality"]["negatives"]
+    table = _candidates(out).to_pylist()
+    assert set(report["types"]) == {c["type"] for c in table}
+    for t, r in report["types"].items():
+        rows = [c for c in table if c["type"] == t]
+        assert (r["candidates"], r["kept"]) == (len(rows), sum(c["kept"] for c in rows))
+        assert {why: d["count"] for why, d in r["dropped"].items()} == {
+            why: sum(c["reason"] == why for c in rows) for why in {c["reason"] for c in rows if c["reason"]}}
+        assert r["score"]["n"] == r["kept"]
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    assert run_cli("card", str(copy)).returncode == 0
+    card = (copy / "README.md").read_text()
+    section = card[card.index("### Hard negatives"):]
+    assert all(f"| {t.replace('_', '&#95;')} | {r['candidates']} | {r['kept']} |" in section
+               for t, r in report["types"].items())
+    assert (copy / "card" / "negatives.png").stat().st_size > 0
+    proc = run_cli("inspect", str(out), "--html", str(tmp_path / "page.html"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = (tmp_path / "page.html").read_text()
+    assert page.count('class="negatives"') == sum(
+        bool(t["negatives"]) for _, _, s in _kept_samples(out)[:24] for t in s["turns"])
+
+
+def _kept_samples(out):
+    from m3t_gen.storage.store import iter_tar
+
+    return [x for tar in sorted((out / "shards").glob("*.tar")) for x in iter_tar(tar)]
+
+
+def test_plan_budgets_the_negatives_pass():
+    from pathlib import Path
+
+    from m3t_gen.config import load_config
+    from m3t_gen.tools.plan import embedding_dim, make_plan
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "pipelines" / "smoke.yaml")
+    n, (d, _) = 1000, embedding_dim(cfg)
+    plan = make_plan(cfg, n)
+    neg = next(p for p in plan.stages if p.stage == "negatives")
+    flops = 2 * n * n * d + sum(2 * (n * c) ** 2 * d for c in cfg.dialogue.mix.values())
+    assert f"kNN FLOP = {flops:.3g}" in neg.notes and neg.wall_hours > 0
+    without = make_plan(cfg.model_copy(update={"negatives": None}), n)
+    assert "negatives" not in [p.stage for p in without.stages]
+    assert plan.wall_hours == pytest.approx(without.wall_hours + neg.wall_hours)

@@ -11,6 +11,7 @@ texts, score distributions and verdicts.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from typing import Any, Iterable, Iterator
@@ -243,6 +244,57 @@ def cir_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+def negatives_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Per turn type (and ``image``): candidates mined, kept, per kept turn, the share dropped by each guard with
+    examples, and the distributions of the kept negatives' similarity to their positive and of their score against
+    the query beside the positives' own scores (a guard that works shows the two apart)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    if not config.get("negatives") or not store.exists("negatives_stats"):
+        return None
+    rels = store.files("negatives", ".parquet")
+    if not rels:
+        return None
+    stats = [json.loads(store.read_text(rel)) for rel in store.files("negatives_stats", ".json")]
+    types: dict[str, dict[str, Any]] = {}
+    for rel in rels:
+        table = pq.read_table(io.BytesIO(store.read_bytes(rel)))
+        for c in table.to_pylist():
+            r = types.setdefault(c["type"], {"candidates": 0, "kept": 0, "dropped": Counter(), "examples": {},
+                                             "similarity": [], "score": [], "positive": {}})
+            r["candidates"] += 1
+            if c["kept"]:
+                r["kept"] += 1
+                r["similarity"].append(c["similarity"])
+                r["score"].append(c["score"])
+            else:
+                r["dropped"][c["reason"]] += 1
+                found = r["examples"].setdefault(c["reason"], [])
+                if len(found) < EXAMPLES and c["reason"] != "over_limit":
+                    found.append({"key": c["key"], "i": c["i"], "text": c["text"], "source": c["source"],
+                                  "similarity": round(c["similarity"], 4), "score": round(c["score"], 4),
+                                  "positive": round(c["positive"], 4)})
+            r["positive"][(c["key"], c["i"])] = c["positive"]
+    out_types = {}
+    for t, r in sorted(types.items()):
+        n = r["candidates"]
+        out_types[t] = {
+            "candidates": n, "kept": r["kept"],
+            "dropped": {why: {"count": k, "share": round(k / n, 4)} for why, k in sorted(r["dropped"].items())},
+            "examples": r["examples"],
+            "similarity": histogram(r["similarity"], -1.0, 1.0),
+            "score": histogram(r["score"], -1.0, 1.0),
+            "positive_score": histogram(list(r["positive"].values()), -1.0, 1.0),
+        }
+    turns = sum(s["turns"] for s in stats)
+    kept_text = sum(r["kept"] for t, r in types.items() if t != "image")
+    return {"turns": turns, "turns_with_negatives": sum(s["turns_with_negatives"] for s in stats),
+            "per_turn": round(kept_text / turns, 3) if turns else None,
+            "guard": (config["negatives"] or {}).get("guard"), "types": out_types}
+
+
 def quality_report(store: Store, config: dict[str, Any]) -> dict[str, Any]:
     """The report of a finished output (``config``: the manifest's, as JSON)."""
     report: dict[str, Any] = {}
@@ -252,4 +304,7 @@ def quality_report(store: Store, config: dict[str, Any]) -> dict[str, Any]:
     cir = cir_report(store, config)
     if cir:
         report["cir"] = cir
+    negatives = negatives_report(store, config)
+    if negatives:
+        report["negatives"] = negatives
     return report

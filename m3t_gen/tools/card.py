@@ -302,8 +302,49 @@ def _quality(out_dir: Path, manifest: dict[str, Any], card_dir: Path) -> dict[st
                      md(_verdicts(r["verdicts"])), _num(_mean_score(r["judge_score"])),
                      _num((r["answer_agreement"] or {}).get("mean"))])
         leaks += [(t, *example) for example in (r["leaked_targets"] or {}).get("examples", [])[:1]]
+    negatives_rows, negatives_examples = _negatives_rows(quality.get("negatives"))
     return {"quality": quality, "quality_rows": rows, "quality_leaks": leaks,
-            "quality_plots": _quality_plots(quality, card_dir)}
+            "negatives_rows": negatives_rows, "negatives_examples": negatives_examples,
+            "quality_plots": _quality_plots(quality, card_dir) + _negatives_plot(quality.get("negatives"), card_dir)}
+
+
+NEGATIVE_REASONS = ("same_text", "near_duplicate", "above_positive", "over_limit")
+
+
+def _negatives_rows(report: dict[str, Any] | None) -> tuple[list[list[str]], list[tuple[str, str, dict]]]:
+    rows, examples = [], []
+    for t, r in ((report or {}).get("types") or {}).items():
+        dropped = [_pct((r["dropped"].get(why) or {}).get("share")) for why in NEGATIVE_REASONS]
+        rows.append([md(t), str(r["candidates"]), str(r["kept"]), *dropped, _num(r["similarity"]["mean"]),
+                     f"{_num(r['score']['mean'])} vs {_num(r['positive_score']['mean'])}"])
+        examples += [(t, why, ex) for why, found in r["examples"].items() if why != "over_limit" for ex in found[:1]]
+    return rows, examples
+
+
+def _negatives_plot(report: dict[str, Any] | None, card_dir: Path) -> list[dict[str, str]]:
+    """Kept negatives' scores against the query beside the positives' own, all types together."""
+    from matplotlib.figure import Figure
+
+    if not report or not report.get("types"):
+        return []
+    fig = Figure(figsize=(5, 3.4), layout="constrained")
+    ax = fig.subplots()
+    for field, label, color in (("positive_score", "positives", "C0"), ("score", "kept negatives", "C3")):
+        counts = None
+        for r in report["types"].values():
+            h = r[field]
+            counts = h["counts"] if counts is None else [a + b for a, b in zip(counts, h["counts"])]
+        lo, hi = -1.0, 1.0
+        width = (hi - lo) / len(counts)
+        ax.plot([lo + width * (i + 0.5) for i in range(len(counts))], counts, marker="o", ms=3, label=label,
+                color=color)
+    ax.set_title("CLIP score against the query")
+    ax.set_xlabel("score")
+    ax.set_ylabel("targets")
+    ax.legend(fontsize=7)
+    _save(fig, card_dir / "negatives.png")
+    return [{"title": "Hard negatives: their scores against the query beside the positives'",
+             "path": "card/negatives.png"}]
 
 
 def _quality_plots(quality: dict[str, Any], card_dir: Path) -> list[dict[str, str]]:

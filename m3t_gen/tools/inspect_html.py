@@ -1,7 +1,7 @@
 """`m3t-gen inspect OUT --html PATH [--n 24]`: one self-contained HTML page to look at a finished run.
 
 Shows the first N kept samples (thumbnail, caption, every turn with type / query / target / score / rank /
-prob, dropped turns greyed out with their reason, the sample's scores and source) and, when OUT/filtered holds
+prob and its hard negatives, dropped turns greyed out with their reason, the sample's scores and source) and, when OUT/filtered holds
 any, the first N samples the filter rejected, with the reason. Images are inlined as base64 data URLs and the
 CSS is inline: the file opens anywhere, offline, and loads nothing. All text from the run (web alt-text, URLs,
 generated text) is untrusted: the template autoescapes every value, and URLs are shown as text, never linked.
@@ -90,8 +90,12 @@ h3 { font-size: 15px; margin: 16px 0 6px; }
         <td class="num">{{ t.score }}</td><td class="num">{{ t.rank }}</td><td class="num">{{ t.prob }}</td>
         <td class="why">{{ t.judge }}</td><td class="why">{{ t.reason }}</td>
       </tr>
+      {% if t.negatives %}
+      <tr class="negatives"><td class="small">hard negatives</td><td colspan="7" class="small">{% for n in t.negatives %}<span title="from {{ n.source }}, rank {{ n.rank }}">&#10007; {{ n.text }} <b>{{ n.score }}</b> (sim {{ n.similarity }})</span>{% if not loop.last %}; {% endif %}{% endfor %}</td></tr>
+      {% endif %}
       {% endfor %}
     </table>
+    {% if s.negative_images %}<div class="small">negative images: {% for n in s.negative_images %}{{ n.source }} (sim {{ n.similarity }}, score {{ n.score }}){% if not loop.last %}, {% endif %}{% endfor %}</div>{% endif %}
   </div>
 </div>
 {% endmacro %}
@@ -188,8 +192,12 @@ def _view(key: str, image: bytes | None, sample: dict[str, Any]) -> dict[str, An
         "turns": [{"type": t.get("type"), "query": t.get("query"), "target": t.get("target"),
                    "score": _num(t.get("score")), "rank": _num(t.get("rank")), "prob": _num(t.get("prob"), 3),
                    "judge": _judge(t), "reason": t.get("reason", "") if t["dropped"] else "",
-                   "dropped": t["dropped"]}
+                   "dropped": t["dropped"],
+                   "negatives": [dict(n, score=_num(n.get("score")), similarity=_num(n.get("similarity")))
+                                 for n in t.get("negatives") or []]}
                   for t in turns],
+        "negative_images": [dict(n, score=_num(n.get("score")), similarity=_num(n.get("similarity")))
+                            for n in sample.get("negative_images") or []],
     }
 
 

@@ -358,12 +358,7 @@ def _mining_plan(cfg: PipelineConfig, images: int, throughputs: dict[str, float]
         return None
     flops = 2 * n * n * dim
     gpu = spec.resources.num_gpus > 0
-    if "pair_mining" in throughputs:
-        rate, src = throughputs["pair_mining"] * 1e9, "--throughput (GFLOP/s per device)"
-    elif gpu:
-        rate, src = MINING_FLOPS_GPU, "default: estimate, a third of an H100's dense bf16 peak"
-    else:
-        rate, src = MINING_FLOPS_CPU_CORE * spec.resources.num_cpus, "default: measured per core (AVX-512 bf16, 1M x 768)"
+    rate, src = _mining_rate(spec.resources, throughputs, "pair_mining")
     devices = max(pass_gpus, spec.resources.num_gpus) if gpu else float(cfg.ray.num_cpus or 1) / spec.resources.num_cpus
     hours = flops / rate / 3600
     tasks = -(-images // spec.resources.block_rows)
@@ -378,12 +373,58 @@ def _mining_plan(cfg: PipelineConfig, images: int, throughputs: dict[str, float]
                      [f"2 N^2 d FLOP = {flops:.3g}"])
 
 
+def _mining_rate(resources: Any, throughputs: dict[str, float], name: str) -> tuple[float, str]:
+    """FLOP/s of one mining task: --throughput NAME (GFLOP/s per device), else the GPU estimate or the rate
+    measured per CPU core."""
+    if name in throughputs:
+        return throughputs[name] * 1e9, "--throughput (GFLOP/s per device)"
+    if resources.num_gpus > 0:
+        return MINING_FLOPS_GPU, "default: estimate, a third of an H100's dense bf16 peak"
+    return MINING_FLOPS_CPU_CORE * resources.num_cpus, "default: measured per core (AVX-512 bf16, 1M x 768)"
+
+
+def _negatives_plan(cfg: PipelineConfig, images: int, throughputs: dict[str, float], pass_gpus: float,
+                    assumptions: list[str]) -> "StagePlan | None":
+    """The negatives pass after the others: exact kNN of each turn type's targets among themselves and of the
+    images among themselves (2 n^2 d FLOP each, on the mining tasks), and CLIP over every image, caption, target
+    and text candidate (on the reward's actors)."""
+    if cfg.negatives is None:
+        return None
+    spec, res = cfg.negatives, cfg.negatives.resources
+    dim, dim_src = embedding_dim(cfg)
+    n = float(images)
+    per_image = sum(cfg.dialogue.mix.values())
+    flops = 2 * n * n * dim + sum(2 * (n * c) ** 2 * dim for c in cfg.dialogue.mix.values() if c)
+    rate, src = _mining_rate(res, throughputs, "negatives")
+    gpu = res.num_gpus > 0
+    devices = max(pass_gpus, res.num_gpus) if gpu else float(cfg.ray.num_cpus or 1) / res.num_cpus
+    mine_hours = flops / rate / 3600
+    texts = n * (1 + per_image * (1 + spec.candidates))  # caption, targets, each candidate in its turn's place
+    clip_rate, clip_src = default_clip_throughput(cfg.reward.model)
+    clip_gpus = cfg.reward.resources.num_gpus > 0
+    if not clip_gpus:
+        clip_rate, clip_src = clip_rate / CPU_SLOWDOWN, clip_src + f", CPU /{CPU_SLOWDOWN:g}"
+    clip_hours = (n + texts / 8) / clip_rate / 3600  # the default rate counts 8 short texts with each image
+    replicas = cfg.reward.resources.concurrency
+    assumptions.append(f"negatives: exact kNN per turn type and over the images, {flops:.3g} FLOP (d = {dim}: "
+                       f"{dim_src}) at {rate / 1e9:.4g} GFLOP/s per {'GPU' if gpu else 'task'} ({src}); CLIP over "
+                       f"{n:.3g} images and {texts:.3g} texts ({clip_src}); at most "
+                       f"{spec.guard.per_turn} kept per turn from {spec.candidates} candidates")
+    gpu_hours = (mine_hours if gpu else 0.0) + (clip_hours if clip_gpus else 0.0)
+    return StagePlan("negatives", "gpu" if gpu or clip_gpus else "cpu", n, 0, 0, 0, 0, rate / 1e9,
+                     f"GFLOP/s/{'GPU' if gpu else 'task'}", src, n / ((mine_hours + clip_hours) * 3600),
+                     res.num_gpus, int(devices / max(res.num_gpus, 1)) if gpu else int(devices), gpu_hours,
+                     mine_hours + clip_hours, mine_hours / devices + clip_hours / replicas,
+                     [f"kNN FLOP = {flops:.3g}", f"CLIP texts = {texts:.3g}"])
+
+
 def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs: dict[str, float] | None = None,
               measured: Measured | None = None, image_side: int = 1024, vision_px: int = 28,
               fill: float = 1.0) -> Plan:
     throughputs = throughputs or {}
     stages = planned_stages(cfg)
-    unknown = sorted(set(throughputs) - set(stages) - {"read"} - ({"pair_mining"} if cfg.wants("cir") else set()))
+    unknown = sorted(set(throughputs) - set(stages) - {"read"} - ({"pair_mining"} if cfg.wants("cir") else set())
+                     - ({"negatives"} if cfg.negatives is not None else set()))
     if unknown:
         raise ConfigError(f"--throughput {unknown[0]}=...: this config has no {unknown[0]} stage "
                           f"(stages: read, {', '.join(stages)})")
@@ -467,6 +508,11 @@ def make_plan(cfg: PipelineConfig, images: int, pipeline: str = "", throughputs:
         total_gpu_hours += hours
         balanced.update({p.stage: round(gpus * p.gpu_hours / hours, 2)
                          for p in gen if p.device == "gpu" and hours > 0})
+    negatives = _negatives_plan(cfg, images, throughputs, total_gpus, assumptions)
+    if negatives is not None:  # after the passes, on the GPUs they gave back
+        plans.append(negatives)
+        wall += negatives.wall_hours or 0.0
+        total_gpu_hours += negatives.gpu_hours
     assumptions += [
         "one attempt per request (retries after invalid output cost more; a measured run includes them)",
         "shares of images reaching each stage: " + (f"measured in {measured.run}" if measured else
