@@ -384,20 +384,12 @@ def _mine_and_write(cfg: Any, store: Store, shards: list[str], todo: list[str], 
     made = [embedders[n % len(embedders)].shard.options(num_returns=2).remote(
         store, [f"shards/{t}" for t in tars[s]]) for n, s in enumerate(shards)]
     bank = Bank([m[0] for m in made], np.stack(ray.get([m[1] for m in made])))
-    slack, gpu, placed = _slack(cfg), bool(spec.resources.num_gpus), dict(
-        num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus or None)
-    text_task, image_task = ray.remote(**placed)(mine_text), ray.remote(**placed)(mine_images)
     index = {s: n for n, s in enumerate(shards)}
-    submitted = {}
-    for shard in todo:
-        n = index[shard]
-        codes = [c for c in range(len(TURN_TYPE_NAMES)) if bank.counts[n, c]]
-        submitted[shard] = ([text_task.remote(n, c, bank, spec, slack, gpu) for c in codes],
-                            image_task.remote(n, bank, spec, gpu) if bank.counts[n, -1] else None)
+    submitted = submit_mining(bank, spec, _slack(cfg), [index[s] for s in todo])
     store.makedirs(*OUTPUTS)
     for shard in todo:
         n = index[shard]
-        text_refs, image_ref = submitted.pop(shard)
+        text_refs, image_ref = submitted.pop(n)
         text = ray.get(text_refs)
         images = ray.get(image_ref) if image_ref is not None else NO_IMAGES
         scorer = embedders[n % len(embedders)]
@@ -409,6 +401,19 @@ def _mine_and_write(cfg: Any, store: Store, shards: list[str], todo: list[str], 
         attach_shard(store, shard, tars[shard], table, mark)
     for a in embedders:
         ray.kill(a)
+
+
+def submit_mining(bank: Bank, spec: NegativesSpec, slack: int, shards: list[int]) -> dict[int, tuple[list, Any]]:
+    """All the mining tasks of the given shards at once (Ray runs as many as the cluster has room for): per shard,
+    one per turn type it has and one for its images (None without samples)."""
+    import ray
+
+    placed = dict(num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus or None)
+    gpu = bool(spec.resources.num_gpus)
+    text_task, image_task = ray.remote(**placed)(mine_text), ray.remote(**placed)(mine_images)
+    return {n: ([text_task.remote(n, c, bank, spec, slack, gpu) for c in range(len(TURN_TYPE_NAMES))
+                 if bank.counts[n, c]],
+                image_task.remote(n, bank, spec, gpu) if bank.counts[n, -1] else None) for n in shards}
 
 
 NO_IMAGES = {"sample": [], "similarity": [], "rank": [], "source": [], "score": [], "positive": []}
