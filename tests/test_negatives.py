@@ -332,3 +332,27 @@ def test_plan_budgets_the_negatives_pass():
     without = make_plan(cfg.model_copy(update={"negatives": None}), n)
     assert "negatives" not in [p.stage for p in without.stages]
     assert plan.wall_hours == pytest.approx(without.wall_hours + neg.wall_hours)
+
+
+@pytest.mark.slow
+def test_a_rerun_writes_only_the_shard_whose_marker_is_missing_and_the_same_negatives(smoke_run, tmp_path):
+    """Resume: a shard without its marker (a crash before it was written) is mined and written again, with the
+    same candidates and the same KEY.json as before (exact search, no randomness); the others are left alone."""
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    shutil.copytree(smoke_run[0], out)
+    markers = sorted((out / "negatives_stats").glob("*.json"))
+    gone = markers[0].stem
+    before = pq.read_table(out / "negatives" / f"{gone}.parquet")
+    samples = {k: s for k, _, s in _kept_samples(out)}
+    kept_mtime = {m.name: m.stat().st_mtime_ns for m in markers[1:]}
+    markers[0].unlink()
+    (out / "negatives" / f"{gone}.parquet").unlink()
+    root = Path(__file__).resolve().parents[1]
+    proc = run_cli("run", str(root / "pipelines" / "smoke.yaml"), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{len(markers)} shard(s), 1 to write" in proc.stdout + proc.stderr
+    assert pq.read_table(out / "negatives" / f"{gone}.parquet").equals(before)
+    assert {k: s for k, _, s in _kept_samples(out)} == samples
+    assert {m.name: m.stat().st_mtime_ns for m in markers[1:]} == kept_mtime

@@ -314,12 +314,17 @@ def mine_images(index: int, bank: Bank, spec: NegativesSpec, use_gpu: bool) -> d
 # ------------------------------------------------------------------------------------------ the pass
 
 
+SAMPLE_SET = ("shard", "read", "kept", "rejected", "reasons", "turns_kept", "turns_dropped", "tars")
+
+
 def fingerprint(store: Store, shards: list[str], spec: NegativesSpec) -> str:
-    """What the candidates are mined from and how: each shard's stats (config hash, counts, tars) and the mining
-    settings (not the guard: that is a decision, redone by refilter; not where it runs)."""
+    """What the candidates are mined from and how: each shard's kept samples and turns (as its stats count and
+    place them: a refilter that keeps other turns changes it, one that only changes the guard does not) and the
+    mining settings (not the guard: a decision, redone by refilter; not where it runs)."""
     h = hashlib.sha256()
     for shard in sorted(shards):
-        h.update(store.read_bytes(f"stats/{shard}.json"))
+        stats = json.loads(store.read_bytes(f"stats/{shard}.json"))
+        h.update(json.dumps({k: stats.get(k) for k in SAMPLE_SET}, sort_keys=True).encode())
     mining = spec.model_dump(mode="json", exclude={"guard": True, **placement_exclude(NegativesSpec)})
     h.update(json.dumps(mining, sort_keys=True).encode())
     return h.hexdigest()[:16]
