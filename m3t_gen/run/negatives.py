@@ -140,6 +140,8 @@ class ShardTurns:
     targets: Texts            # [t]
     target_emb: np.ndarray    # [t, d]
     positive: np.ndarray      # [t] float32: the reward's score of the turn
+    query: np.ndarray         # [t] bool: a kept turn of a kept sample (gets negatives); else a candidate only
+    kept: np.ndarray          # [s] bool: a kept sample (its image gets negatives); else filtered
 
     def of_kind(self, code: int) -> np.ndarray:
         return np.flatnonzero(self.kind == code)
@@ -163,21 +165,25 @@ class Embedder:
         parts = [self.clip.embed_texts(texts[i:i + self.BATCH]) for i in range(0, len(texts), self.BATCH)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
-    def shard(self, store: Store, tars: list[str]) -> tuple[ShardTurns, np.ndarray]:
+    def shard(self, store: Store, tars: list[str], filtered: list[str]) -> tuple[ShardTurns, np.ndarray]:
+        """Every scored sample of the shard: the kept ones' kept turns get negatives; every turn written (dropped
+        turns, filtered samples) and every image is a candidate (a wrong answer need not be a kept one)."""
         from PIL import Image
 
-        keys, images, captions = [], [], []
-        sample, turn, kind, queries, targets, positive = [], [], [], [], [], []
-        for rel in tars:
+        keys, images, captions, kept = [], [], [], []
+        sample, turn, kind, queries, targets, positive, query = [], [], [], [], [], [], []
+        for rel, kept_sample in [(f"shards/{t}", True) for t in tars] + [(f"filtered/{t}", False) for t in filtered]:
             with store.open(rel) as fh:
                 for key, jpg, meta in iter_tar(fh):
                     s = len(keys)
-                    keys.append(key)
+                    keys.append(key), kept.append(kept_sample)
                     images.append(Image.open(io.BytesIO(jpg)).convert("RGB"))
                     captions.append(meta["caption"])
-                    for t in meta["turns"]:
+                    written = [(t, True) for t in meta["turns"]] + [(t, False) for t in meta.get("dropped_turns", [])]
+                    for t, kept_turn in written:
                         sample.append(s), turn.append(t["i"]), kind.append(TURN_TYPE_NAMES.index(t["type"]))
                         queries.append(t["query"]), targets.append(t["target"]), positive.append(t["score"])
+                        query.append(kept_sample and kept_turn)
         image_emb = (np.concatenate([self.clip.embed_images(images[i:i + self.BATCH])
                                      for i in range(0, len(images), self.BATCH)]) if images
                      else np.zeros((0, 0), np.float32))
@@ -185,7 +191,7 @@ class Embedder:
             keys=Texts.of(keys), image_emb=image_emb, caption_emb=self._texts(captions),
             sample=np.asarray(sample, np.int32), turn=np.asarray(turn, np.int32), kind=np.asarray(kind, np.int8),
             queries=Texts.of(queries), targets=Texts.of(targets), target_emb=self._texts(targets),
-            positive=np.asarray(positive, np.float32))
+            positive=np.asarray(positive, np.float32), query=np.asarray(query, bool), kept=np.asarray(kept, bool))
         return turns, turns.counts()
 
     def score(self, turns: ShardTurns, rows: np.ndarray, texts: list[str]) -> np.ndarray:
@@ -258,16 +264,19 @@ def mine_text(index: int, code: int, bank: Bank, spec: NegativesSpec, slack: int
     import ray
 
     me = ray.get(bank.refs[index])
-    rows = me.of_kind(code)
-    offsets = bank.offsets(code)
-    ids = offsets[index] + np.arange(len(rows))
+    every = me.of_kind(code)  # the shard's rows of the type in the bank
+    at = np.flatnonzero(me.query[every])  # those that get negatives
+    rows = every[at]
+    if not len(rows):
+        return {"row": rows, "similarity": [], "rank": [], "source": [], "source_i": [], "text": []}
+    ids = bank.offsets(code)[index] + at
     k = spec.text.max_rank + slack  # a sample's own other turns of the type are found, then skipped
     sims, nbrs = _search(me.target_emb[rows], ids, bank, code, "target_emb", lambda s: s.of_kind(code), k,
                          spec, use_gpu)
     shard, local = _locate(bank, code, nbrs)
     valid = nbrs >= 0
-    valid &= ~((shard == index) & (me.sample[rows][:, None] == me.sample[rows[np.minimum(np.maximum(local, 0),
-                                                                                         len(rows) - 1)]]))
+    valid &= ~((shard == index) & (me.sample[rows][:, None] == me.sample[every[np.minimum(np.maximum(local, 0),
+                                                                                          len(every) - 1)]]))
     rank, take = _window(sims, valid, spec.text, spec.candidates)
     q, c = np.nonzero(take)
     out = {"row": rows[q], "similarity": sims[q, c], "rank": rank[q, c], "source": [], "source_i": [], "text": []}
@@ -292,22 +301,25 @@ def mine_images(index: int, bank: Bank, spec: NegativesSpec, use_gpu: bool) -> d
 
     column = len(TURN_TYPE_NAMES)
     me = ray.get(bank.refs[index])
-    n = len(me.keys)
-    ids = bank.offsets(column)[index] + np.arange(n)
-    sims, nbrs = _search(me.image_emb, ids, bank, column, "image_emb", lambda s: slice(None),
+    samples = np.flatnonzero(me.kept)
+    if not len(samples):
+        return NO_IMAGES
+    ids = bank.offsets(column)[index] + samples
+    sims, nbrs = _search(me.image_emb[samples], ids, bank, column, "image_emb", lambda s: slice(None),
                          spec.image.max_rank, spec, use_gpu)
     shard, local = _locate(bank, column, nbrs)
     rank, take = _window(sims, nbrs >= 0, spec.image, spec.candidates)
     q, c = np.nonzero(take)
-    out = {"sample": q, "similarity": sims[q, c], "rank": rank[q, c], "source": [], "score": [],
-           "positive": np.einsum("nd,nd->n", me.caption_emb[q], me.image_emb[q]) if len(q) else np.zeros(0)}
+    mine = samples[q]
+    out = {"sample": mine, "similarity": sims[q, c], "rank": rank[q, c], "source": [], "score": [],
+           "positive": np.einsum("nd,nd->n", me.caption_emb[mine], me.image_emb[mine]) if len(q) else np.zeros(0)}
     fetched: dict[int, Any] = {}
-    for qq, cc in zip(q, c):
+    for qq, cc, s in zip(q, c, mine):
         j = int(shard[qq, cc])
         other = fetched.setdefault(j, ray.get(bank.refs[j]))
         r = int(local[qq, cc])
         out["source"].append(other.keys[r])
-        out["score"].append(float(me.caption_emb[qq] @ other.image_emb[r]))
+        out["score"].append(float(me.caption_emb[s] @ other.image_emb[r]))
     return out
 
 
@@ -385,9 +397,10 @@ def _mine_and_write(cfg: Any, store: Store, shards: list[str], todo: list[str], 
     res = cfg.reward.resources
     actor = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)(Embedder)
     embedders = [actor.remote(cfg.reward) for _ in range(max(1, res.concurrency))]
-    tars = {s: json.loads(store.read_bytes(f"stats/{s}.json"))["tars"] for s in shards}
+    stats = {s: json.loads(store.read_bytes(f"stats/{s}.json")) for s in shards}
+    tars = {s: stats[s]["tars"] for s in shards}
     made = [embedders[n % len(embedders)].shard.options(num_returns=2).remote(
-        store, [f"shards/{t}" for t in tars[s]]) for n, s in enumerate(shards)]
+        store, tars[s], stats[s].get("filtered_tars", [])) for n, s in enumerate(shards)]
     bank = Bank([m[0] for m in made], np.stack(ray.get([m[1] for m in made])))
     index = {s: n for n, s in enumerate(shards)}
     submitted = submit_mining(bank, spec, _slack(cfg), [index[s] for s in todo])
