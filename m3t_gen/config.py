@@ -392,14 +392,29 @@ class PairingResources(Strict):
     tile_rows: int = Field(16384, ge=1, description="pool images multiplied at once: [block x tile] scores")
 
 
-class PairingSpec(Strict):
+class BandSpec(Strict):
+    """A similarity band and a rank window among a query's neighbours (rank 1 = the nearest candidate)."""
+
+    min_similarity: float = Field(-1.0, ge=-1, le=1)
+    max_similarity: float = Field(1.0, ge=-1, le=1)
+    min_rank: int = Field(1, ge=1, description="1 = the nearest other image")
+    max_rank: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "BandSpec":
+        if self.min_similarity > self.max_similarity:
+            raise ValueError("min_similarity must be <= max_similarity")
+        if self.min_rank > self.max_rank:
+            raise ValueError("min_rank must be <= max_rank")
+        return self
+
+
+class PairingSpec(BandSpec):
     """Partners by CLIP image similarity: inside a band, inside a rank window (SPN4CIR: not the nearest
     neighbour, whose near-duplicates make useless triplets)."""
 
     min_similarity: float = Field(0.5, ge=-1, le=1)
     max_similarity: float = Field(0.95, ge=-1, le=1, description="above: near-duplicates, excluded")
-    min_rank: int = Field(1, ge=1, description="1 = the nearest other image")
-    max_rank: int = Field(20, ge=1)
     pairs_per_image: int = Field(1, ge=1)
     bucket_size: int | None = Field(None, ge=2, description="pair within buckets of this many images (memory bound)")
     index: Literal["exact", "ivf", "hnsw"] = Field(
@@ -414,14 +429,6 @@ class PairingSpec(Strict):
         description="exact search: the tile products' precision (auto: bf16 on GPUs and CPUs with AMX / AVX-512 "
         "bf16); the pairs are the fp32 answer either way (candidates re-scored, uncertain rows redone in full)")
     resources: "PairingResources" = Field(default_factory=lambda: PairingResources(), json_schema_extra=PLACEMENT)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "PairingSpec":
-        if self.min_similarity > self.max_similarity:
-            raise ValueError("min_similarity must be <= max_similarity")
-        if self.min_rank > self.max_rank:
-            raise ValueError("min_rank must be <= max_rank")
-        return self
 
 
 class ModifySpec(GenerationSpec):
@@ -461,24 +468,6 @@ class CirSpec(Strict):
     triplets_per_file: int = Field(1000, ge=1, description="triplets per JSONL part (the CIR resume unit)")
 
 
-class NegativeBandSpec(Strict):
-    """Where candidates are taken from among a positive's neighbours: a similarity band and a rank window (rank 1 =
-    the nearest candidate from another image)."""
-
-    min_similarity: float = Field(-1.0, ge=-1, le=1)
-    max_similarity: float = Field(1.0, ge=-1, le=1)
-    min_rank: int = Field(1, ge=1)
-    max_rank: int = Field(20, ge=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "NegativeBandSpec":
-        if self.min_similarity > self.max_similarity:
-            raise ValueError("min_similarity must be <= max_similarity")
-        if self.min_rank > self.max_rank:
-            raise ValueError("min_rank must be <= max_rank")
-        return self
-
-
 class NegativeGuardSpec(Strict):
     """The false-negative guard, decided from recorded scores (`m3t-gen refilter --set negatives.guard.x=...`
     re-decides without mining again)."""
@@ -500,8 +489,8 @@ class NegativesSpec(Strict):
     sample's image in CLIP image space; each candidate recorded with its scores and the guard's decision."""
 
     candidates: int = Field(8, ge=1, description="candidates mined per turn (and per image) before the guard")
-    text: NegativeBandSpec = Field(default_factory=NegativeBandSpec)
-    image: NegativeBandSpec = Field(default_factory=NegativeBandSpec)
+    text: BandSpec = Field(default_factory=BandSpec, description="among other images' targets of the turn's type")
+    image: BandSpec = Field(default_factory=BandSpec, description="among the other scored images")
     guard: NegativeGuardSpec = Field(default_factory=NegativeGuardSpec)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", json_schema_extra=PLACEMENT,
                                                        description="as cir.pairing.precision")

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from m3t_gen.config import NegativeBandSpec, NegativeGuardSpec, NegativesSpec
+from m3t_gen.config import BandSpec, NegativeGuardSpec, NegativesSpec
 from m3t_gen.run.negatives import (CANDIDATE_SCHEMA, IMAGE, Bank, ShardTurns, Texts, candidate_table, decide,
                                    mine_images, mine_text, normalised, threshold)
 from m3t_gen.turns import TURN_TYPE_NAMES
@@ -108,7 +108,7 @@ def test_miner_finds_exact_neighbours_from_other_samples_and_the_guard_drops_pla
     shards = [_shard(rng, [f"a{n}" for n in range(6)], d, plant),
               _shard(rng, [f"b{n}" for n in range(7)], d, plant, filtered=("b6",))]  # b6: a candidate only
     bank = Bank([ray.put(s) for s in shards], np.stack([s.counts() for s in shards]))
-    spec = NegativesSpec(candidates=3, text=NegativeBandSpec(max_rank=4), image=NegativeBandSpec(max_rank=3),
+    spec = NegativesSpec(candidates=3, text=BandSpec(max_rank=4), image=BandSpec(max_rank=3),
                          precision="fp32")
     vqa = TURN_TYPE_NAMES.index("vqa_holistic")
     found = mine_text(0, vqa, bank, spec, slack=2, use_gpu=False)

@@ -28,7 +28,7 @@ from m3t_gen.run.pairing import Bank, PairArrays, load_bank, mine_arrays, mine_p
 from m3t_gen.rows import MODIFICATION, OK, PAIR_SCHEMA, REJECTED, TRIPLET_SCORES, worker_counts
 from m3t_gen.run.recipe import CIR_STAGES, apply_stages, init_ray, stage_table
 from m3t_gen.stages.base import RunContext
-from m3t_gen.storage.store import Store
+from m3t_gen.storage.store import Store, stale_fingerprints
 
 TRIPLET_REJECT_SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.string()), ("target_image", pa.string()), ("stage", pa.string()),
@@ -234,20 +234,12 @@ CIR_OUTPUTS = ("pairs", "triplets", "triplet_shards", "triplet_rejects", "triple
 
 def _drop_stale_parts(store: Store, fingerprint: str, log: Callable[[str], None]) -> None:
     """Parts mined from another pool cannot be resumed or mixed with new ones: the pass is redone whole."""
-    stale = set()
-    for rel in store.files("triplet_stats", ".json"):
-        try:
-            recorded = json.loads(store.read_text(rel)).get("pool_fingerprint")
-        except (OSError, ValueError):
-            recorded = None
-        if recorded != fingerprint:
-            stale.add(recorded)
-    if not stale:
-        return
-    log(f"m3t-gen cir: the image pool or the pairing changed since the CIR parts were written (fingerprint "
-        f"{', '.join(sorted(str(s) for s in stale))} -> {fingerprint}): the CIR pass is redone")
-    for sub in ("triplet_stats",) + CIR_OUTPUTS:  # the markers first: a crash halfway leaves nothing resumable
-        store.remove(sub)
+    stale = stale_fingerprints(store, "triplet_stats", "pool_fingerprint", fingerprint)
+    if stale:
+        log(f"m3t-gen cir: the image pool or the pairing changed since the CIR parts were written (fingerprint "
+            f"{', '.join(sorted(stale))} -> {fingerprint}): the CIR pass is redone")
+        for sub in ("triplet_stats",) + CIR_OUTPUTS:  # the markers first: a crash halfway leaves nothing resumable
+            store.remove(sub)
 
 
 def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3t_gen.config import NegativeGuardSpec, NegativesSpec, placement_exclude
-from m3t_gen.storage.store import Store, iter_tar
+from m3t_gen.storage.store import Store, iter_tar, stale_fingerprints
 from m3t_gen.turns import TURN_TYPE_NAMES, scored_text
 
 IMAGE = "image"  # the ``type`` of an image candidate (text candidates carry their turn's type)
@@ -443,14 +443,7 @@ def _slack(cfg: Any) -> int:
 
 
 def _drop_stale(store: Store, mark: str, log: Callable[[str], None]) -> None:
-    stale = set()
-    for rel in store.files("negatives_stats", ".json"):
-        try:
-            recorded = json.loads(store.read_text(rel)).get("fingerprint")
-        except (OSError, ValueError):
-            recorded = None
-        if recorded != mark:
-            stale.add(str(recorded))
+    stale = stale_fingerprints(store, "negatives_stats", "fingerprint", mark)
     if stale:
         log(f"m3t-gen negatives: the samples or the mining changed since the negatives were written "
             f"({', '.join(sorted(stale))} -> {mark}): mined again")

@@ -350,3 +350,17 @@ def iter_tar(path: Path | BinaryIO) -> Iterator[tuple[str, bytes | None, dict[st
             fh = tf.extractfile(member)
             parts[ext.lower()] = fh.read() if fh else b""
         yield from emit()
+
+
+def stale_fingerprints(store: Store, folder: str, field: str, expected: str) -> set[str]:
+    """The fingerprints other than ``expected`` that a pass's completion markers (``folder/*.json``) record
+    ("None" for an unreadable marker): work made from other inputs, never to be resumed or mixed in."""
+    stale = set()
+    for rel in store.files(folder, ".json"):
+        try:
+            recorded = json.loads(store.read_text(rel)).get(field)
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != expected:
+            stale.add(str(recorded))
+    return stale

@@ -289,7 +289,7 @@ def _quality(out_dir: Path, manifest: dict[str, Any], card_dir: Path) -> dict[st
     quality = manifest.get("quality")
     if quality is None:
         quality = quality_report(Store(out_dir), manifest.get("config") or {})
-    quality = {"m3t": None, "cir": None, **quality}  # the template asks for both
+    quality = {"m3t": None, "cir": None, "negatives": None, **quality}  # the template asks for each
     if quality.get("cir"):
         quality["cir"] = {"verdicts": None, "judge_score": None, **quality["cir"]}  # an unjudged pass has none
     rows, leaks = [], []
