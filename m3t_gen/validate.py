@@ -83,6 +83,19 @@ def _check_local_cpus(cfg: PipelineConfig) -> None:
             raise ConfigError(f"ray.num_cpus: {cpus} CPUs cannot run the {name} pass: its actors hold {held:g} "
                               f"({parts}) and its {task} tasks need {tasks[task]:g} more; Ray Data would wait "
                               f"forever. Lower the stages' resources.num_cpus or raise ray.num_cpus")
+    # The Ray tasks between and after the passes: pair mining alone, the negatives' miners beside its CLIP actors.
+    mining = []
+    if cfg.wants("cir") and cfg.cir.pairing.index == "exact" and cfg.cir.pairing.bucket_size is None:
+        mining.append(("cir.pairing.resources.num_cpus", cfg.cir.pairing.resources.num_cpus, 0.0))
+    if cfg.negatives is not None:
+        reward = cfg.reward.resources
+        mining.append(("negatives.resources.num_cpus", cfg.negatives.resources.num_cpus,
+                       reward.concurrency * reward.num_cpus))
+    for where, need, held in mining:
+        if held + need > cpus + 1e-9:
+            beside = f" beside {held:g} held by the CLIP actors" if held else ""
+            raise ConfigError(f"{where}: {need:g} CPUs per mining task{beside} do not fit ray.num_cpus {cpus}: "
+                              "Ray would wait forever. Lower it or raise ray.num_cpus")
 
 
 def validate_config(cfg: PipelineConfig) -> list[str]:

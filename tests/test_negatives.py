@@ -364,3 +364,13 @@ def test_a_rerun_writes_only_the_shard_whose_marker_is_missing_and_the_same_nega
     assert pq.read_table(out / "negatives" / f"{gone}.parquet").equals(before)
     assert {k: s for k, _, s in _kept_samples(out)} == samples
     assert {m.name: m.stat().st_mtime_ns for m in markers[1:]} == kept_mtime
+
+
+def test_validate_refuses_mining_tasks_that_cannot_fit_the_local_ray(tmp_path):
+    from conftest import one_line_exit_2, small_pipeline
+
+    line = one_line_exit_2(["validate", small_pipeline(tmp_path, negatives__resources={"num_cpus": 2})],
+                           "negatives.resources.num_cpus")
+    assert "ray.num_cpus 2" in line
+    one_line_exit_2(["validate", small_pipeline(tmp_path, cir__pairing={"resources": {"num_cpus": 3}})],
+                    "cir.pairing.resources.num_cpus")
