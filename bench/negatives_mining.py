@@ -49,7 +49,7 @@ def shards_of(turns: int, shards: int, d: int):
             turn=np.tile(np.arange(per_image, dtype=np.int32), n), kind=np.tile(np.array(codes, np.int8), n),
             queries=Texts.of([""] * len(rows)), targets=Texts.of([f"t{r}" for r in rows]),
             target_emb=target_emb[rows].copy(), positive=np.zeros(len(rows), np.float32),
-            query=np.ones(len(rows), bool), kept=np.ones(n, bool)))
+            query=np.ones(len(rows), bool), kept=np.ones(n, bool)).by_kind())  # as the pass stores them
     return out
 
 

@@ -146,6 +146,23 @@ class ShardTurns:
     def of_kind(self, code: int) -> np.ndarray:
         return np.flatnonzero(self.kind == code)
 
+    def span(self, code: int) -> slice | np.ndarray:
+        """The rows of a type as a slice where they are contiguous (turns are stored by type: a tile is then a
+        view, not a copy of the type's embeddings, once per task and pass)."""
+        rows = self.of_kind(code)
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+            return slice(int(rows[0]), int(rows[-1]) + 1)
+        return rows
+
+    def by_kind(self) -> "ShardTurns":
+        """The same turns, stored type by type (stable: dialogue order within a type)."""
+        order = np.argsort(self.kind, kind="stable")
+        texts = {f: Texts.of([getattr(self, f)[int(i)] for i in order]) for f in ("queries", "targets")}
+        return ShardTurns(keys=self.keys, image_emb=self.image_emb, caption_emb=self.caption_emb,
+                          sample=self.sample[order], turn=self.turn[order], kind=self.kind[order],
+                          target_emb=self.target_emb[order] if len(order) else self.target_emb,
+                          positive=self.positive[order], query=self.query[order], kept=self.kept, **texts)
+
     def counts(self) -> np.ndarray:
         """[types + 1]: turns of each type, then samples."""
         return np.append(np.bincount(self.kind, minlength=len(TURN_TYPE_NAMES)), len(self.keys))
@@ -191,7 +208,8 @@ class Embedder:
             keys=Texts.of(keys), image_emb=image_emb, caption_emb=self._texts(captions),
             sample=np.asarray(sample, np.int32), turn=np.asarray(turn, np.int32), kind=np.asarray(kind, np.int8),
             queries=Texts.of(queries), targets=Texts.of(targets), target_emb=self._texts(targets),
-            positive=np.asarray(positive, np.float32), query=np.asarray(query, bool), kept=np.asarray(kept, bool))
+            positive=np.asarray(positive, np.float32), query=np.asarray(query, bool),
+            kept=np.asarray(kept, bool)).by_kind()
         return turns, turns.counts()
 
     def score(self, turns: ShardTurns, rows: np.ndarray, texts: list[str]) -> np.ndarray:
@@ -238,15 +256,28 @@ def _search(own: np.ndarray, ids: np.ndarray, bank: Bank, column: int, field: st
     offsets = bank.offsets(column)
     tile_rows = spec.resources.tile_rows
 
-    def tiles():  # one shard at a time from the object store (zero-copy), once per pass
+    def tiles():
+        """The bank in tiles of ``tile_rows`` global rows, once per pass: shards fetched one at a time from the
+        object store (zero-copy), small shards' rows gathered into one tile (a tile's merge costs the same for
+        a few rows as for many)."""
+        pending, start, held = [], 0, 0
         for j, ref in enumerate(bank.refs):
             if not bank.counts[j, column]:
                 continue
-            shard = ray.get(ref)
-            emb = getattr(shard, field)[rows_of(shard)]
-            for t in range(0, len(emb), tile_rows):
-                yield int(offsets[j]) + t, emb[t:t + tile_rows]
-            del shard, emb
+            emb = getattr(ray.get(ref), field)[rows_of(ray.get(ref))]
+            at = 0
+            while at < len(emb):
+                if not pending:
+                    start = int(offsets[j]) + at
+                take = emb[at:at + tile_rows - held]
+                pending.append(take)
+                held += len(take)
+                at += len(take)
+                if held == tile_rows:
+                    yield start, pending[0] if len(pending) == 1 else np.concatenate(pending)
+                    pending, held = [], 0
+        if pending:
+            yield start, pending[0] if len(pending) == 1 else np.concatenate(pending)
 
     device = device_for(use_gpu)
     return exact_topk(own, ids, tiles, k, device=device, precision=first_rung(spec, device))
@@ -271,7 +302,7 @@ def mine_text(index: int, code: int, bank: Bank, spec: NegativesSpec, slack: int
         return {"row": rows, "similarity": [], "rank": [], "source": [], "source_i": [], "text": []}
     ids = bank.offsets(code)[index] + at
     k = spec.text.max_rank + slack  # a sample's own other turns of the type are found, then skipped
-    sims, nbrs = _search(me.target_emb[rows], ids, bank, code, "target_emb", lambda s: s.of_kind(code), k,
+    sims, nbrs = _search(me.target_emb[rows], ids, bank, code, "target_emb", lambda s: s.span(code), k,
                          spec, use_gpu)
     shard, local = _locate(bank, code, nbrs)
     valid = nbrs >= 0
