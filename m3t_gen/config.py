@@ -171,8 +171,9 @@ class GenerationResources(Resources):
         None, ge=1, description="batches one actor works on at once; default: the backend's own "
         "(Backend.batches_in_flight)")
     decode_cpus: float = Field(
-        0.1, ge=0, description="CPUs of each Ray Data task that decodes a batch's images before it reaches the "
-        "model's actor (so the engine's process does not: issue 27); 0: the actor decodes them itself")
+        0, ge=0, description="CPUs of each Ray Data task that decodes a batch's images before it reaches the "
+        "model's actor (so the engine's process does not: issue 27); 0 (default until an A/B measurement "
+        "shows it pays, docs/BENCHMARKS.md): the actor decodes them itself")
 
 
 class ParquetColumns(Strict):

@@ -72,8 +72,8 @@ def test_decode_ahead_fills_live_rows_and_leaves_what_fails_to_the_actor(smoke_y
     assert unpack_images(out[0]["decoded"])[0].tobytes() == open_image(rows[0]).tobytes()
     assert out[1]["decoded"] is None and out[2]["decoded"] is not None
     assert out[3]["decoded"] is None  # the marker row
-    assert CaptionStage.decodes_ahead(cfg)
-    assert not CaptionStage.decodes_ahead(load_config(smoke_yaml, ["caption.resources.decode_cpus=0"]))
+    assert not CaptionStage.decodes_ahead(cfg)  # off by default
+    assert CaptionStage.decodes_ahead(load_config(smoke_yaml, ["caption.resources.decode_cpus=0.1"]))
 
 
 def test_stage_sends_the_same_requests_either_way_and_clears_the_field(smoke_yaml, monkeypatch):

@@ -6,8 +6,8 @@ schema (``m3t_gen.generation.generate_validated``: seeds per key and attempt, ev
 and store. A subclass supplies only ``fields`` (what its template sees), ``images``, its parser and what it stores;
 the construction of its backend, template and answer schema, and the user message, live here once.
 
-Decoding the images is not the model actor's work: a stage that shows images gets a Ray Data task before its
-actor pool (``decode_ahead``, ``resources.decode_cpus``) that decodes them (JPEG bytes, or pool images read by
+Decoding the images need not be the model actor's work: with ``resources.decode_cpus`` > 0 (off by default,
+until measured to pay), a stage that shows images gets a Ray Data task before its actor pool (``decode_ahead``) that decodes them (JPEG bytes, or pool images read by
 seek) into the row's transient ``decoded`` field; ``images`` then only wraps those pixels. Measured on the CPU
 engine (issue 27, docs/BENCHMARKS.md), decoding a 512 px JPEG took longer than vLLM's own work on the request:
 done in the actor, it sat on the engine's critical path; in a task it runs beside the engine, on another core.
