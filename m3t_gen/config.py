@@ -170,6 +170,10 @@ class GenerationResources(Resources):
     batches_in_flight: int | None = Field(  # type: ignore[assignment]
         None, ge=1, description="batches one actor works on at once; default: the backend's own "
         "(Backend.batches_in_flight)")
+    decode_cpus: float = Field(
+        0, ge=0, description="CPUs of each Ray Data task that decodes a batch's images before it reaches the "
+        "model's actor (so the engine's process does not: issue 27); 0 (default until an A/B measurement "
+        "shows it pays, docs/BENCHMARKS.md): the actor decodes them itself")
 
 
 class ParquetColumns(Strict):
@@ -246,7 +250,7 @@ class GenerationSpec(Strict):
         from m3t_gen.backends.registry import get_backend
 
         n = self.resources.batches_in_flight or get_backend(self.model.backend).batches_in_flight
-        return Resources(**{**self.resources.model_dump(), "batches_in_flight": n})
+        return Resources(**{**self.resources.model_dump(exclude={"decode_cpus"}), "batches_in_flight": n})
 
 
 class CaptionSpec(GenerationSpec):

@@ -24,6 +24,19 @@ def open_image(row: dict[str, Any]) -> Image.Image:
     return img.convert("RGB")
 
 
+def pack_images(images: list[Image.Image]) -> list[dict[str, Any]]:
+    """RGB images as ``rows.DECODED`` values: their pixels as they are, so ``unpack_images`` gives the same
+    images back (the model sees what it would have seen decoding them itself)."""
+    for im in images:
+        if im.mode != "RGB":
+            raise ValueError(f"pack_images takes RGB images, got {im.mode}")
+    return [{"width": im.width, "height": im.height, "rgb": im.tobytes()} for im in images]
+
+
+def unpack_images(packed: list[dict[str, Any]]) -> list[Image.Image]:
+    return [Image.frombytes("RGB", (p["width"], p["height"]), p["rgb"]) for p in packed]
+
+
 def generate_validated(
     backend: Backend,
     rows: list[dict[str, Any]],

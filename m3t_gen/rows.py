@@ -51,6 +51,10 @@ TRIPLET_SCORES = pa.struct([
     ("modifications", pa.list_(pa.float64())),
 ])
 
+# An image decoded ahead of a generating stage (8-bit RGB, row-major; ``m3t_gen.generation.pack_images``): a
+# transient field, set by the decode task before a model stage and cleared by that stage, never written.
+DECODED = pa.list_(pa.struct([("width", pa.int32()), ("height", pa.int32()), ("rgb", pa.large_binary())]))
+
 ROW_SCHEMA = pa.schema(
     [
         ("key", pa.string()),            # unique and stable: {shard_id}_{index in shard}
@@ -85,6 +89,7 @@ ROW_SCHEMA = pa.schema(
         ("reasoning", pa.string()),      # JSON {stage: reasoning text of the accepted answer} (reasoning models)
         ("workers", pa.string()),        # JSON {stage: "host:pid"}: which actor served the row (balance, debugging)
         ("shard_rows", pa.int64()),      # marker rows only: rows the shard produced
+        ("decoded", DECODED),            # transient: the images of the next generating stage, decoded ahead
     ]
 )
 COLUMNS = ROW_SCHEMA.names
@@ -224,5 +229,6 @@ PAIR_SCHEMA = pa.schema(
         ("reasoning", pa.string()),
         ("workers", pa.string()),
         ("image", pa.binary()),          # unused for pairs (kept so shared helpers see the same field names)
+        ("decoded", DECODED),            # transient: both images, decoded ahead of a generating stage
     ]
 )

@@ -75,7 +75,8 @@ def _check_local_cpus(cfg: PipelineConfig) -> None:
             continue
         res = {s.name: s.resources(cfg) for s in run}
         actors = {s.name: res[s.name].concurrency * res[s.name].num_cpus for s in run if s.uses_actor()}
-        tasks = {"read": cfg.read.num_cpus, **{s.name: res[s.name].num_cpus for s in run if not s.uses_actor()}}
+        tasks = {"read": cfg.read.num_cpus, **{s.name: res[s.name].num_cpus for s in run if not s.uses_actor()},
+                 **{f"{s.name} decode": s.settings(cfg).resources.decode_cpus for s in run if s.decodes_ahead(cfg)}}
         task = max(tasks, key=tasks.get)
         held = sum(actors.values())
         if held + tasks[task] > cpus + 1e-9:

@@ -62,6 +62,10 @@ def _run_stateless(batch: Any, stage_cls: type[Stage], ctx: RunContext) -> Any:
     return stage_cls(ctx)(batch)
 
 
+def _decode_ahead(batch: Any, stage_cls: type[Stage], config: PipelineConfig) -> Any:
+    return stage_cls.decode_ahead(batch, config)
+
+
 class PoolRendezvous:
     """Where the actors of one pass's pools meet before any of them takes work. Ray Data hands a block to any
     actor that is up, so the first engine to load would take every batch while its peers still load; Ray Data's
@@ -138,6 +142,12 @@ def apply_stages(ds: Any, stages: list[type[Stage]], cfg: PipelineConfig, ctx: R
     for stage in enabled(cfg, stages):
         res = stage.resources(cfg)
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
+        if stage.decodes_ahead(cfg):
+            # The images decoded in tasks of their own, beside the engine (which then only wraps the pixels):
+            # decoding in the actor held the engine up (issue 27).
+            ds = ds.map_batches(_decode_ahead, fn_kwargs={"stage_cls": stage, "config": cfg},
+                                batch_size=res.batch_size, batch_format="pyarrow",
+                                num_cpus=stage.settings(cfg).resources.decode_cpus)
         if stage.uses_actor():
             # Restart actors lost with a node and retry their batches (Ray Data's default today; pinned here).
             # batches_in_flight > 1: that many __call__s run at once in the actor's threads (the stage and its

@@ -109,6 +109,7 @@ class Stage:
     generates: ClassVar[bool] = False  # writes text with a generation model from the section's template
     writes: ClassVar[tuple[str, ...]] = ()  # row fields it sets (besides BOOKKEEPING); checked under M3T_GEN_CHECK_ROWS
     row_schema: ClassVar[pa.Schema | None] = None  # None: the sample row schema (m3t_gen.rows.ROW_SCHEMA)
+    transient: ClassVar[tuple[str, ...]] = ()  # row fields made for this stage alone: cleared on the way out
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -127,6 +128,11 @@ class Stage:
     @classmethod
     def enabled(cls, config: PipelineConfig) -> bool:
         return True
+
+    @classmethod
+    def decodes_ahead(cls, config: PipelineConfig) -> bool:
+        """Whether a Ray Data task decodes this stage's images before its actors (``GeneratingStage``)."""
+        return False
 
     @classmethod
     def images_per_request(cls, config: PipelineConfig) -> int:
@@ -218,6 +224,9 @@ class Stage:
                     workers = json.loads(r.get("workers") or "{}")
                     workers[self.name] = worker
                     r["workers"] = json.dumps(workers)
+        for r in rows:
+            for field in self.transient:
+                r[field] = None
         return to_table(rows, self.row_schema)
 
 

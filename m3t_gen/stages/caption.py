@@ -46,7 +46,8 @@ class CaptionStage(GeneratingStage):
     def fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return template_fields(row)
 
-    def images(self, row: dict[str, Any]) -> list[Any]:
+    @classmethod
+    def read_images(cls, config: PipelineConfig, row: dict[str, Any]) -> list[Any]:
         return [open_image(row)]
 
     def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[str | None, str | None]:

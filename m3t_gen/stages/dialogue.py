@@ -76,8 +76,10 @@ class DialogueStage(GeneratingStage):
     def fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return template_fields(row, self.cfg.mix)
 
-    def images(self, row: dict[str, Any]) -> list[Any]:
-        return [open_image(row)] if self.from_image else []  # single stage: the MLLM sees the image itself
+    @classmethod
+    def read_images(cls, config: PipelineConfig, row: dict[str, Any]) -> list[Any]:
+        # single stage: the MLLM sees the image itself
+        return [open_image(row)] if config.dialogue.source == "image" else []
 
     def _parse(self, row: dict[str, Any], result: GenerationResult) -> tuple[list | None, str | None]:
         data, error = parse_json_answer(result, [self.file_schema, self.decoding_schema])

@@ -172,7 +172,8 @@ class JudgeStage(_Judge):
     def fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return template_fields(row)
 
-    def images(self, row: dict[str, Any]) -> list[Any]:
+    @classmethod
+    def read_images(cls, config: PipelineConfig, row: dict[str, Any]) -> list[Any]:
         return [open_image(row)]
 
     def _answer_messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -258,7 +259,10 @@ class TripletJudgeStage(OnPairs, _Judge):
     def fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return triplet_template_fields(row)
 
-    def images(self, row: dict[str, Any]) -> list[Any]:
+    image_fields = ("ref_image", "tgt_image")
+
+    @classmethod
+    def read_images(cls, config: PipelineConfig, row: dict[str, Any]) -> list[Any]:
         return [load_pool_image(row["ref_image"]), load_pool_image(row["tgt_image"])]
 
     def process(self, rows: list[dict[str, Any]]) -> None:

@@ -94,8 +94,11 @@ class ModifyStage(OnPairs, GeneratingStage):
     def fields(self, row: dict[str, Any]) -> dict[str, Any]:
         return template_fields(row, self.cfg)
 
-    def images(self, row: dict[str, Any]) -> list[Any]:
-        if self.cfg.source == "images":  # the MLLM sees the reference image first, then the target
+    image_fields = ("ref_image", "tgt_image")
+
+    @classmethod
+    def read_images(cls, config: PipelineConfig, row: dict[str, Any]) -> list[Any]:
+        if config.cir.modify.source == "images":  # the MLLM sees the reference image first, then the target
             return [load_pool_image(row["ref_image"]), load_pool_image(row["tgt_image"])]
         return []
 
