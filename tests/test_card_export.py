@@ -148,6 +148,7 @@ def test_plots_and_gallery_exist_and_are_valid_images(card, manifest, triplets):
     text = card.read_text()
     pngs = re.findall(r"\]\((card/[^)]+\.png)\)", text)
     expected = {"card/scores.png", "card/turn_types.png", "card/image_sizes.png", "card/quality.png"}
+    expected |= {"card/negatives.png"} if manifest.get("negatives") else set()
     assert set(pngs) == (expected | {"card/cir.png"} if triplets else expected)
     for rel in pngs:
         path = card.parent / rel

@@ -187,7 +187,7 @@ class Embedder:
         turns, filtered samples) and every image is a candidate (a wrong answer need not be a kept one)."""
         from PIL import Image
 
-        keys, images, captions, kept = [], [], [], []
+        keys, images, image_emb, captions, kept = [], [], [], [], []
         sample, turn, kind, queries, targets, positive, query = [], [], [], [], [], [], []
         for rel, kept_sample in [(f"shards/{t}", True) for t in tars] + [(f"filtered/{t}", False) for t in filtered]:
             with store.open(rel) as fh:
@@ -195,17 +195,19 @@ class Embedder:
                     s = len(keys)
                     keys.append(key), kept.append(kept_sample)
                     images.append(Image.open(io.BytesIO(jpg)).convert("RGB"))
+                    if len(images) == self.BATCH:  # embedded as they come: a shard's pixels are never all held
+                        image_emb.append(self.clip.embed_images(images))
+                        images = []
                     captions.append(meta["caption"])
                     written = [(t, True) for t in meta["turns"]] + [(t, False) for t in meta.get("dropped_turns", [])]
                     for t, kept_turn in written:
                         sample.append(s), turn.append(t["i"]), kind.append(TURN_TYPE_NAMES.index(t["type"]))
                         queries.append(t["query"]), targets.append(t["target"]), positive.append(t["score"])
                         query.append(kept_sample and kept_turn)
-        image_emb = (np.concatenate([self.clip.embed_images(images[i:i + self.BATCH])
-                                     for i in range(0, len(images), self.BATCH)]) if images
-                     else np.zeros((0, 0), np.float32))
+        if images:
+            image_emb.append(self.clip.embed_images(images))
         turns = ShardTurns(
-            keys=Texts.of(keys), image_emb=image_emb, caption_emb=self._texts(captions),
+            keys=Texts.of(keys), image_emb=np.concatenate(image_emb) if image_emb else np.zeros((0, 0), np.float32), caption_emb=self._texts(captions),
             sample=np.asarray(sample, np.int32), turn=np.asarray(turn, np.int32), kind=np.asarray(kind, np.int8),
             queries=Texts.of(queries), targets=Texts.of(targets), target_emb=self._texts(targets),
             positive=np.asarray(positive, np.float32), query=np.asarray(query, bool),
