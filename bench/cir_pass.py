@@ -69,6 +69,7 @@ def pass_config(out: Path, pairs_per_image: int, concurrency: int, per_part: int
     data.update(recipe="cir", name="cir-bench")
     data.pop("dialogue", None)
     data.pop("judge", None)
+    data.pop("negatives", None)  # mined for M3T turns
     data["cir"].pop("judge", None)  # the pass's distribution of pairs over modify actors is measured, not the judge
     data["input"]["paths"] = [str(ROOT / "data" / "smoke" / "*.tar")]
     data["output"]["dir"] = str(out)

@@ -48,8 +48,7 @@ def shards_of(turns: int, shards: int, d: int):
             caption_emb=target_emb[rows[::per_image]].copy(), sample=np.repeat(np.arange(n, dtype=np.int32), per_image),
             turn=np.tile(np.arange(per_image, dtype=np.int32), n), kind=np.tile(np.array(codes, np.int8), n),
             queries=Texts.of([""] * len(rows)), targets=Texts.of([f"t{r}" for r in rows]),
-            target_emb=target_emb[rows].copy(), positive=np.zeros(len(rows), np.float32),
-            query=np.ones(len(rows), bool), kept=np.ones(n, bool)).by_kind())  # as the pass stores them
+            target_emb=target_emb[rows].copy(), positive=np.zeros(len(rows), np.float32)).by_kind())  # as the pass stores them
     return out
 
 

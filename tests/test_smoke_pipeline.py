@@ -265,7 +265,7 @@ def test_cir_mllm_variant_sees_both_images(tmp_path):
         out, "recipe=cir", "cir.modify.source=images", "cir.modify.model.model=tiny:qwen2_5_vl",
         "cir.modify.model.backend=vllm", "cir.modify.model.options={enforce_eager: true, max_model_len: 2048, "
         "limit_images_per_prompt: 2, engine_args: {kv_cache_memory_bytes: 134217728}}", "limit=4",
-        "cir.filter.min_modification_score=-1", "cir.judge=null")
+        "cir.filter.min_modification_score=-1", "cir.judge=null", "negatives=null")
     cir = manifest["cir"]
     assert cir["pairs"] > 0 and cir["pairs"] == cir["kept"] + cir["rejected"]
     assert manifest["models"]["modify"] == "tiny:qwen2_5_vl"

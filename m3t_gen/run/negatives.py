@@ -1,9 +1,9 @@
 """The negatives pass: hard negatives for every kept turn, mined from the run's own output and guarded against
 false negatives (after the sample pass and the CIR pass, when the config has a ``negatives`` section).
 
-OUT/shards (kept samples and turns)
+OUT/shards + OUT/filtered (every scored sample, every turn written: all are mined for and are candidates)
   -> embed:  per output shard, one call of a CLIP actor (the reward's model and placement): each sample's image
-             and caption, each kept turn's target text                      -> object store (numpy only)
+             and caption, each turn's target text                           -> object store (numpy only)
   -> mine:   per (shard, turn type), a Ray task: exact top-k of the shard's targets among every shard's targets
              of that type (run/knn.py: tiles streamed from the object store, the fp32 answer), candidates from
              other images inside the band and the rank window; per shard, its images among every image
@@ -140,8 +140,6 @@ class ShardTurns:
     targets: Texts            # [t]
     target_emb: np.ndarray    # [t, d]
     positive: np.ndarray      # [t] float32: the reward's score of the turn
-    query: np.ndarray         # [t] bool: a kept turn of a kept sample (gets negatives); else a candidate only
-    kept: np.ndarray          # [s] bool: a kept sample (its image gets negatives); else filtered
 
     def of_kind(self, code: int) -> np.ndarray:
         return np.flatnonzero(self.kind == code)
@@ -161,7 +159,7 @@ class ShardTurns:
         return ShardTurns(keys=self.keys, image_emb=self.image_emb, caption_emb=self.caption_emb,
                           sample=self.sample[order], turn=self.turn[order], kind=self.kind[order],
                           target_emb=self.target_emb[order] if len(order) else self.target_emb,
-                          positive=self.positive[order], query=self.query[order], kept=self.kept, **texts)
+                          positive=self.positive[order], **texts)
 
     def counts(self) -> np.ndarray:
         """[types + 1]: turns of each type, then samples."""
@@ -183,35 +181,34 @@ class Embedder:
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
     def shard(self, store: Store, tars: list[str], filtered: list[str]) -> tuple[ShardTurns, np.ndarray]:
-        """Every scored sample of the shard: the kept ones' kept turns get negatives; every turn written (dropped
-        turns, filtered samples) and every image is a candidate (a wrong answer need not be a kept one)."""
+        """Every scored sample of the shard (kept and filtered) and every turn written (kept and dropped): each is
+        mined for, and each is a candidate (a wrong answer need not be a kept one). Which turns show their
+        negatives is the filter's decision, made later (``attach``): so a refilter that keeps other turns
+        finds theirs already mined, exactly as a fresh run would mine them."""
         from PIL import Image
 
-        keys, images, image_emb, captions, kept = [], [], [], [], []
-        sample, turn, kind, queries, targets, positive, query = [], [], [], [], [], [], []
-        for rel, kept_sample in [(f"shards/{t}", True) for t in tars] + [(f"filtered/{t}", False) for t in filtered]:
+        keys, images, image_emb, captions = [], [], [], []
+        sample, turn, kind, queries, targets, positive = [], [], [], [], [], []
+        for rel in [f"shards/{t}" for t in tars] + [f"filtered/{t}" for t in filtered]:
             with store.open(rel) as fh:
                 for key, jpg, meta in iter_tar(fh):
                     s = len(keys)
-                    keys.append(key), kept.append(kept_sample)
+                    keys.append(key)
                     images.append(Image.open(io.BytesIO(jpg)).convert("RGB"))
                     if len(images) == self.BATCH:  # embedded as they come: a shard's pixels are never all held
                         image_emb.append(self.clip.embed_images(images))
                         images = []
                     captions.append(meta["caption"])
-                    written = [(t, True) for t in meta["turns"]] + [(t, False) for t in meta.get("dropped_turns", [])]
-                    for t, kept_turn in written:
+                    for t in meta["turns"] + meta.get("dropped_turns", []):
                         sample.append(s), turn.append(t["i"]), kind.append(TURN_TYPE_NAMES.index(t["type"]))
                         queries.append(t["query"]), targets.append(t["target"]), positive.append(t["score"])
-                        query.append(kept_sample and kept_turn)
         if images:
             image_emb.append(self.clip.embed_images(images))
         turns = ShardTurns(
             keys=Texts.of(keys), image_emb=np.concatenate(image_emb) if image_emb else np.zeros((0, 0), np.float32), caption_emb=self._texts(captions),
             sample=np.asarray(sample, np.int32), turn=np.asarray(turn, np.int32), kind=np.asarray(kind, np.int8),
             queries=Texts.of(queries), targets=Texts.of(targets), target_emb=self._texts(targets),
-            positive=np.asarray(positive, np.float32), query=np.asarray(query, bool),
-            kept=np.asarray(kept, bool)).by_kind()
+            positive=np.asarray(positive, np.float32)).by_kind()
         return turns, turns.counts()
 
     def score(self, turns: ShardTurns, rows: np.ndarray, texts: list[str]) -> np.ndarray:
@@ -297,19 +294,15 @@ def mine_text(index: int, code: int, bank: Bank, spec: NegativesSpec, slack: int
     import ray
 
     me = ray.get(bank.refs[index])
-    every = me.of_kind(code)  # the shard's rows of the type in the bank
-    at = np.flatnonzero(me.query[every])  # those that get negatives
-    rows = every[at]
-    if not len(rows):
-        return {"row": rows, "similarity": [], "rank": [], "source": [], "source_i": [], "text": []}
-    ids = bank.offsets(code)[index] + at
+    rows = me.of_kind(code)
+    ids = bank.offsets(code)[index] + np.arange(len(rows))
     k = spec.text.max_rank + slack  # a sample's own other turns of the type are found, then skipped
     sims, nbrs = _search(me.target_emb[rows], ids, bank, code, "target_emb", lambda s: s.span(code), k,
                          spec, use_gpu)
     shard, local = _locate(bank, code, nbrs)
     valid = nbrs >= 0
-    valid &= ~((shard == index) & (me.sample[rows][:, None] == me.sample[every[np.minimum(np.maximum(local, 0),
-                                                                                          len(every) - 1)]]))
+    valid &= ~((shard == index) & (me.sample[rows][:, None] == me.sample[rows[np.minimum(np.maximum(local, 0),
+                                                                                         len(rows) - 1)]]))
     rank, take = _window(sims, valid, spec.text, spec.candidates)
     q, c = np.nonzero(take)
     out = {"row": rows[q], "similarity": sims[q, c], "rank": rank[q, c], "source": [], "source_i": [], "text": []}
@@ -334,9 +327,7 @@ def mine_images(index: int, bank: Bank, spec: NegativesSpec, use_gpu: bool) -> d
 
     column = len(TURN_TYPE_NAMES)
     me = ray.get(bank.refs[index])
-    samples = np.flatnonzero(me.kept)
-    if not len(samples):
-        return NO_IMAGES
+    samples = np.arange(len(me.keys))
     ids = bank.offsets(column)[index] + samples
     sims, nbrs = _search(me.image_emb[samples], ids, bank, column, "image_emb", lambda s: slice(None),
                          spec.image.max_rank, spec, use_gpu)
@@ -359,17 +350,15 @@ def mine_images(index: int, bank: Bank, spec: NegativesSpec, use_gpu: bool) -> d
 # ------------------------------------------------------------------------------------------ the pass
 
 
-SAMPLE_SET = ("shard", "read", "kept", "rejected", "reasons", "turns_kept", "turns_dropped", "tars")
-
-
 def fingerprint(store: Store, shards: list[str], spec: NegativesSpec) -> str:
-    """What the candidates are mined from and how: each shard's kept samples and turns (as its stats count and
-    place them: a refilter that keeps other turns changes it, one that only changes the guard does not) and the
-    mining settings (not the guard: a decision, redone by refilter; not where it runs)."""
+    """What the candidates are mined from and how: each shard's scored samples (read, and the rejections before
+    the filter: what the filter decides does not change what is mined, so a refilter keeps it) and the mining
+    settings (not the guard: a decision, redone by refilter; not where it runs)."""
     h = hashlib.sha256()
     for shard in sorted(shards):
         stats = json.loads(store.read_bytes(f"stats/{shard}.json"))
-        h.update(json.dumps({k: stats.get(k) for k in SAMPLE_SET}, sort_keys=True).encode())
+        earlier = {k: v for k, v in stats["reasons"].items() if not k.startswith("filter:")}
+        h.update(json.dumps([shard, stats["read"], earlier], sort_keys=True).encode())
     mining = spec.model_dump(mode="json", exclude={"guard": True, **placement_exclude(NegativesSpec)})
     h.update(json.dumps(mining, sort_keys=True).encode())
     return h.hexdigest()[:16]
@@ -529,8 +518,7 @@ def attach_shard(store: Store, shard: str, tars: list[str], table: pa.Table, mar
 def attach(source: Store, target: Store, guard: NegativeGuardSpec) -> dict[str, Any] | None:
     """Re-decide every candidate recorded in ``source`` under ``guard`` and write the decisions, the shards' tars
     (those in ``target``) and the markers into ``target`` (refilter builds its new output there). None when the run
-    mined no negatives. Turns that a new filter dropped lose theirs; turns it newly keeps have none until a run
-    mines again (the fingerprint, from the shards' stats, has changed: the next `m3t-gen run` does)."""
+    mined no negatives. Every written turn was mined for, so the turns a new filter keeps find theirs."""
     shards = sorted(rel[len("negatives_stats/"):-len(".json")] for rel in source.files("negatives_stats", ".json"))
     if not shards:
         return None
