@@ -252,12 +252,11 @@ def negatives_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | N
 
     import pyarrow.parquet as pq
 
-    if not config.get("negatives") or not store.exists("negatives_stats"):
-        return None
-    rels = store.files("negatives", ".parquet")
+    markers = store.files("negatives_stats", ".json") if config.get("negatives") else []
+    rels = store.files("negatives", ".parquet") if markers else []
     if not rels:
         return None
-    stats = [json.loads(store.read_text(rel)) for rel in store.files("negatives_stats", ".json")]
+    stats = [json.loads(store.read_text(rel)) for rel in markers]
     types: dict[str, dict[str, Any]] = {}
     for rel in rels:
         table = pq.read_table(io.BytesIO(store.read_bytes(rel)))
