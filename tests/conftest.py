@@ -83,3 +83,29 @@ def one_line_exit_2(args: list[str], fragment: str) -> str:
     assert "Traceback" not in result.output and len(err.splitlines()) == 1, err
     assert fragment in err, err
     return err
+
+
+FLOATS = ("similarity", "score", "positive")  # CLIP on CPU may differ in the last bits from run to run
+
+
+def assert_same_candidates(a, b):
+    """The same candidates with the same decisions; their scores equal up to CLIP's run-to-run noise."""
+    from m3t_gen.run.negatives import CANDIDATE_SCHEMA
+    import numpy as np
+
+    exact = [c for c in CANDIDATE_SCHEMA.names if c not in FLOATS]
+    assert a.select(exact).equals(b.select(exact))
+    for c in FLOATS:
+        np.testing.assert_allclose(a.column(c).to_numpy(), b.column(c).to_numpy(), atol=1e-5)
+
+
+def assert_same_turns(a, b):
+    """KEY.json turns equal, their negatives' scores up to CLIP's run-to-run noise."""
+    strip = lambda turns: [{k: v for k, v in t.items() if k != "negatives"} for t in turns]  # noqa: E731
+    assert strip(a) == strip(b)
+    for ta, tb in zip(a, b):
+        na, nb = ta.get("negatives", []), tb.get("negatives", [])
+        assert [(n["text"], n["source"], n["rank"]) for n in na] == [(n["text"], n["source"], n["rank"]) for n in nb]
+        for x, y in zip(na, nb):
+            assert x["score"] == pytest.approx(y["score"], abs=1e-5)
+            assert x["similarity"] == pytest.approx(y["similarity"], abs=1e-5)

@@ -170,8 +170,10 @@ def test_refilter_equals_a_fresh_run_with_the_same_thresholds(smoke_run, tmp_pat
 
     a, b = _by_key(copy), _by_key(fresh)
     assert set(a) == set(b) and a
-    for key in a:
-        assert a[key]["turns"] == b[key]["turns"], key
+    from conftest import assert_same_turns
+
+    for key in a:  # negatives too (mined for every written turn): the same, scores up to CLIP's noise
+        assert_same_turns(a[key]["turns"], b[key]["turns"])
         assert a[key].get("dropped_turns") == b[key].get("dropped_turns"), key
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (copy, fresh))
     assert ma["totals"] == mb["totals"]
