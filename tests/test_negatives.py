@@ -20,7 +20,7 @@ import pytest
 
 from m3t_gen.config import BandSpec, NegativeGuardSpec, NegativesSpec
 from m3t_gen.run.negatives import (CANDIDATE_SCHEMA, IMAGE, Bank, ShardTurns, Texts, candidate_table, decide,
-                                   mine_images, mine_text, normalised, threshold)
+                                   mine_images, mine_text, same_answer, threshold)
 from m3t_gen.turns import TURN_TYPE_NAMES
 
 from conftest import assert_same_candidates, assert_same_turns, run_cli
@@ -54,7 +54,7 @@ def test_guard_decides_from_recorded_scores_each_drop_with_its_reason():
     assert loose.column("reason").to_pylist()[:6] == ["same_text", None, None, None, None, None]
     assert loose.column("score").equals(t.column("score"))
     assert threshold(np.array([0.3, -0.2]), 0.95).tolist() == pytest.approx([0.285, -0.21])
-    assert normalised("  A  Cat. ") == normalised("a cat")
+    assert same_answer("  A  Cat. ", "a cat")
 
 
 # ------------------------------------------------------------------------------------------ planted, on Ray
@@ -168,7 +168,7 @@ def test_small_shard_run_carries_guarded_negatives_on_every_kept_turn(smoke_run)
                 for c in kept:  # every kept negative is below the guard, another sample's, not the positive
                     assert c["score"] < threshold(np.array([t["score"]]), guard.max_positive_ratio)[0] + 1e-6
                     assert c["similarity"] <= guard.max_text_similarity and c["source"] != key
-                    assert normalised(c["text"]) != normalised(t["target"])
+                    assert not same_answer(c["text"], t["target"])
             assert [n["source"] for n in sample["negative_images"]] == [
                 c["source"] for c in by_turn.get((key, None), []) if c["kept"]]
     stats = [json.loads(p.read_text()) for p in sorted((out / "negatives_stats").glob("*.json"))]
@@ -282,7 +282,7 @@ def test_mmeb_export_loads_row_by_row_in_vlm2vec_and_muco_with_negatives(smoke_r
     targets = {(s["key"], t["i"]): t for s in samples for t in s["turns"]}
     for query, pos, neg, meta in rows:  # a drawn text negative is never the row's own positive
         if neg and meta["turn_type"] != "t2i":
-            assert normalised(neg) != normalised(targets[(meta["key"], meta["i"])]["target"])
+            assert not same_answer(neg, targets[(meta["key"], meta["i"])]["target"])
 
 
 @pytest.mark.slow

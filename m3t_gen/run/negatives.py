@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -34,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3t_gen.config import NegativeGuardSpec, NegativesSpec, placement_exclude
+from m3t_gen.scoring.measures import normalize_answer
 from m3t_gen.storage.store import Store, iter_tar, stale_fingerprints
 from m3t_gen.turns import TURN_TYPE_NAMES, scored_text
 
@@ -59,10 +58,10 @@ CANDIDATE_SCHEMA = pa.schema([
 # ------------------------------------------------------------------------------------------ decisions
 
 
-def normalised(text: str) -> str:
-    """Case, accents' composition, spacing and surrounding punctuation do not make another answer."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return re.sub(r"\s+", " ", text).strip(" .,;:!?\"'()[]")
+def same_answer(text: str, positive: str) -> bool:
+    """The positive's own answer, as the judge's answer agreement compares them (SQuAD's normalisation: case,
+    punctuation, articles)."""
+    return normalize_answer(text) == normalize_answer(positive)
 
 
 def threshold(positive: np.ndarray, ratio: float) -> np.ndarray:
@@ -378,7 +377,7 @@ def candidate_table(turns_of: ShardTurns, text: list[dict[str, Any]], scores: li
             cols["source"].append(src), cols["source_i"].append(src_i)
             cols["similarity"].append(float(sim)), cols["rank"].append(int(rank)), cols["score"].append(float(sc))
             cols["positive"].append(float(turns_of.positive[r]))
-            cols["same_text"].append(normalised(t) == normalised(positive))
+            cols["same_text"].append(same_answer(t, positive))
     for s, sim, rank, src, sc, pos in zip(images["sample"], images["similarity"], images["rank"],
                                           images["source"], images["score"], images["positive"]):
         cols["key"].append(keys[s]), cols["i"].append(None), cols["type"].append(IMAGE), cols["text"].append(None)
