@@ -197,7 +197,11 @@ def distributed(n: int, d: int, workers: int, shard_rows: int, block_rows: int, 
     from m3t_gen.storage.store import Store
 
     x = synthetic(n, d)
-    keys = [f"s{i // shard_rows:05d}_{i:08d}" for i in range(n)]
+
+    def key_list() -> list[str]:
+        return [f"s{i // shard_rows:05d}_{i:08d}" for i in range(n)]
+
+    keys = key_list()
     tmp = Path(tempfile.mkdtemp(prefix="mining-"))
     (tmp / "pool").mkdir()
     rels = []
@@ -212,7 +216,7 @@ def distributed(n: int, d: int, workers: int, shard_rows: int, block_rows: int, 
         pq.write_table(table, tmp / rels[-1])
     spec = PairingSpec(min_similarity=0.55, max_similarity=0.92, min_rank=2, max_rank=30, pairs_per_image=2,
                        precision=precision, resources=PairingResources(block_rows=block_rows, tile_rows=tile_rows))
-    del x
+    del x, keys  # the driver's RSS below is the run's, not this script's pool (regenerated for --compare)
     import gc
 
     gc.collect()
@@ -279,7 +283,7 @@ def distributed(n: int, d: int, workers: int, shard_rows: int, block_rows: int, 
                 order = sorted(range(len(cand)), key=lambda c: (-exact[c], cand[c]))[:k]
                 nbrs[row] = [cand[c] for c in order]
                 sims[row] = [exact[c] for c in order]
-        want = select_pairs(sims, nbrs, key_seeds(keys, 0), np.arange(n), spec)
+        want = select_pairs(sims, nbrs, key_seeds(key_list(), 0), np.arange(n), spec)
         got = set(zip(pairs.ref.tolist(), pairs.tgt.tolist(), pairs.rank.tolist()))
         ref = set(zip(want.ref.tolist(), want.tgt.tolist(), want.rank.tolist()))
         diff = len(got ^ ref)  # pairs (with their rank) in one answer and not the other

@@ -1,10 +1,10 @@
 """The CIR recipe after the image pool is built: mine pairs, write modification texts, score, filter, write.
 
 pool/*.parquet (key, caption, CLIP image + caption embeddings; JPEGs in pool/*.tar)
-  -> load_bank: each shard's embeddings into Ray's object store     Ray tasks
-  -> submit_mining (exact kNN in tiles, band + rank window + draw) Ray tasks (GPUs when given)
-  -> write_pair_parts: parts of `triplets_per_file` pairs (resume unit)   one Ray task (the driver: sizes)
-  -> modify -> triplet_reward -> triplet_judge -> triplet_filter   Ray Data (actor pools / tasks)
+  -> load_bank: each shard's embeddings into Ray's object store      Ray tasks
+  -> submit_mining (exact kNN in tiles, band + rank window + draw)  Ray tasks (GPUs when given)
+  -> write_pair_parts: parts of `triplets_per_file` pairs (resume)  one Ray task (the driver learns sizes)
+  -> modify -> triplet_reward -> triplet_judge -> triplet_filter    Ray Data (actor pools / tasks)
   -> triplets/part-N.jsonl + triplet_rejects/part-N.parquet + triplet_stats/part-N.json (written last)
 For every part: pairs = kept triplets + rejected triplets.
 """
