@@ -221,18 +221,19 @@ class Measured:
 
 
 def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
+    from m3t_gen.run.artefacts import Manifest
+
     path = Path(output) / "manifest.json"
     if not path.is_file():
         raise ConfigError(f"--from-run {output}: no manifest.json (not a finished run)")
     try:
-        manifest = json.loads(path.read_text())
-        stages = {s["stage"]: s for s in manifest["stages"]}
-        cir_stages = {s["stage"]: s for s in (manifest.get("cir") or {}).get("stages", [])}  # pairs, not images
-        stages.update(cir_stages)
-        read = manifest["totals"]["read"]
-        run_cfg = manifest["config"]
-    except (ValueError, KeyError, TypeError) as e:
+        manifest = Manifest.loads(path.read_text())
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"--from-run {output}: unreadable manifest.json ({e})") from None
+    stages = {s.stage: s for s in manifest.stages}
+    cir_stages = {s.stage: s for s in manifest.cir.stages} if manifest.cir else {}  # pairs, not images
+    stages.update(cir_stages)
+    read = manifest.totals.read
     rates: dict[str, float] = {}
     reach: dict[str, float] = {}
     tokens: dict[str, float] = {}
@@ -240,40 +241,47 @@ def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
     planned_cfg = cfg.model_dump(mode="json", by_alias=True)
     for stage in STAGES:
         s = stages.get(stage)
-        if not s or not s.get("in") or not s.get("busy_seconds"):
+        if not s or not s.rows_in or not s.busy_seconds:
             continue
         if read and stage not in cir_stages:  # a CIR stage's reach is the pool's (pairs per image come from config)
-            reach[stage] = s["in"] / read
+            reach[stage] = s.rows_in / read
         if stage == "read":
-            rates[stage] = s["in"] / s["busy_seconds"]  # images per second of one read task (one core)
+            rates[stage] = s.rows_in / s.busy_seconds  # images per second of one read task (one core)
             continue
-        res = (stage_section(run_cfg, stage) or {}).get("resources") or {}
-        devices = float(res.get("num_gpus") or 0) or 1.0  # GPUs per replica; a CPU actor counts as one
-        rates[stage] = s["in"] / s["busy_seconds"] / devices
-        ran = _stage_model(run_cfg, stage)
+        gpus = _section_value(manifest.config, stage, "resources.num_gpus")
+        devices = float(gpus or 0) or 1.0  # GPUs per replica; a CPU actor counts as one
+        rates[stage] = s.rows_in / s.busy_seconds / devices
+        ran = _stage_model(manifest.config, stage)
         planned = _stage_model(planned_cfg, stage)
         if ran != planned:
             notes.append(f"{stage}: measured with {ran}, planning for {planned}")
         # Generated tokens per image (the manifest counts them, retries included): used when the run generated
         # under the same model and max_tokens as planned; otherwise the configured bound stays.
-        if s.get("output_tokens"):
-            same = ran == planned and _max_tokens(run_cfg, stage) == _max_tokens(planned_cfg, stage)
+        if s.output_tokens:
+            same = ran == planned and _max_tokens(manifest.config, stage) == _max_tokens(planned_cfg, stage)
             if same:
-                tokens[stage] = s["output_tokens"] / s["in"]
+                tokens[stage] = s.output_tokens / s.rows_in
             else:
                 notes.append(f"{stage}: output tokens per image not taken from the run (other model or max_tokens)")
-        if not res.get("num_gpus"):
+        if not gpus:
             notes.append(f"{stage}: measured on CPU actors (num_gpus 0)")
     return Measured(str(output), rates, reach, notes, tokens)
 
 
+def _section_value(cfg: dict[str, Any], stage: str, dotted: str) -> Any:
+    """A value under a stage's section of a config as JSON (an older run's may lack it: None)."""
+    from m3t_gen.run.artefacts import config_value
+
+    return config_value(stage_section(cfg, stage), dotted)
+
+
 def _stage_model(cfg: dict[str, Any], stage: str) -> str | None:
-    model = (stage_section(cfg, stage) or {}).get("model")
+    model = _section_value(cfg, stage, "model")
     return model.get("model") if isinstance(model, dict) else model
 
 
 def _max_tokens(cfg: dict[str, Any], stage: str) -> int | None:
-    return ((stage_section(cfg, stage) or {}).get("sampling") or {}).get("max_tokens")
+    return _section_value(cfg, stage, "sampling.max_tokens")
 
 
 # ---------------------------------------------------------------------------------------------- the plan
