@@ -15,8 +15,8 @@ scaled to N (marked *). One JSON line per run, then a table.
 
     python bench/pair_mining.py --distributed --sizes 100000 --workers 2 --compare
 
---distributed: the run's own exact miner (issue 23; load_bank + mine_pool in Ray tasks, one torch thread each) on
-pool shards of the same embeddings, then the part files, timed end to end; the driver's peak RSS; the baseline,
+--distributed: the run's own exact miner (issue 23; load_bank + submit_mining in Ray tasks, one torch thread each)
+on pool shards of the same embeddings, then the part files (write_pair_parts: one task), timed end to end; the driver's peak RSS; the baseline,
 measured in the same run after the mining: one core's rate for the bare bf16 tile product, and the mining's
 ratio to it (effective FLOP/s over workers x bare rate); with --compare, the chosen pairs against FAISS's exact
 fp32 search and the same draw (count of differences).
@@ -177,10 +177,12 @@ def one(n: int, d: int, kind: str, max_exact: int, sample: int = 1000) -> dict:
 
 
 def distributed(n: int, d: int, workers: int, shard_rows: int, block_rows: int, tile_rows: int, compare: bool,
-                precision: str) -> dict:
+                precision: str, sample_blocks: int = 0) -> dict:
     """The run's own exact miner (issue 23): a synthetic pool written as pool/*.parquet shards, then load_bank +
-    mine_pool in Ray tasks (``workers`` CPUs, one torch thread per task) + the part files, timed end to end; the
-    driver's peak RSS; with ``compare``, the chosen pairs against FAISS's exact fp32 search + the same draw."""
+    submit_mining in Ray tasks (``workers`` CPUs, one torch thread per task) + the part files (write_pair_parts,
+    one task, as the CIR pass runs it), timed end to end; the driver's peak RSS; with ``compare``, the chosen pairs
+    against FAISS's exact fp32 search + the same draw; with ``sample_blocks``, only that many reference blocks are
+    mined and the times scaled to all blocks (each block streams the whole bank: blocks cost alike)."""
     import tempfile
 
     import numpy as np
@@ -189,7 +191,8 @@ def distributed(n: int, d: int, workers: int, shard_rows: int, block_rows: int, 
     import ray
 
     from m3t_gen.config import PairingResources, PairingSpec
-    from m3t_gen.run.pairing import POOL_DIGEST_KEY, key_seeds, load_bank, mine_pool, select_pairs
+    from m3t_gen.run.cir import write_pair_parts
+    from m3t_gen.run.pairing import POOL_DIGEST_KEY, PairArrays, key_seeds, load_bank, select_pairs, submit_mining
     from m3t_gen.run.writer import POOL_SCHEMA
     from m3t_gen.storage.store import Store
 
@@ -220,21 +223,37 @@ def distributed(n: int, d: int, workers: int, shard_rows: int, block_rows: int, 
              object_store_memory=max(2 * 1024 ** 3, int(n * d * 8 * 1.25)))
     peak = Peak()
     t = time.perf_counter()
-    bank = load_bank(Store(tmp), rels, run_seed=0)
-    pairs = mine_pool(bank, spec)
+    store = Store(tmp)
+    bank = load_bank(store, rels, run_seed=0)
+    ray.wait(bank.image, num_returns=len(bank.image), fetch_local=False)
+    load_s = time.perf_counter() - t
+    refs = submit_mining(bank, spec)
+    n_blocks = len(refs)
+    if sample_blocks:
+        # Every block streams the whole bank, so blocks cost alike: time the first `sample_blocks` (run
+        # `workers` at a time) and scale to all of them (reported as extrapolated).
+        for ref in refs[sample_blocks:]:
+            ray.cancel(ref)
+        refs = refs[:sample_blocks]
+        ray.wait(refs, num_returns=len(refs))
+    else:
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
     mine_s = time.perf_counter() - t
-    # The part files, as the CIR pass writes them (4 numeric columns per pair here; the pass adds keys/captions).
-    for i, start in enumerate(range(0, len(pairs), 1000)):
-        part = pa.table({"ref": pairs.ref[start:start + 1000], "tgt": pairs.tgt[start:start + 1000],
-                         "similarity": pairs.similarity[start:start + 1000], "rank": pairs.rank[start:start + 1000]})
-        (tmp / "pairs").mkdir(exist_ok=True)
-        pq.write_table(part, tmp / "pairs" / f"part-{i:05d}.parquet")
+    # The part files, as the CIR pass writes them: one task reads the pool's keys/captions and the miners' pairs.
+    write = ray.remote(num_cpus=1)(write_pair_parts)
+    sizes = ray.get(write.remote(store, [r[len("pool/"):-len(".parquet")] for r in rels], str(tmp), 1000, set(),
+                                 *refs))
     total_s = time.perf_counter() - t
+    scale = n_blocks / len(refs)  # 1 unless sampled: the load once, the rest scaled (the parts' pool read too)
+    mine_s, total_s = load_s + (mine_s - load_s) * scale, load_s + (total_s - load_s) * scale
+    n_pairs = round(sum(sizes.values()) * scale)
     driver_peak = peak.done()
+    pairs = PairArrays.concat(ray.get(refs)) if compare else None
     ray.shutdown()
     bare = bare_product_gflops(d, precision)
     result = {"bench": "pair_mining", "engine": "distributed", "n": n, "dim": d, "workers": workers,
-              "precision": precision, "block_rows": block_rows, "tile_rows": tile_rows, "pairs": len(pairs),
+              "precision": precision, "block_rows": block_rows, "tile_rows": tile_rows, "pairs": n_pairs,
+              "blocks": n_blocks, "blocks_timed": len(refs), "extrapolated": scale != 1,
               "mine_s": round(mine_s, 1), "end_to_end_s": round(total_s, 1),
               "gflops": round(2 * n * n * d / mine_s / 1e9, 1),
               "bare_product_gflops_per_core": round(bare, 1),
@@ -280,6 +299,7 @@ def main() -> None:
     ap.add_argument("--tile-rows", type=int, default=16_384)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--compare", action="store_true", help="count pairs that differ from FAISS exact fp32")
+    ap.add_argument("--sample-blocks", type=int, default=0, help="mine only this many blocks; scale the times")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--indexes", nargs="+", default=["exact", "ivf", "hnsw"])
     ap.add_argument("--dim", type=int, default=768)
@@ -290,7 +310,7 @@ def main() -> None:
         for n in args.sizes:
             for w in args.workers:
                 print(json.dumps(distributed(n, args.dim, w, args.shard_rows, args.block_rows, args.tile_rows,
-                                             args.compare, args.precision)), flush=True)
+                                             args.compare, args.precision, args.sample_blocks)), flush=True)
         return
     if args.one:
         print(json.dumps(one(int(args.one[0]), args.dim, args.one[1], args.max_exact)), flush=True)

@@ -90,8 +90,6 @@ def test_pair_parts_are_built_one_at_a_time_when_asked_for():
     from m3t_gen.config import load_config
     from m3t_gen.rows import PAIR_SCHEMA
     from m3t_gen.run.cir import pair_parts
-    from m3t_gen.run.pipeline import make_context
-
     rng = np.random.default_rng(0)
     n = 40
     emb = rng.normal(size=(n, 16)).astype(np.float32)
@@ -104,9 +102,13 @@ def test_pair_parts_are_built_one_at_a_time_when_asked_for():
     from m3t_gen.run.pairing import key_seeds, mine_arrays
 
     parts = pair_parts(pool, mine_arrays(emb, key_seeds(pool.column("key").to_pylist(), 0), cfg.cir.pairing, 0),
-                       make_context(cfg))
+                       "/out", cfg.cir.triplets_per_file)
     assert parts.pairs == sum(parts.sizes.values()) > 7 and set(parts.sizes.values()) <= set(range(1, 8))
     built = [parts.table(name) for name in parts.sizes]
+    # Where the stages' image reader finds each JPEG, and the pair's key, from the pool rows the part names.
+    first = built[0].to_pylist()[0]
+    ref = int(first["ref_index"])
+    assert first["ref_image"] == f"/out/pool/t.tar:{ref}:1" and first["key"] == f"{first['ref_key']}__{first['tgt_key']}"
     assert all(t.schema == PAIR_SCHEMA for t in built)
     assert [t.num_rows for t in built] == list(parts.sizes.values())
     keys = [k for t in built for k in t.column("key").to_pylist()]

@@ -2,8 +2,8 @@
 
 pool/*.parquet (key, caption, CLIP image + caption embeddings; JPEGs in pool/*.tar)
   -> load_bank: each shard's embeddings into Ray's object store     Ray tasks
-  -> mine_pool (exact kNN in tiles, band + rank window + draw)     Ray tasks (GPUs when given)
-  -> parts of `triplets_per_file` pairs (resume unit)               driver (pairs as four columns)
+  -> submit_mining (exact kNN in tiles, band + rank window + draw) Ray tasks (GPUs when given)
+  -> write_pair_parts: parts of `triplets_per_file` pairs (resume unit)   one Ray task (the driver: sizes)
   -> modify -> triplet_reward -> triplet_judge -> triplet_filter   Ray Data (actor pools / tasks)
   -> triplets/part-N.jsonl + triplet_rejects/part-N.parquet + triplet_stats/part-N.json (written last)
 For every part: pairs = kept triplets + rejected triplets.
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from m3t_gen import __version__
 from m3t_gen.run.artefacts import CirSummary, StageRow, TripletStats
-from m3t_gen.run.pairing import Bank, PairArrays, load_bank, mine_arrays, mine_pool
+from m3t_gen.run.pairing import Bank, PairArrays, load_bank, mine_arrays, submit_mining
 from m3t_gen.rows import MODIFICATION, OK, PAIR_SCHEMA, REJECTED, TRIPLET_SCORES, worker_counts
 from m3t_gen.run.recipe import CIR_STAGES, apply_stages, init_ray, stage_table
 from m3t_gen.stages.base import RunContext
@@ -38,7 +38,7 @@ TRIPLET_REJECT_SCHEMA = pa.schema([
 ])
 
 
-POOL_TEXT = ["key", "caption", "tar", "offset", "size"]  # what the driver reads of the pool: no embeddings
+POOL_TEXT = ["key", "caption", "tar", "offset", "size"]  # what the part writer reads of the pool: no embeddings
 
 
 def load_pool(store: Store, shards: list[str]) -> pa.Table:
@@ -70,8 +70,8 @@ def pool_fingerprint(digests: list[str], cfg: Any) -> str:
 @dataclasses.dataclass
 class PairParts:
     """The mined pairs cut into parts (the resume unit and the unit of work an actor takes). A part's table is
-    built when it is asked for, so the driver holds the pairs as four numeric columns, never every pair's keys
-    and captions at once."""
+    built when it is asked for, so the pairs are held as four numeric columns, never every pair's keys and
+    captions at once."""
 
     sizes: dict[str, int]  # part name -> pairs
     build: Callable[[int], pa.Table]  # part number -> the part's table
@@ -84,25 +84,36 @@ class PairParts:
         return self.build(int(name.rsplit("-", 1)[1]))
 
 
-def mine(bank: Bank, cfg: Any) -> PairArrays:
-    """Exact search: distributed over the cluster (``mine_pool``). The approximate indexes and ``bucket_size``
-    run on the driver, which then gathers the image embeddings."""
+def mine(bank: Bank, cfg: Any) -> list[Any]:
+    """Object references to the mined pairs (``PairArrays``, any number of them, in any order: the part writer
+    sorts them). Exact search: distributed over the cluster (``submit_mining``). The approximate indexes and
+    ``bucket_size`` run on the driver, which then gathers the image embeddings."""
     import ray
 
     spec = cfg.cir.pairing
     if sum(bank.sizes) < 2:
-        return PairArrays.concat([])
+        return []
     if spec.index == "exact" and spec.bucket_size is None:
-        return mine_pool(bank, spec)
+        return submit_mining(bank, spec)
     image_embs = np.concatenate(ray.get(bank.image))
     seeds = np.concatenate(ray.get(bank.seeds))
-    return mine_arrays(image_embs, seeds, spec, cfg.seed)
+    return [ray.put(mine_arrays(image_embs, seeds, spec, cfg.seed))]
 
 
-def pair_parts(pool: pa.Table, pairs: PairArrays, ctx: RunContext) -> PairParts:
-    """Cut the pairs, in (reference key, rank) order, into parts; each part's table holds keys, captions, where
-    the two images sit in the pool tars, similarity and rank, and the rows of the embedding bank. Nothing per
-    pair holds an embedding."""
+def pool_locations(out_dir: str, pool: pa.Table, rows: np.ndarray) -> pa.Array:
+    """Where pool rows' JPEGs sit: ``<out>/pool/<tar>:<offset>:<size>`` (what the stages' image reader opens),
+    built for the rows asked for only (Arrow's string kernels: no Python string per pool row)."""
+    import pyarrow.compute as pc
+
+    parts = [pool.column(c).take(rows).cast(pa.string()) for c in ("tar", "offset", "size")]
+    return pc.binary_join_element_wise(pc.binary_join_element_wise(f"{out_dir}/pool/", parts[0], ""),
+                                       parts[1], parts[2], ":")
+
+
+def pair_parts(pool: pa.Table, pairs: PairArrays, out_dir: str, per_part: int) -> PairParts:
+    """Cut the pairs, in (reference key, rank) order, into parts of ``per_part``; each part's table holds keys,
+    captions, where the two images sit in the pool tars (under ``out_dir``), similarity and rank, and the rows of
+    the embedding bank. Nothing per pair holds an embedding."""
     import pyarrow.compute as pc
 
     if pool.num_rows < 2 or not len(pairs):
@@ -112,11 +123,7 @@ def pair_parts(pool: pa.Table, pairs: PairArrays, ctx: RunContext) -> PairParts:
     pairs = pairs.in_key_order(key_rank)
     ref, tgt, sim, rank = pairs.ref, pairs.tgt, pairs.similarity.astype(np.float64), pairs.rank
     del pairs, key_rank
-    out_dir = ctx.config.output.dir
-    locs = pa.array([f"{out_dir}/pool/{t}:{o}:{s}" for t, o, s in zip(
-        pool.column("tar").to_pylist(), pool.column("offset").to_pylist(), pool.column("size").to_pylist())])
     key_col, cap_col = pool.column("key").combine_chunks(), pool.column("caption").combine_chunks()
-    per_part = ctx.config.cir.triplets_per_file
 
     def build(number: int) -> pa.Table:
         start = number * per_part
@@ -124,10 +131,10 @@ def pair_parts(pool: pa.Table, pairs: PairArrays, ctx: RunContext) -> PairParts:
         ref_keys, tgt_keys = key_col.take(r), key_col.take(t)
         name = f"part-{number:05d}"
         columns = {
-            "key": pa.array([f"{a}__{b}" for a, b in zip(ref_keys.to_pylist(), tgt_keys.to_pylist())]),
+            "key": pc.binary_join_element_wise(ref_keys, tgt_keys, "__"),
             "shard": pa.array([name] * len(r)), "ref_key": ref_keys, "tgt_key": tgt_keys,
             "ref_caption": cap_col.take(r), "tgt_caption": cap_col.take(t),
-            "ref_image": locs.take(r), "tgt_image": locs.take(t),
+            "ref_image": pool_locations(out_dir, pool, r), "tgt_image": pool_locations(out_dir, pool, t),
             "similarity": pa.array(sim[start:start + per_part]), "rank": pa.array(rank[start:start + per_part]),
             "ref_index": pa.array(r), "tgt_index": pa.array(t),
             "status": pa.array([OK] * len(r)), "timings": pa.array(["{}"] * len(r)),
@@ -138,6 +145,21 @@ def pair_parts(pool: pa.Table, pairs: PairArrays, ctx: RunContext) -> PairParts:
     sizes = {f"part-{number:05d}": min(per_part, len(ref) - start)
              for number, start in enumerate(range(0, len(ref), per_part))}
     return PairParts(sizes, build)
+
+
+def write_pair_parts(store: Store, shards: list[str], out_dir: str, per_part: int, done: set[str],
+                     *pairs: PairArrays) -> dict[str, int]:
+    """A Ray task (``pairs``: the miners' object references, resolved by Ray): the pool's keys, captions and image
+    locations read here, the pairs cut into parts, every part not ``done`` written to pairs/<part>.parquet. Returns
+    each part's size: all the driver learns of the pairs, so its memory does not grow with the pool."""
+    parts = pair_parts(load_pool(store, shards), PairArrays.concat(list(pairs)), out_dir, per_part)
+    store.makedirs("pairs")
+    for name in parts.sizes:
+        if name not in done:
+            buf = io.BytesIO()
+            pq.write_table(parts.table(name), buf)
+            store.write_bytes(f"pairs/{name}.parquet", buf.getvalue())
+    return parts.sizes
 
 
 def read_pair_parts(batch: pa.Table, store: Store) -> Iterator[pa.Table]:
@@ -256,25 +278,21 @@ def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
                      cfg.cir.pairing.resources.num_cpus)
     fingerprint = pool_fingerprint(bank.digests, cfg)
     _drop_stale_parts(store, fingerprint, log)
-    pool = load_pool(store, shards)
-    parts = pair_parts(pool, mine(bank, cfg), ctx)
-    n_pairs, expected = parts.pairs, parts.sizes
-    done = set(store.files("triplet_stats", ".json"))
-    todo = [name for name in expected if f"triplet_stats/{name}.json" not in done]
-    log(f"m3t-gen cir: pool {pool.num_rows} images, {n_pairs} pairs in {len(expected)} part(s), "
+    done = {rel[len("triplet_stats/"):-len(".json")] for rel in store.files("triplet_stats", ".json")}
+    # The pairs go from the miners' object references to the part files in one task: the driver learns sizes.
+    write = ray.remote(num_cpus=cfg.cir.pairing.resources.num_cpus)(write_pair_parts)
+    expected = ray.get(write.remote(store, sorted(shards), str(cfg.output.dir), cfg.cir.triplets_per_file, done,
+                                    *mine(bank, cfg)))
+    n_pairs = sum(expected.values())
+    todo = [name for name in expected if name not in done]
+    log(f"m3t-gen cir: pool {sum(bank.sizes)} images, {n_pairs} pairs in {len(expected)} part(s), "
         f"{sum(expected[p] for p in todo)} pairs in {len(todo)} part(s) to run (pool {fingerprint})")
     writer = TripletWriter(store, ctx, expected, fingerprint)
     if todo:
-        files = []
         for old in store.files("pairs", ".parquet"):
             if old[len("pairs/"):-len(".parquet")] not in expected:
                 store.remove(old)  # a part of an earlier, interrupted mining that this pool does not have
-        for name in todo:  # built one at a time, written, read back by the actors' tasks: the driver keeps none
-            buf = io.BytesIO()
-            pq.write_table(parts.table(name), buf)
-            store.write_bytes(f"pairs/{name}.parquet", buf.getvalue())
-            files.append(f"pairs/{name}.parquet")
-        del parts, pool
+        files = [f"pairs/{name}.parquet" for name in todo]
         run_ctx = dataclasses.replace(ctx, shared={**ctx.shared, "pool_embeddings": {"image": bank.image,
                                                                                     "caption": bank.caption}})
         ds = ray.data.from_items([{"rel": f} for f in files], override_num_blocks=len(files))

@@ -1,14 +1,15 @@
 """CIR pair mining: for each reference image, a target among its CLIP neighbours inside a similarity band and a
 rank window (SPN4CIR: not the nearest, whose near-duplicates make useless triplets), drawn reproducibly.
 
-Exact search (the default) is a matrix product, 2*N^2*d FLOP: ``mine_pool`` splits the references into blocks,
-one Ray task each (on a GPU when ``cir.pairing.resources.num_gpus`` gives it one), and streams the pool's
+Exact search (the default) is a matrix product, 2*N^2*d FLOP: ``submit_mining`` splits the references into
+blocks, one Ray task each (on a GPU when ``cir.pairing.resources.num_gpus`` gives it one), and streams the pool's
 embeddings past each block in tiles from Ray's object store (``m3t_gen.run.knn``: tiles multiplied in bf16 where
-that is fast, the answer exactly the fp32 one). The driver holds object references and the chosen pairs, never the
-N x d bank nor the N x k neighbour lists. ``index: ivf`` / ``hnsw`` (FAISS, approximate) and ``bucket_size``
-(exact within consecutive buckets) stay as options, run on the driver. Ranks are positions among the neighbours
-(approximate for ivf/hnsw); band and window apply to them; the partner is drawn with a seed from the reference's
-key. Time, memory and exactness: bench/pair_mining.py, docs/BENCHMARKS.md.
+that is fast, the answer exactly the fp32 one). The driver holds object references only: never the N x d bank, the
+N x k neighbour lists or the pairs (a Ray task cuts them into part files: ``run.cir.write_pair_parts``).
+``index: ivf`` / ``hnsw`` (FAISS, approximate) and ``bucket_size`` (exact within consecutive buckets) stay as
+options, run on the driver. Ranks are positions among the neighbours (approximate for ivf/hnsw); band and window
+apply to them; the partner is drawn with a seed from the reference's key. Time, memory and exactness:
+bench/pair_mining.py, docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -285,17 +286,24 @@ def first_rung(spec: PairingSpec, device: str) -> str:
     return "fp32"
 
 
-def mine_pool(bank: Bank, spec: PairingSpec) -> PairArrays:
+def submit_mining(bank: Bank, spec: PairingSpec) -> list[Any]:
     """Exact pairs over the whole pool, mined by Ray tasks: the references cut into blocks of
     ``resources.block_rows``, one task each (``num_gpus`` per task: K GPUs take 1/K of the blocks each), each
-    streaming every shard's embeddings past its block. Pairs in (reference row, rank) order."""
+    streaming every shard's embeddings past its block. Returns the tasks' object references (each a block's
+    ``PairArrays``, in reference-row order): the pairs stay in the object store until the part writer reads them."""
     import ray
 
     res = spec.resources
     tiles = list(zip(bank.offsets, bank.image))
     mine = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)(_mine_block)
-    tasks = [mine.remote(emb, seeds, start, min(start + res.block_rows, size), offset, tiles, spec,
-                         bool(res.num_gpus), res.tile_rows)
-             for offset, size, emb, seeds in zip(bank.offsets, bank.sizes, bank.image, bank.seeds)
-             for start in range(0, size, res.block_rows)]
-    return PairArrays.concat(ray.get(tasks))
+    return [mine.remote(emb, seeds, start, min(start + res.block_rows, size), offset, tiles, spec,
+                        bool(res.num_gpus), res.tile_rows)
+            for offset, size, emb, seeds in zip(bank.offsets, bank.sizes, bank.image, bank.seeds)
+            for start in range(0, size, res.block_rows)]
+
+
+def mine_pool(bank: Bank, spec: PairingSpec) -> PairArrays:
+    """``submit_mining``'s pairs gathered (tests, benchmarks): in (reference row, rank) order."""
+    import ray
+
+    return PairArrays.concat(ray.get(submit_mining(bank, spec)))
