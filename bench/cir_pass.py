@@ -121,15 +121,15 @@ def one_pass(args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     done.set()
     sampler.join()
-    workers = summary["rows_per_worker"].get("modify", {})
+    workers = summary.rows_per_worker.get("modify", {})
     counts = sorted(workers.values())
     return {"bench": "cir_pass", "images": args.images, "pairs_per_image": args.pairs_per_image,
-            "pairs": summary["pairs"], "parts": len(list((out / "triplet_stats").glob("*.json"))),
+            "pairs": summary.pairs, "parts": len(list((out / "triplet_stats").glob("*.json"))),
             "concurrency": args.concurrency, "rows_per_modify_actor": counts,
             "balance_max_over_min": round(counts[-1] / counts[0], 3) if counts else None,
             "driver_rss_before_mb": round(before, 1), "driver_rss_peak_mb": round(peak[0], 1),
-            "wall_s": round(wall, 1), "log": log_lines, "kept": summary["kept"], "rejected": summary["rejected"],
-            "pool_fingerprint": summary["pool_fingerprint"]}
+            "wall_s": round(wall, 1), "log": log_lines, "kept": summary.kept, "rejected": summary.rejected,
+            "pool_fingerprint": summary.pool_fingerprint}
 
 
 def main() -> None:

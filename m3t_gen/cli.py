@@ -95,7 +95,8 @@ def refilter(output: str, sets: tuple[str, ...]) -> None:
             manifest = do_refilter(Path(output), list(sets))
     except (ConfigError, FileNotFoundError) as e:
         _fail(str(e))
-    manifest.setdefault("wall_seconds", 0)
+    if manifest.wall_seconds is None:
+        manifest.wall_seconds = 0
     click.echo(format_summary(manifest))
 
 

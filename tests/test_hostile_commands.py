@@ -33,6 +33,7 @@ def _finished_run(root: Path) -> Path:
     """A finished output of the small-shard config, written by the real OutputWriter from hand-made scored rows:
     one shard of 3 samples, the third filtered out (2 of its 3 turns below min_turn_score, min_turns 3), and one
     CIR triplet between the two kept ones."""
+    from m3t_gen.run.artefacts import ShardStats
     from m3t_gen.run.pipeline import make_context, summarize, write_owner_file
     from m3t_gen.run.writer import OutputWriter
     from m3t_gen.stages.filter import apply_filter
@@ -56,11 +57,11 @@ def _finished_run(root: Path) -> Path:
     (out / "triplets" / "part-00000.jsonl").write_text(json.dumps({
         "id": "s_000000__s_000001", "image": "s_000000", "target_image": "s_000001",
         "modifications": [{"category": "attribute", "text": "make it red", "score": 0.3}]}) + "\n")
-    stats = [json.loads(p.read_text()) for p in sorted((out / "stats").glob("*.json"))]
+    totals, stages = summarize([ShardStats.loads(p.read_text()) for p in sorted((out / "stats").glob("*.json"))])
     (out / "manifest.json").write_text(json.dumps({
         "name": cfg.name, "recipe": cfg.recipe, "config": cfg.model_dump(mode="json", by_alias=True),
         "config_hash": ctx.config_hash, "templates": ctx.template_hashes, "models": ctx.model_names,
-        **summarize(stats)}, indent=1))
+        "totals": totals.to_json(), "stages": [s.to_json() for s in stages]}, indent=1))
     return out
 
 

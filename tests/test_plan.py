@@ -60,6 +60,27 @@ def test_m3t_5m_images_gives_finite_positive_gpu_hours_per_gpu_stage():
     assert "GPU-hours" in data["_text"] and "caption" in data["_text"]
 
 
+def test_default_throughputs_carry_their_sources_and_the_documented_total():
+    """Every default rate names the published figure it follows, and the plan prints it; the figures quoted in
+    docs/cluster.md are what the plan says (issue 26: a 7B captioner is planned from vLLM's figure for
+    Qwen2.5-VL-7B, no longer at a quarter of it)."""
+    from m3t_gen.tools.plan import CLIP_IMAGES_PER_S, CLIP_SOURCES, GEN_TOKENS_PER_S
+
+    assert all(row.source for row in GEN_TOKENS_PER_S) and set(CLIP_SOURCES) == set(CLIP_IMAGES_PER_S)
+    rates = [row.tok_s for row in GEN_TOKENS_PER_S]
+    assert rates == sorted(rates, reverse=True)  # a larger class is never planned faster
+    data = plan(M3T, "--images", "5000000")
+    stages = by_stage(data)
+    assert stages["caption"]["throughput"] == pytest.approx(4000)  # 7B VLM: 0.52 of the 7,747 published
+    assert "sgl-project/sglang#9812" in stages["caption"]["throughput_source"]
+    assert "MLPerf" in stages["dialogue"]["throughput_source"]
+    assert "RTX 4090" in stages["reward"]["throughput_source"]
+    assert "sgl-project/sglang#9812" in data["_text"] and "MLPerf" in data["_text"]
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    assert f"says {data['total_gpu_hours']:,.0f} GPU-hours" in docs
+    assert f"dialogue {stages['dialogue']['gpu_hours']:,.0f} of {data['total_gpu_hours']:,.0f} GPU-hours" in docs
+
+
 def test_estimate_scales_linearly_with_images():
     small, big = (by_stage(plan(M3T, "--images", n)) for n in ("1000000", "5000000"))
     for name in GPU_STAGES:

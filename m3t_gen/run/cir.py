@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3t_gen import __version__
+from m3t_gen.run.artefacts import CirSummary, StageRow, TripletStats
 from m3t_gen.run.pairing import Bank, PairArrays, load_bank, mine_arrays, submit_mining
 from m3t_gen.rows import MODIFICATION, OK, PAIR_SCHEMA, REJECTED, TRIPLET_SCORES, worker_counts
 from m3t_gen.run.recipe import CIR_STAGES, apply_stages, init_ray, stage_table
@@ -239,15 +240,16 @@ class TripletWriter:
         pq.write_table(pa.Table.from_pylist(part["rejected"], schema=TRIPLET_REJECT_SCHEMA), buf)
         self.store.write_bytes(f"triplet_rejects/{name}.parquet", buf.getvalue())
         reasons = Counter(f"{r['stage']}:{r['reason']}" for r in part["rejected"])
-        stats = {"part": name, "pairs": self.expected[name], "kept": len(kept), "rejected": len(part["rejected"]),
-                 "reasons": dict(sorted(reasons.items())),
-                 # Actor seconds and generated tokens per stage (retries included): `m3t-gen plan --from-run`.
-                 "stage_seconds": {k: round(v, 4) for k, v in sorted(part["seconds"].items())},
-                 "stage_tokens": dict(sorted(part["tokens"].items())),
-                 "rows_per_worker": worker_counts(part["workers"]), "pool_fingerprint": self.fingerprint,
-                 "config_hash": self.ctx.config_hash}
-        assert stats["pairs"] == stats["kept"] + stats["rejected"], stats
-        self.store.write_bytes(f"triplet_stats/{name}.json", json.dumps(stats, indent=1).encode())  # marker, last
+        stats = TripletStats(
+            part=name, pairs=self.expected[name], kept=len(kept), rejected=len(part["rejected"]),
+            reasons=dict(sorted(reasons.items())),
+            # Actor seconds and generated tokens per stage (retries included): `m3t-gen plan --from-run`.
+            stage_seconds={k: round(v, 4) for k, v in sorted(part["seconds"].items())},
+            stage_tokens=dict(sorted(part["tokens"].items())),
+            rows_per_worker=worker_counts(part["workers"]), pool_fingerprint=self.fingerprint,
+            config_hash=self.ctx.config_hash)
+        assert stats.pairs == stats.kept + stats.rejected, stats
+        self.store.write_bytes(f"triplet_stats/{name}.json", stats.dumps())  # marker, last
         del self.parts[name]
 
 
@@ -265,7 +267,7 @@ def _drop_stale_parts(store: Store, fingerprint: str, log: Callable[[str], None]
 
 
 def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
-            log: Callable[[str], None]) -> dict[str, Any]:
+            log: Callable[[str], None]) -> CirSummary:
     import ray
     import ray.data
 
@@ -301,20 +303,20 @@ def run_cir(cfg: Any, ctx: RunContext, out: Store | Path, shards: list[str],
             writer.consume(batch.to_pylist())
     if writer.parts:
         raise RuntimeError(f"CIR parts never completed: {sorted(writer.parts)}")
-    stats = [json.loads(store.read_text(f"triplet_stats/{p}.json")) for p in sorted(expected)]
+    stats = [TripletStats.loads(store.read_text(f"triplet_stats/{p}.json")) for p in sorted(expected)]
     reasons: Counter = Counter()
     workers: dict[str, Counter] = {}
     for s in stats:
-        reasons.update(s["reasons"])
-        for stage, counts in s.get("rows_per_worker", {}).items():
+        reasons.update(s.reasons)
+        for stage, counts in s.rows_per_worker.items():
             workers.setdefault(stage, Counter()).update(counts)
-    return {"pool": sum(bank.sizes), "pairs": n_pairs, "pool_fingerprint": fingerprint,
-            "kept": sum(s["kept"] for s in stats), "rejected": sum(s["rejected"] for s in stats),
-            "reasons": dict(reasons), "stages": cir_stage_table(stats, n_pairs),
-            "rows_per_worker": {stage: dict(sorted(c.items())) for stage, c in workers.items()}}
+    return CirSummary(pool=sum(bank.sizes), pairs=n_pairs, pool_fingerprint=fingerprint,
+                      kept=sum(s.kept for s in stats), rejected=sum(s.rejected for s in stats),
+                      reasons=dict(reasons), stages=cir_stage_table(stats, n_pairs),
+                      rows_per_worker={stage: dict(sorted(c.items())) for stage, c in workers.items()})
 
 
-def cir_stage_table(stats: list[dict[str, Any]], pairs: int) -> list[dict[str, Any]]:
+def cir_stage_table(stats: list[TripletStats], pairs: int) -> list[StageRow]:
     """Per CIR stage over all parts: pairs in / kept / rejected, actor seconds, generated tokens (the sample
     pass's table, every CIR stage listed)."""
     names = [s.name for s in CIR_STAGES]

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3t_gen.config import NegativeGuardSpec, NegativesSpec, placement_exclude
+from m3t_gen.run.artefacts import NegativesStats, NegativesSummary, ShardStats
 from m3t_gen.scoring.measures import normalize_answer
 from m3t_gen.storage.store import Store, iter_tar, stale_fingerprints
 from m3t_gen.turns import TURN_TYPE_NAMES, scored_text
@@ -355,9 +356,9 @@ def fingerprint(store: Store, shards: list[str], spec: NegativesSpec) -> str:
     settings (not the guard: a decision, redone by refilter; not where it runs)."""
     h = hashlib.sha256()
     for shard in sorted(shards):
-        stats = json.loads(store.read_bytes(f"stats/{shard}.json"))
-        earlier = {k: v for k, v in stats["reasons"].items() if not k.startswith("filter:")}
-        h.update(json.dumps([shard, stats["read"], earlier], sort_keys=True).encode())
+        stats = ShardStats.loads(store.read_bytes(f"stats/{shard}.json"))
+        earlier = {k: v for k, v in stats.reasons.items() if not k.startswith("filter:")}
+        h.update(json.dumps([shard, stats.read, earlier], sort_keys=True).encode())
     mining = spec.model_dump(mode="json", exclude={"guard": True, **placement_exclude(NegativesSpec)})
     h.update(json.dumps(mining, sort_keys=True).encode())
     return h.hexdigest()[:16]
@@ -392,7 +393,7 @@ def candidate_table(turns_of: ShardTurns, text: list[dict[str, Any]], scores: li
     return table.take(pa.array(order, pa.int64()))
 
 
-def run_negatives(cfg: Any, store: Store, shards: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+def run_negatives(cfg: Any, store: Store, shards: list[str], log: Callable[[str], None]) -> NegativesSummary:
     import ray
 
     from m3t_gen.run.recipe import init_ray
@@ -418,10 +419,10 @@ def _mine_and_write(cfg: Any, store: Store, shards: list[str], todo: list[str], 
     res = cfg.reward.resources
     actor = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)(Embedder)
     embedders = [actor.remote(cfg.reward) for _ in range(max(1, res.concurrency))]
-    stats = {s: json.loads(store.read_bytes(f"stats/{s}.json")) for s in shards}
-    tars = {s: stats[s]["tars"] for s in shards}
+    stats = {s: ShardStats.loads(store.read_bytes(f"stats/{s}.json")) for s in shards}
+    tars = {s: stats[s].tars for s in shards}
     made = [embedders[n % len(embedders)].shard.options(num_returns=2).remote(
-        store, tars[s], stats[s].get("filtered_tars", [])) for n, s in enumerate(shards)]
+        store, tars[s], stats[s].filtered_tars) for n, s in enumerate(shards)]
     bank = Bank([m[0] for m in made], np.stack(ray.get([m[1] for m in made])))
     index = {s: n for n, s in enumerate(shards)}
     submitted = submit_mining(bank, spec, _slack(cfg), [index[s] for s in todo])
@@ -478,7 +479,7 @@ def negative_json(row: dict[str, Any]) -> dict[str, Any]:
     return out if row["type"] != IMAGE else {k: out[k] for k in ("source", "kind", "similarity", "rank", "score")}
 
 
-def attach_shard(store: Store, shard: str, tars: list[str], table: pa.Table, mark: str) -> dict[str, Any]:
+def attach_shard(store: Store, shard: str, tars: list[str], table: pa.Table, mark: str) -> NegativesStats:
     """Put the kept negatives into the shard's KEY.json (each tar rewritten whole, then committed), then the
     marker. Idempotent: a turn's ``negatives`` are replaced, never appended."""
     import webdataset as wds
@@ -504,17 +505,18 @@ def attach_shard(store: Store, shard: str, tars: list[str], table: pa.Table, mar
                       if r is not None)
     types = table.column("type").to_pylist()
     kept_flags = table.column("kept").to_pylist()
-    stats = {"shard": shard, "fingerprint": mark, "candidates": table.num_rows,
-             "kept": sum(kept_flags), "dropped": table.num_rows - sum(kept_flags),
-             "turns": turns, "turns_with_negatives": with_negatives,
-             "kept_by_type": dict(sorted(Counter(t for t, k in zip(types, kept_flags) if k).items())),
-             "candidates_by_type": dict(sorted(Counter(types).items())), "reasons": dict(sorted(reasons.items()))}
-    assert stats["candidates"] == stats["kept"] + stats["dropped"], stats
-    store.write_bytes(f"negatives_stats/{shard}.json", json.dumps(stats, indent=1).encode())  # marker, last
+    stats = NegativesStats(
+        shard=shard, fingerprint=mark, candidates=table.num_rows,
+        kept=sum(kept_flags), dropped=table.num_rows - sum(kept_flags),
+        turns=turns, turns_with_negatives=with_negatives,
+        kept_by_type=dict(sorted(Counter(t for t, k in zip(types, kept_flags) if k).items())),
+        candidates_by_type=dict(sorted(Counter(types).items())), reasons=dict(sorted(reasons.items())))
+    assert stats.candidates == stats.kept + stats.dropped, stats
+    store.write_bytes(f"negatives_stats/{shard}.json", stats.dumps())  # marker, last
     return stats
 
 
-def attach(source: Store, target: Store, guard: NegativeGuardSpec) -> dict[str, Any] | None:
+def attach(source: Store, target: Store, guard: NegativeGuardSpec) -> NegativesSummary | None:
     """Re-decide every candidate recorded in ``source`` under ``guard`` and write the decisions, the shards' tars
     (those in ``target``) and the markers into ``target`` (refilter builds its new output there). None when the run
     mined no negatives. Every written turn was mined for, so the turns a new filter keeps find theirs."""
@@ -523,26 +525,17 @@ def attach(source: Store, target: Store, guard: NegativeGuardSpec) -> dict[str, 
         return None
     target.makedirs(*OUTPUTS)
     for shard in shards:
-        old = json.loads(source.read_text(f"negatives_stats/{shard}.json"))
+        old = NegativesStats.loads(source.read_text(f"negatives_stats/{shard}.json"))
         table = decide(pq.read_table(io.BytesIO(source.read_bytes(f"negatives/{shard}.parquet")),
                                      schema=CANDIDATE_SCHEMA), guard)
         buf = io.BytesIO()
         pq.write_table(table, buf)
         target.write_bytes(f"negatives/{shard}.parquet", buf.getvalue())
-        tars = json.loads(target.read_text(f"stats/{shard}.json"))["tars"]
-        attach_shard(target, shard, tars, table, old["fingerprint"])
+        tars = ShardStats.loads(target.read_text(f"stats/{shard}.json")).tars
+        attach_shard(target, shard, tars, table, old.fingerprint)
     return summary(target, shards)
 
 
-def summary(store: Store, shards: list[str]) -> dict[str, Any]:
-    stats = [json.loads(store.read_text(f"negatives_stats/{s}.json")) for s in sorted(shards)
-             if store.exists(f"negatives_stats/{s}.json")]
-    out: dict[str, Any] = {"shards": len(stats)}
-    for field in ("candidates", "kept", "dropped", "turns", "turns_with_negatives"):
-        out[field] = sum(s[field] for s in stats)
-    for field in ("kept_by_type", "candidates_by_type", "reasons"):
-        total: Counter = Counter()
-        for s in stats:
-            total.update(s[field])
-        out[field] = dict(sorted(total.items()))
-    return out
+def summary(store: Store, shards: list[str]) -> NegativesSummary:
+    return NegativesSummary.of([NegativesStats.loads(store.read_text(f"negatives_stats/{s}.json")) for s in sorted(shards)
+                                if store.exists(f"negatives_stats/{s}.json")])

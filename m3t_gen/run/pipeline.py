@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from m3t_gen import __version__
 from m3t_gen.config import ConfigError, PipelineConfig, drop_excluded, placement_exclude
+from m3t_gen.run.artefacts import Manifest, ShardStats, StageRow, Totals
 from m3t_gen.storage.sources import InputShard, expand_inputs
 from m3t_gen.run.recipe import SAMPLE_ORDER, SAMPLE_STAGES, apply_stages, init_ray, lineage, stage_table
 from m3t_gen.stages.base import RunContext
@@ -173,7 +174,7 @@ def _differences(old: Any, new: Any, prefix: str) -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def run_pipeline(cfg: PipelineConfig, out: str | Path, overwrite: bool = False, log=print) -> dict[str, Any]:
+def run_pipeline(cfg: PipelineConfig, out: str | Path, overwrite: bool = False, log=print) -> Manifest:
     """Run the config into ``out`` (a local folder or an fsspec URL such as s3://bucket/prefix)."""
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -189,7 +190,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, overwrite: bool = False, 
 
 
 def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], started: datetime, t0: float,
-              log) -> dict[str, Any]:
+              log) -> Manifest:
     out = store.root
     finished = set(store.files("stats", ".json"))
     done = {s.shard for s in shards if f"stats/{s.shard}.json" in finished}
@@ -204,8 +205,8 @@ def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], start
             writer.consume(batch.to_pylist())
     if writer.incomplete():
         raise RuntimeError(f"shards never completed: {writer.incomplete()}")
-    all_stats = [json.loads(store.read_bytes(f"stats/{s.shard}.json")) for s in shards]
-    summary = summarize(all_stats)
+    all_stats = [ShardStats.loads(store.read_bytes(f"stats/{s.shard}.json")) for s in shards]
+    totals, stages = summarize(all_stats)
     cir_summary = None
     if cfg.wants("cir"):
         from m3t_gen.run.cir import run_cir
@@ -216,21 +217,16 @@ def _run_held(cfg: PipelineConfig, store: Store, shards: list[InputShard], start
         from m3t_gen.run.negatives import run_negatives
 
         negatives = run_negatives(cfg, store, [s.shard for s in shards], log)
-    manifest = {
-        "name": cfg.name, "recipe": cfg.recipe, "config_hash": result_hash(cfg),
-        "config": cfg.model_dump(mode="json", by_alias=True),
-        "versions": _versions(cfg), "templates": ctx.template_hashes, "template_texts": _template_texts(cfg),
-        "models": ctx.model_names,
-        "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
-        "wall_seconds": round(time.perf_counter() - t0, 2), "shards": len(shards),
-        "shards_this_run": len(todo), "totals": summary["totals"], "stages": summary["stages"],
-    }
-    if cir_summary is not None:
-        manifest["cir"] = cir_summary
-    if negatives is not None:
-        manifest["negatives"] = negatives
-    manifest["quality"] = timed_quality_report(store, manifest["config"], log)
-    store.write_bytes("manifest.json", json.dumps(manifest, indent=1).encode())
+    manifest = Manifest(
+        name=cfg.name, recipe=cfg.recipe, config_hash=result_hash(cfg),
+        config=cfg.model_dump(mode="json", by_alias=True),
+        versions=_versions(cfg), templates=ctx.template_hashes, template_texts=_template_texts(cfg),
+        models=ctx.model_names,
+        started=started.isoformat(), finished=datetime.now(timezone.utc).isoformat(),
+        wall_seconds=round(time.perf_counter() - t0, 2), shards=len(shards),
+        shards_this_run=len(todo), totals=totals, stages=stages, cir=cir_summary, negatives=negatives)
+    manifest.quality = timed_quality_report(store, manifest.config, log)
+    store.write_bytes("manifest.json", manifest.dumps())
     return manifest
 
 
@@ -246,78 +242,77 @@ def timed_quality_report(store: Store, config: dict[str, Any], log: Callable[[st
     return report
 
 
-def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    read = sum(s["read"] for s in stats)
-    kept = sum(s["kept"] for s in stats)
-    rejected = sum(s["rejected"] for s in stats)
+def summarize(stats: list[ShardStats]) -> tuple[Totals, list[StageRow]]:
+    """The sample pass over every shard's stats: the totals and the per-stage table (recipe.stage_table)."""
+    read = sum(s.read for s in stats)
+    kept = sum(s.kept for s in stats)
+    rejected = sum(s.rejected for s in stats)
     stages = stage_table(stats, SAMPLE_ORDER, read, always=frozenset({"read"}))
     reasons: Counter = Counter()
     repairs: Counter = Counter()
     skipped: Counter = Counter()
     for s in stats:
-        reasons.update(s["reasons"])
-        repairs.update(s.get("repairs", {}))
-        skipped.update(s.get("skipped_entries", {}))
-    shard_errors = {s["shard"]: s["shard_errors"] for s in stats if s.get("shard_errors")}
-    return {"totals": {"read": read, "kept": kept, "rejected": rejected, "reasons": dict(reasons),
-                       "repairs": dict(sorted(repairs.items())), "skipped_entries": dict(sorted(skipped.items())),
-                       "shard_errors": shard_errors},
-            "stages": stages}
+        reasons.update(s.reasons)
+        repairs.update(s.repairs)
+        skipped.update(s.skipped_entries)
+    shard_errors = {s.shard: s.shard_errors for s in stats if s.shard_errors}
+    return Totals(read=read, kept=kept, rejected=rejected, reasons=dict(reasons),
+                  repairs=dict(sorted(repairs.items())), skipped_entries=dict(sorted(skipped.items())),
+                  shard_errors=shard_errors), stages
 
 
-def format_summary(manifest: dict[str, Any]) -> str:
+def _stage_line(s: StageRow, width: int) -> str:
+    toks = "" if s.output_tokens is None else s.output_tokens
+    return f"{s.stage:<{width}} {s.rows_in:>8} {s.kept:>8} {s.rejected:>9} {s.busy_seconds:>9.2f} {toks:>11}"
+
+
+def format_summary(manifest: Manifest) -> str:
     lines = [f"{'stage':<10} {'in':>8} {'kept':>8} {'rejected':>9} {'busy s':>9} {'out tokens':>11}"]
-    for s in manifest["stages"]:
-        toks = s.get("output_tokens", "")
-        lines.append(f"{s['stage']:<10} {s['in']:>8} {s['kept']:>8} {s['rejected']:>9} {s['busy_seconds']:>9.2f} {toks:>11}")
-    lines += _request_lines(manifest["stages"])
-    t = manifest["totals"]
-    lines.append(f"total: read {t['read']} = kept {t['kept']} + rejected {t['rejected']}; "
-                 f"wall {manifest['wall_seconds']} s")
-    for reason, n in sorted(t["reasons"].items(), key=lambda kv: -kv[1]):
+    lines += [_stage_line(s, 10) for s in manifest.stages]
+    lines += _request_lines(manifest.stages)
+    t = manifest.totals
+    lines.append(f"total: read {t.read} = kept {t.kept} + rejected {t.rejected}; "
+                 f"wall {manifest.wall_seconds} s")
+    for reason, n in sorted(t.reasons.items(), key=lambda kv: -kv[1]):
         lines.append(f"  rejected {n:>6}  {reason}")
-    for flag, n in sorted(t.get("repairs", {}).items(), key=lambda kv: -kv[1]):
+    for flag, n in sorted(t.repairs.items(), key=lambda kv: -kv[1]):
         lines.append(f"  repaired {n:>6}  {flag}")
-    for kind, n in t.get("skipped_entries", {}).items():
+    for kind, n in t.skipped_entries.items():
         lines.append(f"  skipped  {n:>6}  {kind} (no data of its own)")
-    errors = t.get("shard_errors", {})
-    if errors:
-        lines.append(f"shard errors in {len(errors)} input shard(s) (what was read before each still counts):")
-        for shard, messages in sorted(errors.items()):
+    if t.shard_errors:
+        lines.append(f"shard errors in {len(t.shard_errors)} input shard(s) (what was read before each still counts):")
+        for shard, messages in sorted(t.shard_errors.items()):
             lines += [f"  {shard}: {m}" for m in messages]
-    cir = manifest.get("cir")
+    cir = manifest.cir
     if cir:
-        lines.append(f"cir: pool {cir['pool']} images -> {cir['pairs']} pairs = triplets kept {cir['kept']} + "
-                     f"rejected {cir['rejected']}")
-        for s in cir.get("stages", []):
-            toks = s.get("output_tokens", "")
-            lines.append(f"{s['stage']:<14} {s['in']:>8} {s['kept']:>8} {s['rejected']:>9} {s['busy_seconds']:>9.2f} "
-                         f"{toks:>11}")
-        lines += _request_lines(cir.get("stages", []))
-        for reason, n in sorted(cir["reasons"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"cir: pool {cir.pool} images -> {cir.pairs} pairs = triplets kept {cir.kept} + "
+                     f"rejected {cir.rejected}")
+        lines += [_stage_line(s, 14) for s in cir.stages]
+        lines += _request_lines(cir.stages)
+        for reason, n in sorted(cir.reasons.items(), key=lambda kv: -kv[1]):
             lines.append(f"  rejected {n:>6}  {reason}")
-    neg = manifest.get("negatives")
+    neg = manifest.negatives
     if neg:
-        lines.append(f"negatives: {neg['turns_with_negatives']} of {neg['turns']} kept turns carry hard negatives; "
-                     f"candidates {neg['candidates']} = kept {neg['kept']} + dropped {neg['dropped']}")
-        for reason, n in sorted(neg["reasons"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"negatives: {neg.turns_with_negatives} of {neg.turns} kept turns carry hard negatives; "
+                     f"candidates {neg.candidates} = kept {neg.kept} + dropped {neg.dropped}")
+        for reason, n in sorted(neg.reasons.items(), key=lambda kv: -kv[1]):
             lines.append(f"  dropped  {n:>6}  {reason}")
     return "\n".join(lines)
 
 
-def _request_lines(stages: list[dict[str, Any]]) -> list[str]:
+def _request_lines(stages: list[StageRow]) -> list[str]:
     """Per generation stage: requests sent and, per request, what the model read (image tokens among the prompt
     tokens: proof that images reached it) and how much of its output was reasoning."""
     lines = []
     for s in stages:
-        n = s.get("requests")
+        n = s.requests
         if not n:
             continue
-        line = f"  {s['stage']}: {n} requests, {s.get('prompt_tokens', 0) / n:.1f} prompt tokens per request"
-        if s.get("image_tokens"):
-            line += f" ({s['image_tokens'] / n:.1f} of them image tokens)"
-        if s.get("reasoning_tokens"):
-            line += f", {s['reasoning_tokens'] / n:.1f} reasoning tokens"
+        line = f"  {s.stage}: {n} requests, {(s.prompt_tokens or 0) / n:.1f} prompt tokens per request"
+        if s.image_tokens:
+            line += f" ({s.image_tokens / n:.1f} of them image tokens)"
+        if s.reasoning_tokens:
+            line += f", {s.reasoning_tokens / n:.1f} reasoning tokens"
         lines.append(line)
     return lines
 

@@ -11,11 +11,11 @@ texts, score distributions and verdicts.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
+from m3t_gen.run.artefacts import NegativesStats, config_value
 from m3t_gen.storage.store import Store, iter_tar
 
 NEAR_DUPLICATE_JACCARD = 0.8  # MinHash LSH threshold on character 5-gram shingles of the normalised text
@@ -107,14 +107,16 @@ def _samples(store: Store, folder: str) -> Iterator[dict[str, Any]]:
                 yield meta
 
 
-def _thresholds(spec: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    return {n: spec.get(n) for n in names if spec.get(n) is not None}
+def _thresholds(config: dict[str, Any], section: str, names: tuple[str, ...]) -> dict[str, Any]:
+    """The configured thresholds of ``section`` (those set)."""
+    values = {n: config_value(config, f"{section}.{n}") for n in names}
+    return {n: v for n, v in values.items() if v is not None}
 
 
 def m3t_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
     from m3t_gen.turns import TURN_TYPES
 
-    mix = (config.get("dialogue") or {}).get("mix") or {}
+    mix = config_value(config, "dialogue.mix") or {}
     generated: Counter[str] = Counter()
     per_type: dict[str, dict[str, list]] = {}
     samples = 0
@@ -181,12 +183,11 @@ def m3t_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
         if b["agreement"]:
             entry["answer_agreement"] = histogram(b["agreement"], 0.0, 1.0)
         types[t] = entry
-    spec = config.get("filter") or {}
     return {
         "samples": samples, "turns_generated": sum(generated.values()), "turns_kept": kept_total,
         "types": types,
         "near_duplicate_queries": near_duplicates(all_queries),
-        "thresholds": _thresholds(spec, ("min_turn_score", "max_turn_rank", "min_turn_prob", "min_judge_score",
+        "thresholds": _thresholds(config, "filter", ("min_turn_score", "max_turn_rank", "min_turn_prob", "min_judge_score",
                                          "min_answer_agreement", "drop_contradicted", "drop_unanswerable")),
     }
 
@@ -227,7 +228,6 @@ def cir_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
                 verdicts[m["verdict"]] += 1
     if not triplets:
         return None
-    spec = ((config.get("cir") or {}).get("filter")) or {}
     out: dict[str, Any] = {
         "triplets": triplets, "modifications_kept": len(texts), "modifications_dropped": dropped,
         "categories": dict(sorted(categories.items())), "modification_words": length_summary(lengths),
@@ -235,7 +235,7 @@ def cir_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | None:
         "duplicate_texts": near_duplicates(texts),
         "modification_score": histogram(scores, -1.0, 1.0) if scores else None,
         "directional": histogram(directional, -1.0, 1.0) if directional else None,
-        "thresholds": _thresholds(spec, ("min_modification_score", "min_directional", "min_target_caption_score",
+        "thresholds": _thresholds(config, "cir.filter", ("min_modification_score", "min_directional", "min_target_caption_score",
                                          "min_judge_score", "drop_contradicted")),
     }
     if judge:
@@ -252,11 +252,11 @@ def negatives_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | N
 
     import pyarrow.parquet as pq
 
-    markers = store.files("negatives_stats", ".json") if config.get("negatives") else []
+    markers = store.files("negatives_stats", ".json") if config_value(config, "negatives") else []
     rels = store.files("negatives", ".parquet") if markers else []
     if not rels:
         return None
-    stats = [json.loads(store.read_text(rel)) for rel in markers]
+    stats = [NegativesStats.loads(store.read_text(rel)) for rel in markers]
     types: dict[str, dict[str, Any]] = {}
     for rel in rels:
         table = pq.read_table(io.BytesIO(store.read_bytes(rel)))
@@ -287,11 +287,11 @@ def negatives_report(store: Store, config: dict[str, Any]) -> dict[str, Any] | N
             "score": histogram(r["score"], -1.0, 1.0),
             "positive_score": histogram(list(r["positive"].values()), -1.0, 1.0),
         }
-    turns = sum(s["turns"] for s in stats)
+    turns = sum(s.turns for s in stats)
     kept_text = sum(r["kept"] for t, r in types.items() if t != "image")
-    return {"turns": turns, "turns_with_negatives": sum(s["turns_with_negatives"] for s in stats),
+    return {"turns": turns, "turns_with_negatives": sum(s.turns_with_negatives for s in stats),
             "per_turn": round(kept_text / turns, 3) if turns else None,
-            "guard": (config["negatives"] or {}).get("guard"), "types": out_types}
+            "guard": config_value(config, "negatives.guard"), "types": out_types}
 
 
 def quality_report(store: Store, config: dict[str, Any]) -> dict[str, Any]:

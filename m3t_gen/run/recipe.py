@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 from m3t_gen.config import PipelineConfig
+from m3t_gen.run.artefacts import StageRow
 from m3t_gen.stages.base import RunContext, Stage
 from m3t_gen.stages.caption import CaptionStage
 from m3t_gen.stages.dedupe import DedupeStage
@@ -186,31 +187,28 @@ def init_ray(cfg: PipelineConfig) -> None:
     data_ctx.wait_for_min_actors_s = -1
 
 
-def stage_table(stats: list[dict[str, Any]], names: list[str], rows_in: int,
-                always: frozenset[str] | None = None) -> list[dict[str, Any]]:
-    """The per-stage table of a pass (the manifest's ``stages``, ``cir.stages``): rows in, kept, rejected, actor
-    seconds and generated tokens per stage in order, summed over the shards' or parts' stats. A stage with no
-    time and no rejection did not run in this recipe and is left out, unless listed in ``always``."""
-    from collections import Counter
-
+def stage_table(stats: list[Any], names: list[str], rows_in: int,
+                always: frozenset[str] | None = None) -> list[StageRow]:
+    """The per-stage table of a pass (the manifest's ``stages``, ``cir.stages``), the one place it is built: rows in,
+    kept, rejected, actor seconds and generated tokens per stage in order, summed over the shards' or parts' stats
+    (``ShardStats`` or ``TripletStats``). A stage with no time and no rejection did not run in this recipe and is
+    left out, unless listed in ``always``."""
     from m3t_gen.rows import usage_fields
 
     rejected: Counter = Counter()
     seconds: Counter = Counter()
     tokens: Counter = Counter()
     for s in stats:
-        for key, n in s["reasons"].items():
+        for key, n in s.reasons.items():
             rejected[key.split(":", 1)[0]] += n
-        seconds.update(s.get("stage_seconds", {}))  # parts written before these fields existed have none
-        tokens.update(s.get("stage_tokens", {}))
+        seconds.update(s.stage_seconds)
+        tokens.update(s.stage_tokens)
     table = []
     for name in names:
         if (always is None or name not in always) and name not in seconds and not rejected[name]:
             continue
         kept = rows_in - rejected[name]
-        entry = {"stage": name, "in": rows_in, "kept": kept, "rejected": rejected[name],
-                 "busy_seconds": round(seconds.get(name, 0.0), 2)}
-        entry.update(usage_fields(tokens, name))
-        table.append(entry)
+        table.append(StageRow(stage=name, rows_in=rows_in, kept=kept, rejected=rejected[name],
+                              busy_seconds=round(seconds.get(name, 0.0), 2), **usage_fields(tokens, name)))
         rows_in = kept
     return table

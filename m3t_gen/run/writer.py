@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3t_gen import __version__
+from m3t_gen.run.artefacts import ShardStats
 from m3t_gen.rows import MARKER, OK, REJECTED, compact, worker_counts
 from m3t_gen.stages.base import RunContext
 from m3t_gen.stages.filter import JUDGED_FIELDS, FilterStage, verdict_of
@@ -175,7 +176,7 @@ class OutputWriter:
         self.sources = {shard: escape_name(path) for shard, path in shard_sources.items()}
         self.per_tar = ctx.config.output.samples_per_tar
         self.open: dict[str, _ShardState] = {}
-        self.finished: list[dict[str, Any]] = []
+        self.finished: list[ShardStats] = []
         self.m3t = ctx.config.wants("m3t")
         self.cir = ctx.config.wants("cir")
         self.store.makedirs(*(("shards", "filtered", "index", "rejects", "stats") + (("pool",) if self.cir else ())))
@@ -262,21 +263,19 @@ class OutputWriter:
         self._write_parquet(f"index/{state.shard}.parquet", state.index, INDEX_SCHEMA)
         self._write_parquet(f"rejects/{state.shard}.parquet", state.rejects, REJECT_SCHEMA)
         reasons = Counter(f"{r['stage']}:{r['reason']}" for r in state.rejects)
-        stats = {
-            "shard": state.shard, "source": state.source, "read": state.seen, "kept": state.ok,
-            "pool": len(state.pool_rows),
-            "rejected": len(state.rejects), "reasons": dict(sorted(reasons.items())),
-            "turns_kept": sum(len(r["turn_types"]) for r in state.index),
-            "turns_dropped": sum(r["dropped_turns"] for r in state.index),
-            "tars": tars, "filtered_tars": filtered, "shard_errors": state.shard_errors,
-            "skipped_entries": state.skipped, "repairs": dict(sorted(state.repairs.items())),
-            "config_hash": self.ctx.config_hash, "rows_per_worker": worker_counts(state.workers),
-            "stage_seconds": {k: round(v, 4) for k, v in state.stage_seconds.items()},
-            "stage_tokens": dict(state.stage_tokens),
-        }
-        assert stats["read"] == stats["kept"] + stats["rejected"], stats  # conservation, by construction
+        stats = ShardStats(
+            shard=state.shard, source=state.source, read=state.seen, kept=state.ok, pool=len(state.pool_rows),
+            rejected=len(state.rejects), reasons=dict(sorted(reasons.items())),
+            turns_kept=sum(len(r["turn_types"]) for r in state.index),
+            turns_dropped=sum(r["dropped_turns"] for r in state.index),
+            tars=tars, filtered_tars=filtered, shard_errors=state.shard_errors,
+            skipped_entries=state.skipped, repairs=dict(sorted(state.repairs.items())),
+            config_hash=self.ctx.config_hash, rows_per_worker=worker_counts(state.workers),
+            stage_seconds={k: round(v, 4) for k, v in state.stage_seconds.items()},
+            stage_tokens=dict(state.stage_tokens))
+        assert stats.read == stats.kept + stats.rejected, stats  # conservation, by construction
         # Written last: the shard's completion marker (its tars and tables above are committed already).
-        self.store.write_bytes(f"stats/{state.shard}.json", json.dumps(stats, indent=1).encode())
+        self.store.write_bytes(f"stats/{state.shard}.json", stats.dumps())
         self.finished.append(stats)
 
     def _write_parquet(self, rel: str, records: list[dict[str, Any]], schema: pa.Schema, pool: bool = False) -> None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 from pathlib import Path
 from typing import Any
 
+from m3t_gen.run.artefacts import CirSummary, Manifest
 from m3t_gen.storage.store import atomic_write_bytes
-from m3t_gen.tools.run_reader import iter_samples, iter_triplets, read_manifest, sorted_turns, tar_paths, triplet_files
+from m3t_gen.tools.run_reader import (iter_samples, iter_triplets, read_manifest, read_shard_stats, sorted_turns,
+                                      tar_paths, triplet_files)
 
 TEMPLATE = "card_template.md.j2"
 GALLERY = 6
@@ -55,11 +56,6 @@ def size_category(n: int) -> str:
     return "n>1T"
 
 
-def recipe_parts(manifest: dict[str, Any]) -> list[str]:
-    recipe = manifest.get("recipe") or (manifest.get("config") or {}).get("recipe") or "m3t"
-    return [part for part in str(recipe).split("+") if part]
-
-
 def _stage_config(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
     """A stage's (or a model role's: the roles are stage names) section of the run's config, where the stage's
     declaration says it is."""
@@ -69,8 +65,8 @@ def _stage_config(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def _license(manifest: dict[str, Any]) -> str:
-    candidate = ((manifest.get("config") or {}).get("output") or {}).get("license")
+def _license(manifest: Manifest) -> str:
+    candidate = manifest.setting("output.license")
     return candidate.strip() if isinstance(candidate, str) and candidate.strip() else "other"
 
 
@@ -129,22 +125,17 @@ def _index_columns(out_dir: Path) -> dict[str, list[Any]]:
     return {c: table.column(c).to_pylist() for c in cols}
 
 
-def _stats(out_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((out_dir / "stats").glob("*.json"))]
-
-
-def _templates(manifest: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
+def _templates(manifest: Manifest, out_dir: Path) -> list[dict[str, Any]]:
     from m3t_gen.bundled import find_file
 
-    cfg = manifest.get("config") or {}
     out = []
-    for stage, recorded in (manifest.get("templates") or {}).items():
-        name = _stage_config(cfg, stage).get("template") or "?"
+    for stage, recorded in manifest.templates.items():
+        name = _stage_config(manifest.config, stage).get("template") or "?"
         entry: dict[str, Any] = {"stage": stage, "name": name, "hash": recorded, "sha256": None, "text": None,
                                  "note": None, "fence": "```"}
         try:
             # The text the run used, as its manifest keeps it; a bundled file of that name otherwise (older runs).
-            text = (manifest.get("template_texts") or {}).get(stage) or find_file(name, "prompts").read_text()
+            text = manifest.template_texts.get(stage) or find_file(name, "prompts").read_text()
         except (FileNotFoundError, OSError):
             entry["note"] = "the template file is not available where this card was written"
             out.append(entry)
@@ -159,11 +150,10 @@ def _templates(manifest: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _models(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    cfg = manifest.get("config") or {}
+def _models(manifest: Manifest) -> list[dict[str, Any]]:
     rows = []
-    for role, model in (manifest.get("models") or {}).items():
-        spec = _stage_config(cfg, role).get("model")
+    for role, model in manifest.models.items():
+        spec = _stage_config(manifest.config, role).get("model")
         backend = revision = None
         if isinstance(spec, dict):
             backend, revision = spec.get("backend"), spec.get("revision")
@@ -281,19 +271,19 @@ def _mean_score(counts: dict[str, int] | None) -> float | None:
     return sum(int(k) * v for k, v in counts.items()) / n if n else None
 
 
-def _quality(out_dir: Path, manifest: dict[str, Any], card_dir: Path) -> dict[str, Any]:
+def _quality(out_dir: Path, manifest: Manifest, card_dir: Path) -> dict[str, Any]:
     """The manifest's quality report (computed now for an output that has none), its table rows, its plots."""
     from m3t_gen.storage.store import Store
     from m3t_gen.run.quality import quality_report
 
-    quality = manifest.get("quality")
+    quality = manifest.quality
     if quality is None:
-        quality = quality_report(Store(out_dir), manifest.get("config") or {})
+        quality = quality_report(Store(out_dir), manifest.config)
     quality = {"m3t": None, "cir": None, "negatives": None, **quality}  # the template asks for each
-    if quality.get("cir"):
+    if quality["cir"]:
         quality["cir"] = {"verdicts": None, "judge_score": None, **quality["cir"]}  # an unjudged pass has none
     rows, leaks = [], []
-    for t, r in ((quality.get("m3t") or {}).get("types") or {}).items():
+    for t, r in ((quality["m3t"] or {}).get("types") or {}).items():
         r = {f: r.get(f) for f in QUALITY_TYPE_FIELDS}
         rows.append([md(t), _pct(r["requested_share"]), _pct(r["kept_share"]), str(r["generated"]), str(r["kept"]),
                      _words(r["query_words"]), _words(r["target_words"]),
@@ -302,10 +292,10 @@ def _quality(out_dir: Path, manifest: dict[str, Any], card_dir: Path) -> dict[st
                      md(_verdicts(r["verdicts"])), _num(_mean_score(r["judge_score"])),
                      _num((r["answer_agreement"] or {}).get("mean"))])
         leaks += [(t, *example) for example in (r["leaked_targets"] or {}).get("examples", [])[:1]]
-    negatives_rows, negatives_examples = _negatives_rows(quality.get("negatives"))
+    negatives_rows, negatives_examples = _negatives_rows(quality["negatives"])
     return {"quality": quality, "quality_rows": rows, "quality_leaks": leaks,
             "negatives_rows": negatives_rows, "negatives_examples": negatives_examples,
-            "quality_plots": _quality_plots(quality, card_dir) + _negatives_plot(quality.get("negatives"), card_dir)}
+            "quality_plots": _quality_plots(quality, card_dir) + _negatives_plot(quality["negatives"], card_dir)}
 
 
 NEGATIVE_REASONS = ("same_text", "near_duplicate", "above_positive", "over_limit")
@@ -351,7 +341,7 @@ def _quality_plots(quality: dict[str, Any], card_dir: Path) -> list[dict[str, st
     """Score distributions per turn type with the thresholds marked, and the judge's scores."""
     from matplotlib.figure import Figure
 
-    m3t = quality.get("m3t")
+    m3t = quality["m3t"]
     plots: list[dict[str, str]] = []
     if not m3t:
         return plots
@@ -414,8 +404,8 @@ def _environment():
     return env
 
 
-def card_header(manifest: dict[str, Any], has_triplets: bool = False, triplet_tars: bool = False) -> dict[str, Any]:
-    parts = recipe_parts(manifest)
+def card_header(manifest: Manifest, has_triplets: bool = False, triplet_tars: bool = False) -> dict[str, Any]:
+    parts = manifest.recipe_parts()
     tasks: list[str] = []
     for part in parts:
         tasks += [t for t in TASKS.get(part, DEFAULT_TASKS) if t not in tasks]
@@ -428,7 +418,7 @@ def card_header(manifest: dict[str, Any], has_triplets: bool = False, triplet_ta
         # The triplets as WebDataset tars too (triplet_shards/): the same builder, so a second config works.
         configs.append({"config_name": "triplets",
                         "data_files": [{"split": "train", "path": "triplet_shards/*.tar"}]})
-    rows = (manifest.get("totals") if shards_first else manifest.get("cir")) or {}
+    counts = manifest.totals if shards_first else manifest.cir
     recipe = "+".join(parts)
     tags = ["m3t-gen", "synthetic", "multimodal", "image-text", "webdataset" if shards_first else "jsonl", *parts]
     if "cir" in parts:
@@ -436,8 +426,8 @@ def card_header(manifest: dict[str, Any], has_triplets: bool = False, triplet_ta
     return {
         "license": _license(manifest),
         "task_categories": tasks,
-        "size_categories": [size_category(int(rows.get("kept") or 0))],
-        "pretty_name": f"{manifest.get('name', 'm3t-gen run')} ({recipe}, m3t-gen)",
+        "size_categories": [size_category(int(counts.kept or 0) if counts else 0)],
+        "pretty_name": f"{manifest.name or 'm3t-gen run'} ({recipe}, m3t-gen)",
         "tags": tags,
         "configs": configs,
     }
@@ -452,13 +442,12 @@ def _flat(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: _fmt(value)}
 
 
-def _cir_context(out_dir: Path, manifest: dict[str, Any], card_dir: Path, n: int) -> dict[str, Any] | None:
+def _cir_context(out_dir: Path, manifest: Manifest, card_dir: Path, n: int) -> dict[str, Any] | None:
     """Counts, reasons, thresholds, a plot and a few examples of the CIR triplets; None without CIR."""
-    summary = manifest.get("cir")
     files = triplet_files(out_dir)
-    if summary is None and not files:
+    if manifest.cir is None and not files:
         return None
-    summary = {"pool": None, "pairs": None, "kept": None, "rejected": None, "reasons": {}, **(summary or {})}
+    summary = manifest.cir or CirSummary()  # triplets without a summary: its counts unknown (None)
     categories: dict[str, int] = {}
     similarity, directional, kept_mods, dropped_mods = [], [], 0, 0
     examples = []
@@ -475,14 +464,13 @@ def _cir_context(out_dir: Path, manifest: dict[str, Any], card_dir: Path, n: int
             examples.append(t)
     plots = _cir_plots(categories, similarity, directional, card_dir) if files else []
     gallery = _cir_gallery(out_dir, examples, card_dir)
-    cir_cfg = (manifest.get("config") or {}).get("cir") or {}
     return {
         "summary": summary, "files": len(files), "kept_modifications": kept_mods,
         "dropped_modifications": dropped_mods,
         "reasons": [{"code": code, "count": count}
-                    for code, count in sorted(summary["reasons"].items(), key=lambda kv: (-kv[1], kv[0]))],
-        "thresholds": {**_flat("pairing", cir_cfg.get("pairing") or {}),
-                       **_flat("filter", cir_cfg.get("filter") or {})},
+                    for code, count in sorted(summary.reasons.items(), key=lambda kv: (-kv[1], kv[0]))],
+        "thresholds": {**_flat("pairing", manifest.setting("cir.pairing", {})),
+                       **_flat("filter", manifest.setting("cir.filter", {}))},
         "plots": plots, "gallery": gallery,
     }
 
@@ -543,22 +531,20 @@ def write_card(out_dir: Path) -> Path:
 
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
-    cfg = manifest.get("config") or {}
-    parts = recipe_parts(manifest)
+    parts = manifest.recipe_parts()
     recipe = "+".join(parts)
     card_dir = out_dir / "card"
     card_dir.mkdir(exist_ok=True)
 
     header = card_header(manifest, has_triplets=bool(triplet_files(out_dir)),
                          triplet_tars=any((out_dir / "triplet_shards").glob("*.tar")))
-    totals = {"read": 0, "kept": 0, "rejected": 0, "reasons": {}, "repairs": {}, "skipped_entries": {},
-              "shard_errors": {}, **(manifest.get("totals") or {})}
-    stats = _stats(out_dir)
-    mix = (cfg.get("dialogue") or {}).get("mix") or {}
+    totals = manifest.totals
+    stats = read_shard_stats(out_dir)
+    mix = manifest.setting("dialogue.mix", {})
     reasons = []
-    for code, count in sorted(totals["reasons"].items(), key=lambda kv: (-kv[1], kv[0])):
+    for code, count in sorted(totals.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
         stage, _, reason = code.partition(":")
-        share = f"{100 * count / totals['read']:.1f} %" if totals["read"] else "—"
+        share = f"{100 * count / totals.read:.1f} %" if totals.read else "—"
         reasons.append({"stage": stage if reason else "—", "reason": reason or stage, "count": count,
                         "share": share})
     description = " ".join(RECIPES.get(p, f"Data written by the m3t-gen recipe {p}.") for p in parts)
@@ -567,27 +553,27 @@ def write_card(out_dir: Path) -> Path:
         "pretty_name": header["pretty_name"],
         "data_path": header["configs"][0]["data_files"][0]["path"],
         "recipe_description": md(description),
-        "name": manifest.get("name"), "recipe": recipe, "config_hash": manifest.get("config_hash"),
-        "version": (manifest.get("versions") or {}).get("m3t-gen", ""), "finished": manifest.get("finished"),
-        "seed": cfg.get("seed"),
+        "name": manifest.name, "recipe": recipe, "config_hash": manifest.config_hash,
+        "version": manifest.versions.get("m3t-gen", ""), "finished": manifest.finished,
+        "seed": manifest.setting("seed"),
         "totals": totals,
-        "turns_kept": sum(s.get("turns_kept", 0) for s in stats) if stats else None,
-        "turns_dropped": sum(s.get("turns_dropped", 0) for s in stats) if stats else None,
-        "shards": len(stats) or manifest.get("shards", 0),
+        "turns_kept": sum(s.turns_kept for s in stats) if stats else None,
+        "turns_dropped": sum(s.turns_dropped for s in stats) if stats else None,
+        "shards": len(stats) or manifest.shards,
         "tars": len(tar_paths(out_dir, "shards")),
-        "wall_seconds": manifest.get("wall_seconds"),
-        "stages": manifest.get("stages") or [],
+        "wall_seconds": manifest.wall_seconds,
+        "stages": manifest.stages,
         "reasons": reasons,
         "models": _models(manifest),
         "mix": {k: v for k, v in mix.items() if v},
-        "filter": _flat("", cfg.get("filter") or {}),
+        "filter": _flat("", manifest.setting("filter", {})),
         "templates": _templates(manifest, out_dir),
         "plots": _plots(_index_columns(out_dir), mix, card_dir),
         "gallery": _gallery(out_dir, card_dir, GALLERY),
         "cir": _cir_context(out_dir, manifest, card_dir, 3),
         **_quality(out_dir, manifest, card_dir),
-        "versions": manifest.get("versions") or {},
-        "refilters": [", ".join(r.get("set", [])) for r in manifest.get("refilters") or []],
+        "versions": manifest.versions,
+        "refilters": [", ".join(r.get("set", [])) for r in manifest.refilters or []],
     }
     text = _environment().get_template(TEMPLATE).render(**context)
     path = out_dir / "README.md"

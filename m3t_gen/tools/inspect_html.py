@@ -264,23 +264,22 @@ def render_html(out_dir: Path, n: int = 24) -> str:
 
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
-    totals = manifest.get("totals") or {}
-    counts = [(k, totals[k]) for k in ("read", "kept", "rejected") if k in totals]
-    counts += [(reason, count) for reason, count in sorted((totals.get("reasons") or {}).items())]
-    counts += [(f"repaired: {flag}", count) for flag, count in sorted((totals.get("repairs") or {}).items())]
+    totals = manifest.totals
+    counts: list[tuple[str, Any]] = [("read", totals.read), ("kept", totals.kept), ("rejected", totals.rejected)]
+    counts += [(reason, count) for reason, count in sorted(totals.reasons.items())]
+    counts += [(f"repaired: {flag}", count) for flag, count in sorted(totals.repairs.items())]
     counts += [(f"shard error: {shard}", "; ".join(messages))
-               for shard, messages in sorted((totals.get("shard_errors") or {}).items())]
+               for shard, messages in sorted(totals.shard_errors.items())]
     has_filtered = (out_dir / "filtered").is_dir() and any((out_dir / "filtered").glob("*.tar"))
-    has_triplets = bool(triplet_files(out_dir)) or "cir" in manifest
+    has_triplets = bool(triplet_files(out_dir)) or manifest.cir is not None
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
     return env.from_string(PAGE).render(
-        name=manifest.get("name", ""), recipe=manifest.get("recipe", ""),
-        config_hash=manifest.get("config_hash", ""), out_dir=str(out_dir), counts=counts,
-        kept=_first(iter_samples(out_dir, "shards"), n), kept_total=totals.get("kept", "?"),
+        name=manifest.name, recipe=manifest.recipe, config_hash=manifest.config_hash, out_dir=str(out_dir),
+        counts=counts, kept=_first(iter_samples(out_dir, "shards"), n), kept_total=totals.kept,
         filtered=_first(iter_samples(out_dir, "filtered"), n) if has_filtered else None,
         triplets=_triplet_views(out_dir, n) if has_triplets else None,
-        cir_kept=(manifest.get("cir") or {}).get("kept"),
+        cir_kept=manifest.cir.kept if manifest.cir else None,
         triplet_rejects=_triplet_rejects(out_dir, n) if has_triplets else [],
     )
 

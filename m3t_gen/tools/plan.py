@@ -38,7 +38,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from m3t_gen.config import ConfigError, PipelineConfig
 from m3t_gen.run.recipe import STAGES as STAGE_CLASSES
@@ -58,28 +58,64 @@ CIR_PASS = _model_stages("cir")  # a second pass over the mined pairs, after the
 STAGES = ("read",) + SAMPLE_PASS + ("pair_mining",) + CIR_PASS  # pair_mining: between the passes (GFLOP/s)
 
 
-# Output tokens per second per GPU for offline batch generation with vLLM (bf16, one 80 GB H100-class GPU,
-# large batches so continuous batching stays full), by model size class (billions of parameters; for a
-# mixture of experts, the active parameters). A ballpark from public vLLM throughput benchmarks, not a
-# measurement of this pipeline: measure a few thousand images and plan with --from-run.
-GEN_TOKENS_PER_S: list[tuple[float, float, str]] = [
-    (0.1, 30000, "<0.1B"),
-    (2, 12000, "<=2B"),
-    (4, 8000, "<=4B"),
-    (9, 4000, "7-9B"),
-    (15, 2500, "<=15B"),
-    (35, 1200, "<=35B"),
-    (80, 500, "<=80B"),
-    (math.inf, 200, ">80B"),
+# Output tokens per second per GPU for offline batch generation with vLLM (bf16, one 80 GB H100-class GPU, large
+# batches so continuous batching stays full), by model size class (billions of parameters; for a mixture of
+# experts, the active parameters). Each row names the published figure it follows; the defaults sit below the
+# figures (conservative): this pipeline runs offline batches with long prompts (a dialogue prompt holds the
+# caption, a caption prompt ~1.7k image tokens) and long outputs (hundreds to ~2.4k tokens), in bf16, and
+# validates every answer. They are not a measurement of this pipeline: measure a few thousand images on the target
+# hardware and plan with --from-run.
+#
+# The anchor, 7-9B: Llama-3.1-8B-Instruct reached 5,777 output tok/s offline on one H100 with vLLM 0.10.0 (FP8
+# weights; MLPerf Inference v5.1, Red Hat's submission: redhat.com/en/blog/efficient-and-reproducible-llm-
+# inference-red-hat-mlperf-inference-v51-results). 4,000 is 0.7 of it (bf16 weights, longer outputs).
+# Rows marked "scaled" have no like-for-like published vLLM figure here: the 8B anchor times 8 / the class's
+# size (decode at full batch costs about 2 x parameters FLOP per token); under 2B less than that, as small models
+# are bound by the scheduler and sampling on the CPU rather than by the GPU (the vLLM v0.6.0 performance update,
+# blog.vllm.ai/2024/09/05/perf-update.html, profiled Llama-3-8B on one H100 spending most of its time outside the
+# GPU before that release's fixes).
+
+
+class GenRate(NamedTuple):
+    """One size class: up to ``limit_b`` billion (active) parameters, ``tok_s`` output tokens/s per GPU."""
+
+    limit_b: float
+    tok_s: float
+    label: str
+    source: str
+
+
+_ANCHOR = "Llama-3.1-8B 5,777 tok/s on 1 H100, vLLM 0.10.0 offline, FP8 (MLPerf Inference v5.1, Red Hat)"
+GEN_TOKENS_PER_S: list[GenRate] = [
+    GenRate(0.1, 30000, "<0.1B", "the tiny test models (tiny:*): not a published figure"),
+    GenRate(2, 12000, "<=2B", f"scaled from {_ANCHOR} by 8/2, less 25 %: small models are CPU-bound"),
+    GenRate(4, 8000, "<=4B", f"scaled from {_ANCHOR} by 8/4"),
+    GenRate(9, 4000, "7-9B", f"0.7 x {_ANCHOR}"),
+    GenRate(15, 2300, "<=15B", f"scaled from {_ANCHOR} by 8/14"),
+    GenRate(35, 1000, "<=35B", f"scaled from {_ANCHOR} by 8/32"),
+    GenRate(80, 450, "<=80B", f"scaled from {_ANCHOR} by 8/72 per GPU"),
+    GenRate(math.inf, 200, ">80B", f"scaled from {_ANCHOR} by 8/160 per GPU"),
 ]
-# A captioner also prefills ~1-2k vision tokens per image and runs its vision encoder: it writes fewer
-# output tokens per second than a text LLM of the same size.
-VISION_FACTOR = 0.5
+# A captioner (VLM) at the rate of a text LLM of its size class: its image prefill does not hold a 7B VLM below
+# the 8B LLM figure. vLLM serving Qwen2.5-VL-7B-Instruct on one GPU reached 7,747 output tok/s with a 1080p image
+# and ~1k-token prompt per request and ~1k output tokens, all requests at once (sgl-project/sglang#9812, the
+# vllm-chat backend of sglang.bench_serving); the 7-9B default, 4,000, is 0.52 of it.
+VISION_FACTOR = 1.0
+VISION_SOURCE = "Qwen2.5-VL-7B 7,747 tok/s, vLLM serving on 1 GPU, 1080p image per request (sgl-project/sglang#9812)"
 # Mixtures of experts whose names do not say their active parameters (as Qwen3-30B-A3B does).
 KNOWN_ACTIVE_PARAMS = {"gpt-oss-20b": 3.6, "gpt-oss-120b": 5.1}
 ASSUMED_SIZE_B = 8.0  # when the size cannot be told from the name or a local config
-# CLIP / SigLIP scoring, images per second per GPU (fp16, image tower + 8 short texts per image).
-CLIP_IMAGES_PER_S = {"base": 3000.0, "large": 1000.0, "huge": 400.0}
+# CLIP / SigLIP scoring, images per second per GPU (bf16, the image tower + 8 short texts per image, 224 px). Each
+# class at the published image-tower-only figure of one RTX 4090 (timm, huggingface/pytorch-image-models
+# results/benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv: AMP, batch 1024, PyTorch 2.4): an H100-class GPU is
+# about twice as fast, and the 8 texts cost about as much as the image again.
+CLIP_IMAGES_PER_S = {"base": 2500.0, "large": 650.0, "huge": 350.0}
+CLIP_SOURCES = {
+    "base": "ViT-B/16 CLIP 2,784 img/s (B/32 10,128)",
+    "large": "ViT-L/14 CLIP 658 img/s (SigLIP L/16-256 626)",
+    "huge": "ViT-H/14 CLIP 346 img/s (SigLIP so400m/14 464)",
+}
+CLIP_SOURCE = "image tower on 1 RTX 4090, timm benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv"
 # Devices without a GPU (a stage with num_gpus: 0): CPU actors are this many times slower.
 CPU_SLOWDOWN = 50.0
 # Exact pair mining (2 N^2 d FLOP of tile products + selection), FLOP/s per device. GPU: an estimate, a third of an
@@ -170,12 +206,12 @@ def _params_from_config(cfg: dict[str, Any]) -> float:
 
 def default_generation_throughput(model_ref: str, vision: bool) -> tuple[float, str]:
     size, how = model_size_b(model_ref)
-    for limit, tok_s, label in GEN_TOKENS_PER_S:
-        if size <= limit:
-            break
+    row = next(r for r in GEN_TOKENS_PER_S if size <= r.limit_b)
+    tok_s, source = row.tok_s, row.source
     if vision:
         tok_s *= VISION_FACTOR
-    return tok_s, f"default: {label} {'VLM' if vision else 'LLM'} class ({how})"
+        source += f"; VLM at the LLM rate: {VISION_SOURCE}"
+    return tok_s, f"default: {row.label} {'VLM' if vision else 'LLM'} class ({how}); {source}"
 
 
 def default_clip_throughput(model_ref: str) -> tuple[float, str]:
@@ -186,7 +222,7 @@ def default_clip_throughput(model_ref: str) -> tuple[float, str]:
         size = "huge"
     else:
         size = "large"
-    return CLIP_IMAGES_PER_S[size], f"default: CLIP/SigLIP {size} class"
+    return CLIP_IMAGES_PER_S[size], f"default: CLIP/SigLIP {size} class; {CLIP_SOURCES[size]}, {CLIP_SOURCE}"
 
 
 # ------------------------------------------------------------------------------------------- measurements
@@ -221,18 +257,19 @@ class Measured:
 
 
 def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
+    from m3t_gen.run.artefacts import Manifest
+
     path = Path(output) / "manifest.json"
     if not path.is_file():
         raise ConfigError(f"--from-run {output}: no manifest.json (not a finished run)")
     try:
-        manifest = json.loads(path.read_text())
-        stages = {s["stage"]: s for s in manifest["stages"]}
-        cir_stages = {s["stage"]: s for s in (manifest.get("cir") or {}).get("stages", [])}  # pairs, not images
-        stages.update(cir_stages)
-        read = manifest["totals"]["read"]
-        run_cfg = manifest["config"]
-    except (ValueError, KeyError, TypeError) as e:
+        manifest = Manifest.loads(path.read_text())
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"--from-run {output}: unreadable manifest.json ({e})") from None
+    stages = {s.stage: s for s in manifest.stages}
+    cir_stages = {s.stage: s for s in manifest.cir.stages} if manifest.cir else {}  # pairs, not images
+    stages.update(cir_stages)
+    read = manifest.totals.read
     rates: dict[str, float] = {}
     reach: dict[str, float] = {}
     tokens: dict[str, float] = {}
@@ -240,40 +277,47 @@ def load_measured(output: str | Path, cfg: PipelineConfig) -> Measured:
     planned_cfg = cfg.model_dump(mode="json", by_alias=True)
     for stage in STAGES:
         s = stages.get(stage)
-        if not s or not s.get("in") or not s.get("busy_seconds"):
+        if not s or not s.rows_in or not s.busy_seconds:
             continue
         if read and stage not in cir_stages:  # a CIR stage's reach is the pool's (pairs per image come from config)
-            reach[stage] = s["in"] / read
+            reach[stage] = s.rows_in / read
         if stage == "read":
-            rates[stage] = s["in"] / s["busy_seconds"]  # images per second of one read task (one core)
+            rates[stage] = s.rows_in / s.busy_seconds  # images per second of one read task (one core)
             continue
-        res = (stage_section(run_cfg, stage) or {}).get("resources") or {}
-        devices = float(res.get("num_gpus") or 0) or 1.0  # GPUs per replica; a CPU actor counts as one
-        rates[stage] = s["in"] / s["busy_seconds"] / devices
-        ran = _stage_model(run_cfg, stage)
+        gpus = _section_value(manifest.config, stage, "resources.num_gpus")
+        devices = float(gpus or 0) or 1.0  # GPUs per replica; a CPU actor counts as one
+        rates[stage] = s.rows_in / s.busy_seconds / devices
+        ran = _stage_model(manifest.config, stage)
         planned = _stage_model(planned_cfg, stage)
         if ran != planned:
             notes.append(f"{stage}: measured with {ran}, planning for {planned}")
         # Generated tokens per image (the manifest counts them, retries included): used when the run generated
         # under the same model and max_tokens as planned; otherwise the configured bound stays.
-        if s.get("output_tokens"):
-            same = ran == planned and _max_tokens(run_cfg, stage) == _max_tokens(planned_cfg, stage)
+        if s.output_tokens:
+            same = ran == planned and _max_tokens(manifest.config, stage) == _max_tokens(planned_cfg, stage)
             if same:
-                tokens[stage] = s["output_tokens"] / s["in"]
+                tokens[stage] = s.output_tokens / s.rows_in
             else:
                 notes.append(f"{stage}: output tokens per image not taken from the run (other model or max_tokens)")
-        if not res.get("num_gpus"):
+        if not gpus:
             notes.append(f"{stage}: measured on CPU actors (num_gpus 0)")
     return Measured(str(output), rates, reach, notes, tokens)
 
 
+def _section_value(cfg: dict[str, Any], stage: str, dotted: str) -> Any:
+    """A value under a stage's section of a config as JSON (an older run's may lack it: None)."""
+    from m3t_gen.run.artefacts import config_value
+
+    return config_value(stage_section(cfg, stage), dotted)
+
+
 def _stage_model(cfg: dict[str, Any], stage: str) -> str | None:
-    model = (stage_section(cfg, stage) or {}).get("model")
+    model = _section_value(cfg, stage, "model")
     return model.get("model") if isinstance(model, dict) else model
 
 
 def _max_tokens(cfg: dict[str, Any], stage: str) -> int | None:
-    return ((stage_section(cfg, stage) or {}).get("sampling") or {}).get("max_tokens")
+    return _section_value(cfg, stage, "sampling.max_tokens")
 
 
 # ---------------------------------------------------------------------------------------------- the plan

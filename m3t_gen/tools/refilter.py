@@ -14,16 +14,17 @@ back (or drops an unfinished build) and starts over. A folder of that name that 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from m3t_gen.config import ConfigError, PipelineConfig, apply_overrides, format_validation_error
+from m3t_gen.run.artefacts import Manifest, ShardStats
 from m3t_gen.run.pipeline import OWNER_FILE, result_hash, summarize, timed_quality_report, write_owner_file
 from m3t_gen.storage.store import LOCK_FILE, OutputBusy, Store, atomic_write_bytes, local_copy, lock_output
 from m3t_gen.rows import MARKER, REJECTED, new_row
@@ -43,7 +44,7 @@ SWAPPED = ("shards", "filtered", "index", "rejects", "stats", "negatives", "nega
 REDECIDED = ("filter.", "negatives.guard.")  # what a refilter may change: decisions over recorded scores
 
 
-def refilter(out: Path, overrides: list[str]) -> dict[str, Any]:
+def refilter(out: Path, overrides: list[str]) -> Manifest:
     manifest_path = out / "manifest.json"
     if not manifest_path.exists():
         raise ConfigError(f"{out}: no manifest.json (not a finished m3t-gen run)")
@@ -96,28 +97,27 @@ def _start_work(out: Path) -> Path:
     return work
 
 
-def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict[str, Any]:
-    manifest = json.loads(manifest_path.read_text())
+def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> Manifest:
+    manifest = Manifest.loads(manifest_path.read_text())
     bad = [o for o in overrides if not o.startswith(REDECIDED)]
     if bad:
         raise ConfigError(f"refilter changes only filter.* and negatives.guard.* thresholds, not "
                           f"{bad[0].split('=')[0]}")
-    data = apply_overrides(json.loads(json.dumps(manifest["config"])), overrides)
+    data = apply_overrides(json.loads(json.dumps(manifest.config)), overrides)
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "--set")) from None
-    ctx = RunContext(config=cfg, config_hash=result_hash(cfg), template_hashes=manifest["templates"],
-                     model_names=manifest["models"])
+    ctx = RunContext(config=cfg, config_hash=result_hash(cfg), template_hashes=manifest.templates,
+                     model_names=manifest.models)
     stats_files = sorted((out / "stats").glob("*.json"))
-    sources = {json.loads(p.read_text())["shard"]: json.loads(p.read_text())["source"] for p in stats_files}
+    old_stats = [ShardStats.loads(p.read_text()) for p in stats_files]
     work = _start_work(out)
     new = work / "new"
-    writer = OutputWriter(new, ctx, sources)
-    for path in stats_files:
-        stats = json.loads(path.read_text())
-        shard = stats["shard"]
-        for sub, names in (("shards", stats["tars"]), ("filtered", stats.get("filtered_tars", []))):
+    writer = OutputWriter(new, ctx, {stats.shard: stats.source for stats in old_stats})
+    for path, stats in zip(stats_files, old_stats):
+        shard = stats.shard
+        for sub, names in (("shards", stats.tars), ("filtered", stats.filtered_tars)):
             for name in names:
                 for _key, image, meta in iter_tar(out / sub / name):
                     row = row_from_sample(meta, shard, image)
@@ -131,35 +131,32 @@ def _refilter_held(out: Path, overrides: list[str], manifest_path: Path) -> dict
                                     status=REJECTED, reject_stage=rec["stage"], reject_reason=rec["reason"],
                                     reject_detail=rec["detail"], source_sha256=rec.get("source_sha256"),
                                     phash=rec.get("phash"))])
-        shard_detail = {k: v for k, v in (("errors", stats["shard_errors"]),
-                                          ("skipped", stats.get("skipped_entries"))) if v}
-        writer.consume([new_row(key=f"{shard}__end", shard=shard, status=MARKER, shard_rows=stats["read"],
+        shard_detail = {k: v for k, v in (("errors", stats.shard_errors), ("skipped", stats.skipped_entries)) if v}
+        writer.consume([new_row(key=f"{shard}__end", shard=shard, status=MARKER, shard_rows=stats.read,
                                 reject_detail=json.dumps(shard_detail) if shard_detail else None)])
-        # Time spent generating and scoring belongs to the original run: carry it over.
+        # Time spent generating and scoring belongs to the original run: carry it over, with the repairs made on
+        # reading (rejected rows included).
         new_stats_path = new / "stats" / path.name
-        new_stats = json.loads(new_stats_path.read_text())
-        new_stats["stage_seconds"] = stats["stage_seconds"]
-        new_stats["stage_tokens"] = stats.get("stage_tokens", {})
-        new_stats["repairs"] = stats.get("repairs", {})  # made on reading, rejected rows included
-        atomic_write_bytes(new_stats_path, json.dumps(new_stats, indent=1).encode())
+        new_stats = dataclasses.replace(ShardStats.loads(new_stats_path.read_text()), stage_seconds=stats.stage_seconds,
+                                        stage_tokens=stats.stage_tokens, repairs=stats.repairs)
+        atomic_write_bytes(new_stats_path, new_stats.dumps())
     if writer.incomplete():
         raise RuntimeError(f"refilter: shards incomplete: {writer.incomplete()}")
-    all_stats = [json.loads(p.read_text()) for p in sorted((new / "stats").glob("*.json"))]
-    summary = summarize(all_stats)
-    history = manifest.get("refilters", []) + [{"set": overrides, "previous_config_hash": manifest["config_hash"]}]
-    manifest.update(config=cfg.model_dump(mode="json", by_alias=True), config_hash=ctx.config_hash,
-                    totals=summary["totals"], stages=summary["stages"], refilters=history)
+    totals, stages = summarize([ShardStats.loads(p.read_text()) for p in sorted((new / "stats").glob("*.json"))])
+    manifest.refilters = (manifest.refilters or []) + [{"set": overrides, "previous_config_hash": manifest.config_hash}]
+    manifest.config, manifest.config_hash = cfg.model_dump(mode="json", by_alias=True), ctx.config_hash
+    manifest.totals, manifest.stages = totals, stages
     if cfg.negatives is not None:  # the mined candidates, re-decided onto the new shards (no mining again)
         from m3t_gen.run.negatives import attach
 
         negatives = attach(Store(out), Store(new), cfg.negatives.guard)
         if negatives is not None:
-            manifest["negatives"] = negatives
+            manifest.negatives = negatives
     write_owner_file(new, cfg)
     _swap(out, work)
     # The quality report of what the refilter kept (the CIR part, left in place, included).
-    manifest["quality"] = timed_quality_report(Store(out), manifest["config"], lambda _msg: None)
-    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
+    manifest.quality = timed_quality_report(Store(out), manifest.config, lambda _msg: None)
+    atomic_write_bytes(manifest_path, manifest.dumps())
     atomic_write_bytes(work / WORK_STATE, json.dumps({"step": "done"}).encode())
     shutil.rmtree(work)
     return manifest
@@ -180,7 +177,7 @@ def _swap(out: Path, work: Path) -> None:
             os.replace(new / name, out / name)
 
 
-def refilter_remote(location: str, overrides: list[str]) -> dict[str, Any]:
+def refilter_remote(location: str, overrides: list[str]) -> Manifest:
     """Refilter an output on object storage: on a local copy, then the remote made equal to it: new files first,
     then the shard stats (the completion markers) and the manifest, then files the refilter no longer has."""
     store = Store(location)

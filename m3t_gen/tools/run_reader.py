@@ -1,5 +1,5 @@
-"""Reading a finished run's output: its manifest, its sample tars, its triplets. Every tool over an output
-(export, card, inspect, refilter) reads it through these."""
+"""Reading a finished run's output: its manifest and shard stats (typed: m3t_gen/run/artefacts.py), its sample tars,
+its triplets. Every tool over an output (export, card, inspect, refilter) reads it through these."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from m3t_gen.run.artefacts import Manifest, ShardStats
 from m3t_gen.storage.store import iter_tar  # noqa: F401  (the one output tar reader; tools import it from here)
 
 
@@ -15,14 +16,20 @@ class RunOutputError(Exception):
     """A finished run's output cannot be read or exported; the message is one line for the user."""
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any]:
+def read_manifest(out_dir: Path) -> Manifest:
+    """The run's manifest, typed (m3t_gen/run/artefacts.py): an older run's missing fields take their defaults."""
     path = Path(out_dir) / "manifest.json"
     if not path.is_file():
         raise RunOutputError(f"{out_dir}: no manifest.json (not a finished m3t-gen run)")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        return Manifest.loads(path.read_text())
+    except (OSError, ValueError, TypeError) as e:
         raise RunOutputError(f"{path}: unreadable manifest ({e})") from None
+
+
+def read_shard_stats(out_dir: Path) -> list[ShardStats]:
+    """Every input shard's stats (``stats/*.json``), in shard order."""
+    return [ShardStats.loads(p.read_text()) for p in sorted((Path(out_dir) / "stats").glob("*.json"))]
 
 
 def run_output_around(path: Path) -> Path | None:
