@@ -120,10 +120,10 @@ CLIP_SOURCE = "image tower on 1 RTX 4090, timm benchmark-infer-amp-nchw-pt240-cu
 CPU_SLOWDOWN = 50.0
 # Exact pair mining (2 N^2 d FLOP of tile products + selection), FLOP/s per device. GPU: an estimate, a third of an
 # H100's 989 TFLOP/s dense bf16 peak (tile products with a selection pass, not a bare GEMM). CPU: measured end to
-# end on a 2-core AVX-512-bf16 box, 1M x 768 mined by 2 single-thread tasks in 2,816 s: 546 GFLOP/s, per core
+# end on a 2-core AVX-512-bf16 box, 1M x 768 mined by 2 single-thread tasks in 2,274 s: 675 GFLOP/s, per core
 # (docs/BENCHMARKS.md, issue 23).
 MINING_FLOPS_GPU = 330e12
-MINING_FLOPS_CPU_CORE = 273e9
+MINING_FLOPS_CPU_CORE = 337e9
 # read (decode, EXIF, RGB, checks, re-encode when downscaled, sha256, perceptual hash) in CPU seconds per
 # image: 5 ms of CPU time measured on the bundled smoke photos (300-1400 px, read.max_side 512 or 1344);
 # budgeted at twice that for larger web JPEGs.
