@@ -61,7 +61,7 @@ def conv(text: str = "hi"):
 
 def test_feeder_answers_each_caller_in_order_and_overlaps_jobs():
     llm = ScriptedLLM(steps=20)
-    feeder = EngineFeeder(llm)
+    feeder = EngineFeeder(lambda: llm)
     try:
         results = {}
 
@@ -87,7 +87,7 @@ def test_feeder_refused_request_fails_alone():
     """One refused request comes back as its own error; the rest of its batch generates (added once, not redone
     one by one after the fact); the engine goes on."""
     llm = ScriptedLLM()
-    feeder = EngineFeeder(llm)
+    feeder = EngineFeeder(lambda: llm)
     try:
         outs = feeder.run([conv("ok"), conv("bad"), conv("ok2")], [None] * 3,
                           {"chat_template_kwargs": {"enable_thinking": False}})
@@ -101,7 +101,7 @@ def test_feeder_refused_request_fails_alone():
 
 
 def test_feeder_engine_failure_fails_every_caller_now_and_later():
-    feeder = EngineFeeder(ScriptedLLM(steps=50, fail_at_step=10))
+    feeder = EngineFeeder(lambda: ScriptedLLM(steps=50, fail_at_step=10))
     errors = []
 
     def call():
@@ -124,7 +124,7 @@ def test_feeder_engine_failure_fails_every_caller_now_and_later():
 
 def test_feeder_engine_dead_while_adding_fails_that_caller_too():
     """Regression: a job whose adding hit a dead engine was in no table and waited forever."""
-    feeder = EngineFeeder(ScriptedLLM())
+    feeder = EngineFeeder(lambda: ScriptedLLM())
     box = {}
 
     def call():
@@ -141,7 +141,7 @@ def test_feeder_engine_dead_while_adding_fails_that_caller_too():
 
 
 def test_feeder_stop_releases_waiting_callers():
-    feeder = EngineFeeder(ScriptedLLM(steps=10**9))  # never finishes
+    feeder = EngineFeeder(lambda: ScriptedLLM(steps=10**9))  # never finishes
     box = {}
 
     def call():
@@ -210,8 +210,35 @@ def test_feeder_bug_in_its_own_loop_fails_callers_instead_of_hanging():
     """Any exception in the feeder thread (here: an output whose id it never handed out) reaches the callers."""
     llm = ScriptedLLM(steps=1)
     llm.llm_engine = SimpleNamespace(step=lambda: [SimpleNamespace(request_id="999", finished=True)])
-    feeder = EngineFeeder(llm)
+    feeder = EngineFeeder(lambda: llm)
     with pytest.raises(EngineDead, match="KeyError") as info:
         feeder.run([conv()], [None])
     assert isinstance(info.value.__cause__, KeyError)
     feeder.stop()
+
+
+def test_feeder_builds_and_steps_its_engine_in_its_own_thread():
+    """The engine is made in the thread that steps it (torch's OpenMP pool is per thread: issue 27); a build
+    that fails raises in the constructor, with the build's own error."""
+    made_in, stepped_in = [], []
+
+    def build():
+        made_in.append(threading.current_thread())
+        llm = ScriptedLLM(steps=2)
+        step = llm.llm_engine.step
+        llm.llm_engine.step = lambda: (stepped_in.append(threading.current_thread()), step())[1]
+        return llm
+
+    feeder = EngineFeeder(build)
+    try:
+        assert len(feeder.run([conv()], [None])) == 1
+        assert made_in[0] is not threading.current_thread()
+        assert set(stepped_in) == {made_in[0]}
+    finally:
+        feeder.stop()
+
+    def broken():
+        raise OSError("no such model directory")
+
+    with pytest.raises(OSError, match="no such model"):
+        EngineFeeder(broken)

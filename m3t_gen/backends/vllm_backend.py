@@ -1,7 +1,7 @@
 """vLLM backend: offline batched generation with ``vllm.LLM.chat``.
 
-One engine per Ray actor: ``__init__`` builds ``vllm.LLM`` (minutes for a real model) and starts one feeder
-thread that owns it from then on. ``generate`` may be called from several threads at once (a stage with
+One engine per Ray actor: ``__init__`` starts one feeder thread, which builds ``vllm.LLM`` (minutes for a real
+model) and owns it from then on (built and stepped in one thread: see ``EngineFeeder``). ``generate`` may be called from several threads at once (a stage with
 ``resources.batches_in_flight > 1``): each call's requests are queued to the feeder, which adds them to the
 running engine (``LLM.enqueue_chat``) and steps it, so the next batch starts decoding while the previous
 batch's last sequences finish and its JSON is checked. Whether that pays depends on the machine: measured in
@@ -29,7 +29,7 @@ import os
 import queue
 import threading
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -224,22 +224,30 @@ class _Job:
 
 
 class EngineFeeder:
-    """Owns a ``vllm.LLM`` in one thread: takes jobs from any thread, adds their requests to the engine as they
-    arrive and steps it while anything is unfinished, so concurrent callers share one continuous batch.
+    """Owns a ``vllm.LLM`` in one thread from its birth: builds it, takes jobs from any thread, adds their
+    requests to the engine as they arrive and steps it while anything is unfinished, so concurrent callers share
+    one continuous batch.
 
-    Only this thread touches the engine after ``start`` (vLLM's engine client is not thread-safe). A request that
-    vLLM refuses while adding it (a prompt too long, a bad schema) fails alone, with vLLM's error, and the rest
-    of its batch runs; an engine failure fails every job, now and later, with :class:`EngineDead`."""
+    Only this thread touches the engine (vLLM's engine client is not thread-safe). It also builds it: on the CPU
+    platform the engine core runs inline, and torch's OpenMP pool belongs to the thread that first runs an
+    operator. An engine built in the caller's thread and stepped here left two pools of workers on the cores,
+    and libgomp then stops spinning between parallel regions (more threads than CPUs): every small operator
+    paid a futex wake-up, and the same steps took ~30 % longer than in the thread that built the engine
+    (measured, issue 27). A request that vLLM refuses while adding it (a prompt too long, a bad schema) fails
+    alone, with vLLM's error, and the rest of its batch runs; an engine failure fails every job, now and later,
+    with :class:`EngineDead`."""
 
-    def __init__(self, llm: Any) -> None:
-        self.llm = llm
+    def __init__(self, build: Callable[[], Any]) -> None:
+        """``build``: makes the engine (``vllm.LLM``); called in the feeder's thread. Its error is raised here."""
         self._jobs: "queue.SimpleQueue[_Job | None]" = queue.SimpleQueue()
         self._failed: BaseException | None = None
         # jobs: calls served; peak_jobs: most calls whose requests were in the engine at once (> 1 means
         # batches overlapped, which is the point of this class).
         self.stats = {"jobs": 0, "peak_jobs": 0}
-        self._thread = threading.Thread(target=self._run, name="vllm-feeder", daemon=True)
+        built: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(build, built), name="vllm-feeder", daemon=True)
         self._thread.start()
+        self.llm = built.result()  # the build's own exception when it failed (the thread has ended then)
 
     @property
     def failed(self) -> BaseException | None:
@@ -260,7 +268,13 @@ class EngineFeeder:
             self._jobs.put(None)
             self._thread.join()
 
-    def _run(self) -> None:
+    def _run(self, build: Callable[[], Any], built: Future) -> None:
+        try:
+            self.llm = build()
+        except BaseException as err:
+            built.set_exception(err)
+            return
+        built.set_result(self.llm)
         owner: dict[str, tuple[_Job, int]] = {}  # external request id -> (job, index in the job)
         try:
             self._loop(owner)
@@ -471,9 +485,10 @@ class VLLMBackend(Backend):
         from vllm import LLM
 
         _set_engine_process(self.options.engine_process)
-        self.llm = LLM(**self._engine_kwargs)
+        build = functools.partial(LLM, **self._engine_kwargs)
         # Older vLLM (before LLM.enqueue_chat) gets one batch at a time, as LLM.chat does.
-        self.feeder = EngineFeeder(self.llm) if hasattr(self.llm, "enqueue_chat") else SerialChat(self.llm)
+        self.feeder = EngineFeeder(build) if hasattr(LLM, "enqueue_chat") else SerialChat(build())
+        self.llm = self.feeder.llm
         hf = self.llm.model_config.hf_config
         token = getattr(hf, "image_token_id", None)
         self.image_token_id = token if token is not None else getattr(hf, "image_token_index", None)
