@@ -370,10 +370,10 @@ def main() -> None:
     ap.add_argument("--actor-cpus", type=float, default=2,
                     help="the stage actor's num_cpus. Ray sets OMP_NUM_THREADS from it (1 below 1 CPU), so the "
                          "default gives the actor the threads the standalone process has (the whole 2-vCPU box)")
-    ap.add_argument("--decode-cpus", type=float, default=None,
-                    help="resources.decode_cpus of the stage (0: the actor decodes its images; default: the "
-                         "config's). With --actor-cpus 2 on a 2-CPU Ray, the decode tasks need their own share: "
-                         "the actor gets 2 - decode_cpus")
+    ap.add_argument("--decode-cpus", type=float, nargs="+", default=[None],
+                    help="resources.decode_cpus settings of the stage to measure, side by side like --in-flight (0: "
+                         "the actor decodes its images; default: the config's). With --actor-cpus 2 on a 2-CPU "
+                         "Ray, the decode tasks need their own share: the actor gets 2 - decode_cpus")
     args = ap.parse_args()
     import ray
 
@@ -385,13 +385,15 @@ def main() -> None:
         runs: dict[str, list[dict]] = {}
         for rep in range(args.repeats):
             # every side in every repeat; the order rotates so that drift on the machine hits each alike
-            order = [(side, n) for side in args.sides for n in (args.in_flight if side == "ours" else [None])]
+            order = [(side, n, dc) for side in args.sides
+                     for n in (args.in_flight if side == "ours" else [None])
+                     for dc in (args.decode_cpus if side == "ours" else [None])]
             order = order[rep % len(order):] + order[:rep % len(order)]
-            for side, n in order:
+            for side, n, dc in order:
                 cfg = config(stage, args.backend, args.batch, n or 1, args.actor_cpus)
-                if args.decode_cpus is not None:
+                if dc is not None:
                     cfg = cfg.model_copy(deep=True)
-                    _stage(stage)[0].settings(cfg).resources.decode_cpus = args.decode_cpus
+                    _stage(stage)[0].settings(cfg).resources.decode_cpus = dc
                 res = _stage(stage)[0].settings(cfg).resources
                 if side == "ours" and res.decode_cpus > 0 and _stage(stage)[0].images_per_request(cfg):
                     res.num_cpus = min(res.num_cpus, 2 - res.decode_cpus)  # room for the decode tasks
@@ -403,7 +405,8 @@ def main() -> None:
                 else:
                     small, large = (raylm(cfg, stage, rows, start, args.batch)
                                     for rows, start in sizes(n_small, n_large))
-                key = side if side != "ours" else f"ours batches_in_flight={n}"
+                key = side if side != "ours" else f"ours batches_in_flight={n}" + (
+                    f" decode_cpus={dc}" if len(args.decode_cpus) > 1 else "")
                 runs.setdefault(key, []).append({"repeat": rep, "small": small, "large": large,
                                                  "tok_s": marginal(small, large)})
                 print(json.dumps({"progress": stage, "side": key, "repeat": rep,

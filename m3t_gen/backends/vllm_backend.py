@@ -1,10 +1,10 @@
 """vLLM backend: offline batched generation with ``vllm.LLM.chat``.
 
 One engine per Ray actor: ``__init__`` starts one feeder thread, which builds ``vllm.LLM`` (minutes for a real
-model) and owns it from then on (built and stepped in one thread: see ``EngineFeeder``). ``generate`` may be called from several threads at once (a stage with
-``resources.batches_in_flight > 1``): each call's requests are queued to the feeder, which adds them to the
-running engine (``LLM.enqueue_chat``) and steps it, so the next batch starts decoding while the previous
-batch's last sequences finish and its JSON is checked. Whether that pays depends on the machine: measured in
+model) and owns it from then on (built and stepped in one thread: see ``EngineFeeder``). ``generate`` may be
+called from several threads at once (a stage with ``resources.batches_in_flight > 1``): each call's requests
+are queued to the feeder, which adds them to the running engine (``LLM.enqueue_chat``) and steps it, so the
+next batch starts decoding while the previous batch's last sequences finish and its JSON is checked. Whether that pays depends on the machine: measured in
 ``bench/generation_efficiency.py`` (docs/BENCHMARKS.md).
 
 Importing this module is cheap: vLLM (and torch) are imported inside ``__init__`` / ``to_sampling_params``.

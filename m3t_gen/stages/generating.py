@@ -6,11 +6,12 @@ schema (``m3t_gen.generation.generate_validated``: seeds per key and attempt, ev
 and store. A subclass supplies only ``fields`` (what its template sees), ``images``, its parser and what it stores;
 the construction of its backend, template and answer schema, and the user message, live here once.
 
-Decoding the images need not be the model actor's work: with ``resources.decode_cpus`` > 0 (off by default,
-until measured to pay), a stage that shows images gets a Ray Data task before its actor pool (``decode_ahead``) that decodes them (JPEG bytes, or pool images read by
-seek) into the row's transient ``decoded`` field; ``images`` then only wraps those pixels. Measured on the CPU
-engine (issue 27, docs/BENCHMARKS.md), decoding a 512 px JPEG took longer than vLLM's own work on the request:
-done in the actor, it sat on the engine's critical path; in a task it runs beside the engine, on another core.
+Decoding the images need not be the model actor's work: with ``resources.decode_cpus`` > 0 (off by default:
+on a 2-vCPU CPU node it measured slower, docs/BENCHMARKS.md), a stage that shows images gets a Ray Data task
+before its actor pool (``decode_ahead``) that decodes them (JPEG bytes, or pool images read by seek) into the
+row's transient ``decoded`` field; ``images`` then only wraps those pixels. Decoding a 512 px JPEG takes ~2 ms,
+more than vLLM's own work on the request (issue 27): in a task it runs beside the engine, on other cores, which
+pays only where the node has cores to spare (the pixels also cross the object store).
 """
 
 from __future__ import annotations
