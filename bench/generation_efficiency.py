@@ -31,9 +31,9 @@ Engine start-up must not hide in the figures: each side is timed at two sizes an
 cost, (T_large - T_small) / (tokens_large - tokens_small). Standalone: the backend's engine built once in this
 process and driven through its own API (vLLM: one LLM.chat call over all prompts, the engine's best case;
 transformers: the backend's batched generate). Pipeline: a fresh Ray Data pipeline per size and per
-``batches_in_flight`` setting: rows (in blocks of one batch) -> DialogueStage actor (the project's stage: template, schema, validation,
-and for vLLM its feeder thread) -> driver, timed end to end including the actor's engine start, which the
-two-size difference cancels.
+``batches_in_flight`` setting: rows (in blocks of one batch) -> DialogueStage actor (the project's stage:
+template, schema, validation, and for vLLM its feeder thread) -> driver, timed end to end including the
+actor's engine start, which the two-size difference cancels.
 The two sizes use different rows (on both sides): vLLM's prefix and image caches must not serve the large
 size from what the small one left behind.
 Prompts: the real dialogue template over distinct captions; sampling from pipelines/smoke.yaml; JSON schema on.

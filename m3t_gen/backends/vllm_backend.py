@@ -4,8 +4,8 @@ One engine per Ray actor: ``__init__`` starts one feeder thread, which builds ``
 model) and owns it from then on (built and stepped in one thread: see ``EngineFeeder``). ``generate`` may be
 called from several threads at once (a stage with ``resources.batches_in_flight > 1``): each call's requests
 are queued to the feeder, which adds them to the running engine (``LLM.enqueue_chat``) and steps it, so the
-next batch starts decoding while the previous batch's last sequences finish and its JSON is checked. Whether that pays depends on the machine: measured in
-``bench/generation_efficiency.py`` (docs/BENCHMARKS.md).
+next batch starts decoding while the previous batch's last sequences finish and its JSON is checked. Whether
+that pays depends on the machine: measured in ``bench/generation_efficiency.py`` (docs/BENCHMARKS.md).
 
 Importing this module is cheap: vLLM (and torch) are imported inside ``__init__`` / ``to_sampling_params``.
 
@@ -232,10 +232,11 @@ class EngineFeeder:
     platform the engine core runs inline, and torch's OpenMP pool belongs to the thread that first runs an
     operator. An engine built in the caller's thread and stepped here left two pools of workers on the cores,
     and libgomp then stops spinning between parallel regions (more threads than CPUs): every small operator
-    paid a futex wake-up, and the same steps took ~30 % longer than in the thread that built the engine
-    (measured, issue 27). A request that vLLM refuses while adding it (a prompt too long, a bad schema) fails
-    alone, with vLLM's error, and the rest of its batch runs; an engine failure fails every job, now and later,
-    with :class:`EngineDead`."""
+    paid a futex wake-up, and the same steps took ~25 % longer than in the thread that built the engine
+    (bench/engine_thread.py, issue 27).
+
+    A request that vLLM refuses while adding it (a prompt too long, a bad schema) fails alone, with vLLM's error,
+    and the rest of its batch runs; an engine failure fails every job, now and later, with :class:`EngineDead`."""
 
     def __init__(self, build: Callable[[], Any]) -> None:
         """``build``: makes the engine (``vllm.LLM``); called in the feeder's thread. Its error is raised here."""
@@ -247,7 +248,7 @@ class EngineFeeder:
         built: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(build, built), name="vllm-feeder", daemon=True)
         self._thread.start()
-        self.llm = built.result()  # the build's own exception when it failed (the thread has ended then)
+        built.result()  # the thread has set self.llm, or ended: then this raises the build's own error
 
     @property
     def failed(self) -> BaseException | None:
@@ -274,7 +275,7 @@ class EngineFeeder:
         except BaseException as err:
             built.set_exception(err)
             return
-        built.set_result(self.llm)
+        built.set_result(None)
         owner: dict[str, tuple[_Job, int]] = {}  # external request id -> (job, index in the job)
         try:
             self._loop(owner)
